@@ -1,0 +1,285 @@
+//! Device request ops. Each op has an HTTP twin, `POST /v1/device/{op}`, with the same body.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Most parts one `parts.presign` request may ask for.
+pub const MAX_PRESIGN_BATCH: usize = 100;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    SessionCreate,
+    PartsPresign,
+    SessionStatus,
+    SessionComplete,
+    SessionAbort,
+    /// Ack of a command (sent on `cmd/ack`).
+    CommandAck,
+    /// Progress report (sent on `progress`).
+    Progress,
+}
+
+impl Op {
+    pub const ALL: [Op; 7] = [
+        Op::SessionCreate,
+        Op::PartsPresign,
+        Op::SessionStatus,
+        Op::SessionComplete,
+        Op::SessionAbort,
+        Op::CommandAck,
+        Op::Progress,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::SessionCreate => "session.create",
+            Op::PartsPresign => "parts.presign",
+            Op::SessionStatus => "session.status",
+            Op::SessionComplete => "session.complete",
+            Op::SessionAbort => "session.abort",
+            Op::CommandAck => "command.ack",
+            Op::Progress => "progress",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Op> {
+        Op::ALL.into_iter().find(|op| op.as_str() == s)
+    }
+
+    /// Path of the op on the control API's device HTTP API.
+    pub fn http_path(self) -> String {
+        format!("/v1/device/{}", self.as_str())
+    }
+}
+
+/// `session.create`: open an upload session for a hashed file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateSession {
+    /// The agent's job id (for command-started jobs, the upload command's id).
+    pub job_id: Uuid,
+    /// The upload command that started the job, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_id: Option<Uuid>,
+    /// File name (no directories) used in the object key.
+    pub file_name: String,
+    pub size: u64,
+    /// Hex SHA-256 of the whole file.
+    pub sha256: String,
+    /// Part size the agent hashed with; must pass [`crate::plan::validate`].
+    pub part_size: u64,
+}
+
+/// One part's MD5 (standard base64 of the 16-byte digest, as in `Content-MD5`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartDigest {
+    pub number: u32,
+    pub md5: String,
+}
+
+/// `parts.presign`: URLs for up to [`MAX_PRESIGN_BATCH`] parts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresignParts {
+    pub session_id: Uuid,
+    pub parts: Vec<PartDigest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresignedPart {
+    pub number: u32,
+    /// HTTP method to use (`PUT`).
+    pub method: String,
+    pub url: String,
+    /// Headers that must be sent exactly (they are signed into the URL), e.g. `content-md5`.
+    pub headers: Vec<(String, String)>,
+    /// Unix seconds after which the URL no longer works.
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresignedParts {
+    pub session_id: Uuid,
+    pub parts: Vec<PresignedPart>,
+}
+
+/// `session.status`, `session.complete`, `session.abort`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRef {
+    pub session_id: Uuid,
+}
+
+/// Session states (see `docs/architecture.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionState {
+    Created,
+    Uploading,
+    Paused,
+    Completing,
+    Completed,
+    Aborted,
+    Expired,
+    Failed,
+}
+
+impl SessionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Created => "created",
+            SessionState::Uploading => "uploading",
+            SessionState::Paused => "paused",
+            SessionState::Completing => "completing",
+            SessionState::Completed => "completed",
+            SessionState::Aborted => "aborted",
+            SessionState::Expired => "expired",
+            SessionState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        use SessionState::*;
+        [
+            Created, Uploading, Paused, Completing, Completed, Aborted, Expired, Failed,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            SessionState::Completed
+                | SessionState::Aborted
+                | SessionState::Expired
+                | SessionState::Failed
+        )
+    }
+}
+
+/// A part that storage already holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPart {
+    pub number: u32,
+    pub size: u64,
+    pub etag: String,
+}
+
+/// The answer to `session.create`, `session.status`, `session.complete` and `session.abort`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub session_id: Uuid,
+    pub state: SessionState,
+    pub bucket: String,
+    pub object_key: String,
+    pub size: u64,
+    pub part_size: u64,
+    pub part_count: u32,
+    /// Parts storage holds (filled by `session.status`; empty elsewhere).
+    #[serde(default)]
+    pub stored_parts: Vec<StoredPart>,
+    /// Hex SHA-256 recorded at completion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::de::DeserializeOwned;
+    use std::fmt::Debug;
+
+    pub(crate) fn round_trip<T: Serialize + DeserializeOwned + PartialEq + Debug>(value: T) {
+        let json = serde_json::to_string(&value).unwrap();
+        let back: T = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, value, "{json}");
+    }
+
+    #[test]
+    fn ops_parse() {
+        for op in Op::ALL {
+            assert_eq!(Op::parse(op.as_str()), Some(op));
+        }
+        assert_eq!(Op::parse("session.delete"), None);
+        assert_eq!(Op::SessionCreate.http_path(), "/v1/device/session.create");
+    }
+
+    #[test]
+    fn bodies_round_trip() {
+        let id = Uuid::new_v4();
+        round_trip(CreateSession {
+            job_id: id,
+            command_id: Some(id),
+            file_name: "run-042.mcap".into(),
+            size: 42,
+            sha256: "ab".repeat(32),
+            part_size: 8 << 20,
+        });
+        round_trip(PresignParts {
+            session_id: id,
+            parts: vec![PartDigest {
+                number: 1,
+                md5: "1B2M2Y8AsgTpgAmY7PhCfg==".into(),
+            }],
+        });
+        round_trip(PresignedParts {
+            session_id: id,
+            parts: vec![PresignedPart {
+                number: 1,
+                method: "PUT".into(),
+                url: "http://s3/b/k?X-Amz-Signature=x".into(),
+                headers: vec![("content-md5".into(), "x".into())],
+                expires_at: 5,
+            }],
+        });
+        round_trip(SessionRef { session_id: id });
+        round_trip(SessionInfo {
+            session_id: id,
+            state: SessionState::Uploading,
+            bucket: "b".into(),
+            object_key: "k".into(),
+            size: 1,
+            part_size: 5 << 20,
+            part_count: 1,
+            stored_parts: vec![StoredPart {
+                number: 1,
+                size: 1,
+                etag: "\"x\"".into(),
+            }],
+            sha256: None,
+            error: None,
+        });
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let r: SessionRef = serde_json::from_str(
+            r#"{"session_id":"6f1c1f4e-8d3a-4a4f-9a59-1d2a3c4b5e6f","future":1}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.session_id.to_string(),
+            "6f1c1f4e-8d3a-4a4f-9a59-1d2a3c4b5e6f"
+        );
+    }
+
+    #[test]
+    fn session_states() {
+        for s in [
+            "created",
+            "uploading",
+            "paused",
+            "completing",
+            "completed",
+            "aborted",
+            "expired",
+            "failed",
+        ] {
+            let st = SessionState::parse(s).unwrap();
+            assert_eq!(st.as_str(), s);
+            assert_eq!(serde_json::to_value(st).unwrap(), s);
+        }
+        assert!(SessionState::Completed.is_terminal());
+        assert!(!SessionState::Paused.is_terminal());
+    }
+}
