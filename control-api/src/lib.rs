@@ -1,1 +1,97 @@
+//! The Uplink control API (`uplink-api`): HTTP API for devices, operators and the bridge.
+//! Owns PostgreSQL state and every S3 call.
+//!
+//! # Layout
+//! - [`config`]: TOML + environment configuration, validated; secrets redacted.
+//! - [`domain`]: pure logic: the session state machine, completion verification.
+//! - [`store`]: PostgreSQL rows, version-checked transitions, the audit log.
+//! - [`storage`]: the S3 adapter (create, presign, list parts, complete, abort, head).
+//! - [`sessions`]: the session operations the device and operator APIs share.
+//! - [`http`]: routing, the device/operator/bridge endpoints, problem documents.
 
+pub mod config;
+pub mod domain;
+pub mod http;
+pub mod sessions;
+pub mod storage;
+pub mod store;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio_util_shutdown::Shutdown;
+use uplink_protocol::sign::PrivateKey;
+
+use crate::config::Config;
+use crate::storage::Storage;
+use crate::store::Store;
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub storage: Storage,
+    pub config: Arc<Config>,
+    pub command_key: Arc<PrivateKey>,
+}
+
+pub mod tokio_util_shutdown {
+    /// A future that resolves when the service should stop.
+    pub type Shutdown = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+}
+
+pub fn load_command_key(path: &std::path::Path) -> anyhow::Result<PrivateKey> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "could not read command_key_file {}; create one with `uplink-api keygen --out {}`",
+            path.display(),
+            path.display()
+        )
+    })?;
+    uplink_protocol::sign::decode_private(&text).with_context(|| {
+        format!(
+            "command_key_file {} does not hold a base64 Ed25519 seed",
+            path.display()
+        )
+    })
+}
+
+/// Connects, migrates and builds the state.
+pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
+    let command_key = load_command_key(&config.command_key_file)?;
+    let pool = store::connect(
+        config.database_url.expose(),
+        config.database_max_connections,
+    )
+    .await
+    .context("could not connect to database_url (is PostgreSQL running and the URL right?)")?;
+    store::MIGRATOR
+        .run(&pool)
+        .await
+        .context("could not apply database migrations")?;
+    let storage = Storage::new(&config.s3, config.public_endpoint());
+    if let Err(e) = storage.check().await {
+        tracing::warn!(error = %e, bucket = %config.s3.bucket, "Storage bucket not reachable yet");
+    }
+    Ok(AppState {
+        store: Store { pool },
+        storage,
+        config: Arc::new(config),
+        command_key: Arc::new(command_key),
+    })
+}
+
+/// Serves the API until `shutdown` resolves, then drains in-flight requests.
+pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    let listen = config.listen;
+    let state = build_state(config).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("could not listen on {listen}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "listening on {}", listener.local_addr()?);
+    axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    tracing::info!("API stopped");
+    Ok(())
+}

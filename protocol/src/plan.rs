@@ -59,7 +59,7 @@ pub fn validate(size: u64, part_size: u64) -> Result<PartPlan, PlanError> {
     if size > MAX_OBJECT_SIZE {
         return Err(PlanError::TooLarge(size));
     }
-    if part_size % MIB != 0 {
+    if !part_size.is_multiple_of(MIB) {
         return Err(PlanError::NotMibAligned(part_size));
     }
     if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&part_size) {
@@ -173,7 +173,7 @@ mod tests {
         fn plans_cover_the_file_inside_s3_limits(size in 0..=MAX_OBJECT_SIZE, hint in 0u64..(8 * 1024 * MIB)) {
             let p = plan(size, hint).unwrap();
             prop_assert!(p.part_count >= 1 && u64::from(p.part_count) <= MAX_PARTS);
-            prop_assert!(p.part_size % MIB == 0);
+            prop_assert!(p.part_size.is_multiple_of(MIB));
             prop_assert!((MIN_PART_SIZE..=MAX_PART_SIZE).contains(&p.part_size));
             prop_assert!(p.part_size >= hint.min(MAX_PART_SIZE) || p.part_size == MAX_PART_SIZE);
             prop_assert_eq!(validate(size, p.part_size), Ok(p));

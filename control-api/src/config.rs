@@ -1,0 +1,230 @@
+//! Configuration: a TOML file with `UPLINK_API_…` environment overrides (`__` nests, e.g.
+//! `UPLINK_API_S3__BUCKET`). Secrets are wrapped in [`Secret`] so they never print.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// A string that prints as `[redacted]`.
+#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    pub database_url: Secret,
+    #[serde(default = "default_db_pool")]
+    pub database_max_connections: u32,
+    /// Bearer token of the operator API.
+    pub operator_token: Secret,
+    /// Bearer token of the bridge API.
+    pub bridge_token: Secret,
+    /// File holding the base64 Ed25519 seed that signs commands.
+    pub command_key_file: PathBuf,
+    /// Device requests signed further than this from now are refused.
+    #[serde(default = "default_replay_window")]
+    pub replay_window_secs: u64,
+    /// How long a device may take to receive a command before it expires.
+    #[serde(default = "default_command_ttl")]
+    pub command_ttl_secs: u64,
+    /// An unacknowledged command is re-published after this long.
+    #[serde(default = "default_command_resend")]
+    pub command_resend_secs: u64,
+    pub s3: S3Config,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// Endpoint the API calls (create, list, complete, abort, head).
+    pub endpoint: String,
+    /// Endpoint written into presigned URLs for devices; defaults to `endpoint`.
+    #[serde(default)]
+    pub public_endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    pub bucket: String,
+    pub access_key_id: Secret,
+    pub secret_access_key: Secret,
+    #[serde(default = "default_true")]
+    pub force_path_style: bool,
+    /// Lifetime of presigned part URLs.
+    #[serde(default = "default_presign_ttl")]
+    pub presign_ttl_secs: u64,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_db_pool() -> u32 {
+    16
+}
+fn default_replay_window() -> u64 {
+    300
+}
+fn default_command_ttl() -> u64 {
+    24 * 3600
+}
+fn default_command_resend() -> u64 {
+    30
+}
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_presign_ttl() -> u64 {
+    900
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl Config {
+    /// Loads `path` (if given) and the environment, then validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(path) = path {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let config: Config = figment
+            .merge(Env::prefixed("UPLINK_API_").split("__"))
+            .extract()
+            .map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.into(),
+            })
+        };
+        if !self.database_url.expose().starts_with("postgres") {
+            return invalid("database_url", "must be a postgres:// or postgresql:// URL");
+        }
+        if self.operator_token.expose().len() < 16 {
+            return invalid("operator_token", "must be at least 16 characters");
+        }
+        if self.bridge_token.expose().len() < 16 {
+            return invalid("bridge_token", "must be at least 16 characters");
+        }
+        if self.operator_token == self.bridge_token {
+            return invalid("bridge_token", "must differ from operator_token");
+        }
+        for (field, url) in [
+            ("s3.endpoint", Some(&self.s3.endpoint)),
+            ("s3.public_endpoint", self.s3.public_endpoint.as_ref()),
+        ] {
+            if let Some(url) = url {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return invalid(field, "must be an http:// or https:// URL");
+                }
+            }
+        }
+        if self.s3.bucket.is_empty() {
+            return invalid("s3.bucket", "must not be empty");
+        }
+        if !(1..=7 * 24 * 3600).contains(&self.s3.presign_ttl_secs) {
+            return invalid(
+                "s3.presign_ttl_secs",
+                "must be between 1 and 604800 (7 days, the SigV4 limit)",
+            );
+        }
+        if self.replay_window_secs == 0 {
+            return invalid("replay_window_secs", "must be positive");
+        }
+        Ok(())
+    }
+
+    pub fn public_endpoint(&self) -> &str {
+        self.s3
+            .public_endpoint
+            .as_deref()
+            .unwrap_or(&self.s3.endpoint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+database_url = "postgres://u@127.0.0.1/db"
+operator_token = "operator-token-0123456789"
+bridge_token = "bridge-token-0123456789"
+command_key_file = "command.key"
+[s3]
+endpoint = "http://127.0.0.1:8333"
+bucket = "uplink"
+access_key_id = "k"
+secret_access_key = "s"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let c: Config = Figment::new()
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(Box::new)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn defaults_and_redaction() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.s3.presign_ttl_secs, 900);
+        assert_eq!(c.public_endpoint(), "http://127.0.0.1:8333");
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("operator-token-0123456789"), "{printed}");
+        assert!(!printed.contains("secret_access_key: \"s\""));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let bad = GOOD.replace("http://127.0.0.1:8333", "127.0.0.1:8333");
+        assert!(parse(&bad)
+            .unwrap_err()
+            .to_string()
+            .starts_with("s3.endpoint"));
+        let bad = GOOD.replace("bridge-token-0123456789", "short");
+        assert!(parse(&bad)
+            .unwrap_err()
+            .to_string()
+            .starts_with("bridge_token"));
+        let bad = format!("{GOOD}\nunknown_field = 1");
+        assert!(parse(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown_field"));
+    }
+}

@@ -1,0 +1,4 @@
+//! Pure domain logic: no axum, sqlx or AWS types. Unit-tested without I/O.
+
+pub mod session;
+pub mod verify;

@@ -1,0 +1,145 @@
+//! The bridge API: broker authentication, presence, and the command pump. Bearer `bridge_token`.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use uplink_protocol::telemetry::{Presence, Status};
+use uplink_protocol::{sign, unix_now};
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::operator::expire_commands;
+use super::ApiJson;
+use crate::AppState;
+
+#[derive(Deserialize)]
+pub struct MqttAuth {
+    pub client_id: String,
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Serialize)]
+pub struct Allow {
+    pub allow: bool,
+}
+
+/// A device may connect as itself only: username = client id = a registered, enabled
+/// device, and a fresh password signed by its key.
+pub async fn mqtt_auth(
+    State(st): State<AppState>,
+    ApiJson(req): ApiJson<MqttAuth>,
+) -> Result<Json<Allow>, ApiError> {
+    let deny = |reason: &str| {
+        tracing::info!(client_id = %req.client_id, %reason, "MQTT connection refused");
+        Ok(Json(Allow { allow: false }))
+    };
+    if req.username != req.client_id {
+        return deny("username differs from client id");
+    }
+    let Some(device) = st.store.device(&req.username).await? else {
+        return deny("unknown device");
+    };
+    if !device.enabled {
+        return deny("device disabled");
+    }
+    let Ok(key) = sign::decode_public(&device.public_key) else {
+        return deny("stored key invalid");
+    };
+    match sign::verify_mqtt_password(&key, &device.device_id, &req.password) {
+        Ok(ts) if (unix_now() - ts).abs() <= st.config.replay_window_secs as i64 => {
+            Ok(Json(Allow { allow: true }))
+        }
+        Ok(_) => deny("password too old"),
+        Err(_) => deny("bad password"),
+    }
+}
+
+pub async fn presence(
+    State(st): State<AppState>,
+    Path(device_id): Path<String>,
+    ApiJson(status): ApiJson<Status>,
+) -> Result<StatusCode, ApiError> {
+    let online = status.state == Presence::Online;
+    let mut tx = st.store.pool.begin().await?;
+    let updated = sqlx::query(
+        "UPDATE devices SET online = $2, last_seen_at = now(), agent_version = COALESCE($3, agent_version),
+                            queue_depth = COALESCE($4, queue_depth) WHERE device_id = $1",
+    )
+    .bind(&device_id)
+    .bind(online)
+    .bind(&status.agent_version)
+    .bind(status.queue_depth.map(|q| q as i32))
+    .execute(&mut *tx)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Err(ApiError::NotFound(
+            "device_not_found",
+            format!("no device {device_id}"),
+        ));
+    }
+    if online {
+        // A device that (re)connects gets its unacknowledged commands again at once.
+        sqlx::query("UPDATE commands SET published_at = NULL WHERE device_id = $1 AND state IN ('pending', 'published')")
+            .bind(&device_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    tracing::info!(%device_id, online, "Device presence");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+pub struct DueQuery {
+    pub limit: Option<i64>,
+}
+
+#[derive(Serialize)]
+pub struct DueCommand {
+    pub command_id: Uuid,
+    pub device_id: String,
+    pub envelope: serde_json::Value,
+}
+
+pub async fn due_commands(
+    State(st): State<AppState>,
+    Query(q): Query<DueQuery>,
+) -> Result<Json<Vec<DueCommand>>, ApiError> {
+    expire_commands(&st).await?;
+    let rows: Vec<(Uuid, String, serde_json::Value)> = sqlx::query_as(
+        "SELECT c.command_id, c.device_id, c.envelope FROM commands c JOIN devices d USING (device_id)
+         WHERE c.state IN ('pending', 'published') AND c.expires_at > now() AND d.online AND d.enabled
+           AND (c.published_at IS NULL OR c.published_at < now() - make_interval(secs => $1))
+         ORDER BY c.created_at LIMIT $2",
+    )
+    .bind(st.config.command_resend_secs as f64)
+    .bind(q.limit.unwrap_or(100).clamp(1, 1000))
+    .fetch_all(&st.store.pool)
+    .await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|(command_id, device_id, envelope)| DueCommand {
+                command_id,
+                device_id,
+                envelope,
+            })
+            .collect(),
+    ))
+}
+
+pub async fn command_published(
+    State(st): State<AppState>,
+    Path(id): Path<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    sqlx::query(
+        "UPDATE commands SET state = CASE WHEN state = 'pending' THEN 'published' ELSE state END,
+                             published_at = now(), publish_count = publish_count + 1, updated_at = now()
+         WHERE command_id = $1",
+    )
+    .bind(id)
+    .execute(&st.store.pool)
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,328 @@
+//! The device API: `POST /v1/device/{op}`, authenticated by the device's Ed25519 signature.
+//!
+//! Every op except `progress` is idempotent on (device, `Idempotency-Key`): the first
+//! answer (success or 4xx) is stored and returned for every duplicate with the same body;
+//! a different body under the same key is refused with 422.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::de::DeserializeOwned;
+use uplink_protocol::command::{AckState, CommandAck};
+use uplink_protocol::ops::{Op, SessionRef};
+use uplink_protocol::sign::{self, RequestToSign};
+use uplink_protocol::telemetry::Progress;
+use uplink_protocol::{sha256_hex, topics, unix_now, valid_request_id};
+
+use super::error::{problem_response, ApiError};
+use crate::store::Actor;
+use crate::{sessions, AppState};
+
+pub const DEVICE_HEADER: &str = "x-uplink-device";
+pub const TIMESTAMP_HEADER: &str = "x-uplink-timestamp";
+pub const SIGNATURE_HEADER: &str = "x-uplink-signature";
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            ApiError::Unauthorized("missing_header", format!("the {name} header is required"))
+        })
+}
+
+pub fn parse_body<T: DeserializeOwned>(body: &str) -> Result<T, ApiError> {
+    serde_json::from_str(body)
+        .map_err(|e| ApiError::Unprocessable("invalid_body", format!("body: {e}")))
+}
+
+/// A device request whose signature, device and timestamp have been checked.
+struct Verified {
+    device_id: String,
+    request_id: String,
+    op: Op,
+    body: String,
+}
+
+async fn verify(
+    st: &AppState,
+    op: &str,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Verified, ApiError> {
+    let op = Op::parse(op)
+        .ok_or_else(|| ApiError::NotFound("unknown_op", format!("unknown op {op:?}")))?;
+    let body = body.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(_) => ApiError::PayloadTooLarge(format!(
+            "request bodies are limited to {} bytes",
+            uplink_protocol::envelope::MAX_PAYLOAD_BYTES
+        )),
+        e => ApiError::BadRequest("unreadable_body", e.to_string()),
+    })?;
+    let body = String::from_utf8(body.to_vec())
+        .map_err(|_| ApiError::BadRequest("invalid_body", "body is not UTF-8".into()))?;
+    let device_id = header(headers, DEVICE_HEADER)?;
+    let request_id = header(headers, IDEMPOTENCY_HEADER)?;
+    let ts: i64 = header(headers, TIMESTAMP_HEADER)?.parse().map_err(|_| {
+        ApiError::Unauthorized("bad_timestamp", "timestamp must be Unix seconds".into())
+    })?;
+    let sig = header(headers, SIGNATURE_HEADER)?;
+    if !topics::valid_device_id(device_id) {
+        return Err(ApiError::Unauthorized(
+            "unknown_device",
+            "invalid device id".into(),
+        ));
+    }
+    if !valid_request_id(request_id) {
+        return Err(ApiError::BadRequest(
+            "invalid_request_id",
+            "request ids are 1-64 of [A-Za-z0-9_-]".into(),
+        ));
+    }
+    let device = st.store.device(device_id).await?.ok_or_else(|| {
+        ApiError::Unauthorized(
+            "unknown_device",
+            format!("device {device_id} is not registered"),
+        )
+    })?;
+    let key = sign::decode_public(&device.public_key).map_err(|_| {
+        ApiError::Internal(anyhow::anyhow!(
+            "stored public key of {device_id} is invalid"
+        ))
+    })?;
+    RequestToSign {
+        device_id,
+        op: op.as_str(),
+        request_id,
+        ts,
+        body: &body,
+    }
+    .verify(&key, sig)
+    .map_err(|e| ApiError::Unauthorized("bad_signature", e.to_string()))?;
+    if !device.enabled {
+        return Err(ApiError::Forbidden(
+            "device_disabled",
+            format!("device {device_id} is disabled"),
+        ));
+    }
+    let window = st.config.replay_window_secs as i64;
+    if (unix_now() - ts).abs() > window {
+        return Err(ApiError::Unauthorized(
+            "stale_request",
+            format!("request timestamp is more than {window}s from the server's clock"),
+        ));
+    }
+    Ok(Verified {
+        device_id: device_id.to_string(),
+        request_id: request_id.to_string(),
+        op,
+        body,
+    })
+}
+
+pub async fn device_op(
+    State(st): State<AppState>,
+    Path(op): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let req = match verify(&st, &op, &headers, body).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(%op, code = %e.problem().code, "Device request refused");
+            return e.into_response();
+        }
+    };
+    if req.op == Op::Progress {
+        return match progress(&st, &req).await {
+            Ok(()) => (StatusCode::OK, Json(serde_json::json!({}))).into_response(),
+            Err(e) => e.into_response(),
+        };
+    }
+    match idempotent(&st, &req).await {
+        Ok((status, json)) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+            if status.is_success() {
+                (status, Json(json)).into_response()
+            } else {
+                match serde_json::from_value(json) {
+                    Ok(problem) => problem_response(&problem),
+                    Err(_) => ApiError::Internal(anyhow::anyhow!("stored problem is unreadable"))
+                        .into_response(),
+                }
+            }
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Runs the op once per (device, request id) and returns the stored answer for duplicates.
+async fn idempotent(st: &AppState, req: &Verified) -> Result<(u16, serde_json::Value), ApiError> {
+    let digest = sha256_hex(req.body.as_bytes());
+    // The transaction-scoped advisory lock serialises duplicates that arrive together; it is
+    // released on commit or when the transaction is dropped.
+    let mut tx = st.store.pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))")
+        .bind(&req.device_id)
+        .bind(&req.request_id)
+        .execute(&mut *tx)
+        .await?;
+    let stored: Option<(String, String, i32, serde_json::Value)> = sqlx::query_as(
+        "SELECT op, body_sha256, status, response FROM device_requests WHERE device_id = $1 AND request_id = $2",
+    )
+    .bind(&req.device_id)
+    .bind(&req.request_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some((op, body_sha256, status, response)) = stored {
+        if op != req.op.as_str() || body_sha256 != digest {
+            return Err(ApiError::Unprocessable(
+                "idempotency_key_reused",
+                format!(
+                    "request id {} was already used for a different request",
+                    req.request_id
+                ),
+            ));
+        }
+        tracing::debug!(device_id = %req.device_id, request_id = %req.request_id, "Duplicate request answered from store");
+        return Ok((status as u16, response));
+    }
+
+    let (status, json) = match run_op(st, req).await {
+        Ok(ok) => ok,
+        // Transient failures are not stored: the retry must run the op again.
+        Err(e @ (ApiError::Unavailable(..) | ApiError::Internal(_))) => return Err(e),
+        Err(e) if matches!(&e, ApiError::Conflict("concurrent_update", _)) => return Err(e),
+        Err(e) => {
+            let problem = e.problem();
+            (
+                problem.status,
+                serde_json::to_value(&problem).unwrap_or_default(),
+            )
+        }
+    };
+    sqlx::query(
+        "INSERT INTO device_requests (device_id, request_id, op, body_sha256, status, response) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&req.device_id)
+    .bind(&req.request_id)
+    .bind(req.op.as_str())
+    .bind(&digest)
+    .bind(status as i32)
+    .bind(&json)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok((status, json))
+}
+
+fn to_json<T: serde::Serialize>(v: T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or_default()
+}
+
+async fn run_op(st: &AppState, req: &Verified) -> Result<(u16, serde_json::Value), ApiError> {
+    let actor = Actor::device(&req.device_id, &req.request_id);
+    let dev = req.device_id.as_str();
+    match req.op {
+        Op::SessionCreate => {
+            let (status, info) = sessions::create(st, dev, &actor, parse_body(&req.body)?).await?;
+            Ok((status, to_json(info)))
+        }
+        Op::PartsPresign => Ok((
+            200,
+            to_json(sessions::presign(st, dev, &actor, parse_body(&req.body)?).await?),
+        )),
+        Op::SessionStatus => {
+            let r: SessionRef = parse_body(&req.body)?;
+            Ok((200, to_json(sessions::status(st, dev, r.session_id).await?)))
+        }
+        Op::SessionComplete => {
+            let r: SessionRef = parse_body(&req.body)?;
+            Ok((
+                200,
+                to_json(sessions::complete(st, dev, &actor, r.session_id).await?),
+            ))
+        }
+        Op::SessionAbort => {
+            let r: SessionRef = parse_body(&req.body)?;
+            let session = st.store.device_session(dev, r.session_id).await?;
+            let session = sessions::abort(st, session, &actor).await?;
+            Ok((200, to_json(sessions::info(&session, vec![]))))
+        }
+        Op::CommandAck => {
+            command_ack(st, &actor, dev, parse_body(&req.body)?).await?;
+            Ok((200, serde_json::json!({})))
+        }
+        Op::Progress => Err(ApiError::Internal(anyhow::anyhow!(
+            "progress is not idempotent-stored"
+        ))),
+    }
+}
+
+/// Records a command ack. States only move forward: a final state never changes.
+async fn command_ack(
+    st: &AppState,
+    actor: &Actor,
+    device_id: &str,
+    ack: CommandAck,
+) -> Result<(), ApiError> {
+    let allowed_from: &[&str] = match ack.state {
+        AckState::Accepted => &["pending", "published"],
+        _ => &["pending", "published", "accepted"],
+    };
+    let mut tx = st.store.pool.begin().await?;
+    let owner: Option<(String,)> =
+        sqlx::query_as("SELECT device_id FROM commands WHERE command_id = $1")
+            .bind(ack.command_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if owner.map(|o| o.0) != Some(device_id.to_string()) {
+        return Err(ApiError::NotFound(
+            "command_not_found",
+            format!("no command {} for this device", ack.command_id),
+        ));
+    }
+    let updated = sqlx::query(
+        "UPDATE commands SET state = $2, reason = COALESCE($3, reason), session_id = COALESCE($4, session_id), updated_at = now()
+         WHERE command_id = $1 AND state = ANY($5)",
+    )
+    .bind(ack.command_id)
+    .bind(ack.state.as_str())
+    .bind(&ack.reason)
+    .bind(ack.session_id)
+    .bind(allowed_from)
+    .execute(&mut *tx)
+    .await?;
+    if updated.rows_affected() == 1 {
+        crate::store::audit(
+            &mut tx,
+            actor,
+            "command.ack",
+            &ack.command_id.to_string(),
+            serde_json::json!({"state": ack.state.as_str(), "reason": ack.reason, "session_id": ack.session_id}),
+        )
+        .await?;
+        tracing::info!(command_id = %ack.command_id, %device_id, state = ack.state.as_str(), reason = ?ack.reason, "Command acknowledged");
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn progress(st: &AppState, req: &Verified) -> Result<(), ApiError> {
+    let p: Progress = parse_body(&req.body)?;
+    sqlx::query(
+        "UPDATE sessions SET bytes_done = LEAST($3, size), rate_bps = $4, updated_at = now()
+         WHERE device_id = $1 AND job_id = $2 AND state IN ('created', 'uploading', 'paused', 'completing')",
+    )
+    .bind(&req.device_id)
+    .bind(p.job_id)
+    .bind(p.bytes_done.min(i64::MAX as u64) as i64)
+    .bind(p.rate_bps.min(i64::MAX as u64) as i64)
+    .execute(&st.store.pool)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! Every error the HTTP API returns, as an RFC 7807 problem document with a stable code.
+//! Causes of 5xx answers are logged, never sent.
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use uplink_protocol::problem::Problem;
+
+use crate::storage::StorageError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{1}")]
+    BadRequest(&'static str, String),
+    #[error("{1}")]
+    Unauthorized(&'static str, String),
+    #[error("{1}")]
+    Forbidden(&'static str, String),
+    #[error("{1}")]
+    NotFound(&'static str, String),
+    #[error("{1}")]
+    Conflict(&'static str, String),
+    #[error("{1}")]
+    Unprocessable(&'static str, String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// A dependency (database, storage) is down; the caller should retry.
+    #[error("{0} unavailable: {1}")]
+    Unavailable(&'static str, String),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(..) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(..) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(..) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(..) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(..) => StatusCode::CONFLICT,
+            ApiError::Unprocessable(..) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn problem(&self) -> Problem {
+        let status = self.status().as_u16();
+        let title = self.status().canonical_reason().unwrap_or("Error");
+        match self {
+            ApiError::BadRequest(code, d)
+            | ApiError::Unauthorized(code, d)
+            | ApiError::Forbidden(code, d)
+            | ApiError::NotFound(code, d)
+            | ApiError::Conflict(code, d)
+            | ApiError::Unprocessable(code, d) => {
+                Problem::new(status, code, title, Some(d.clone()))
+            }
+            ApiError::PayloadTooLarge(d) => {
+                Problem::new(status, "payload_too_large", title, Some(d.clone()))
+            }
+            ApiError::Unavailable(what, _) => Problem::new(
+                status,
+                "unavailable",
+                title,
+                Some(format!("{what} is unavailable; retry later")),
+            ),
+            ApiError::Internal(_) => Problem::new(status, "internal", title, None),
+        }
+    }
+}
+
+/// A problem document as an HTTP response.
+pub fn problem_response(problem: &Problem) -> Response {
+    let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = serde_json::to_vec(problem).unwrap_or_default();
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        body,
+    )
+        .into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match &self {
+            ApiError::Internal(e) => tracing::error!(error = %format!("{e:#}"), "Request failed"),
+            ApiError::Unavailable(what, cause) => {
+                tracing::warn!(%what, %cause, "Dependency unavailable")
+            }
+            _ => {}
+        }
+        problem_response(&self.problem())
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => ApiError::Unavailable("database", e.to_string()),
+            sqlx::Error::Database(db) if db.is_unique_violation() => {
+                ApiError::Conflict("conflict", "a record with this key already exists".into())
+            }
+            sqlx::Error::Database(db)
+                if db
+                    .code()
+                    .is_some_and(|c| c.starts_with("57") || c.starts_with("08")) =>
+            {
+                // Admin shutdown, cannot connect now, connection failures.
+                ApiError::Unavailable("database", e.to_string())
+            }
+            _ => ApiError::Internal(anyhow::Error::new(e).context("database query")),
+        }
+    }
+}
+
+impl From<StorageError> for ApiError {
+    fn from(e: StorageError) -> Self {
+        ApiError::Unavailable("storage", e.to_string())
+    }
+}
+
+impl From<crate::domain::session::TransitionError> for ApiError {
+    fn from(e: crate::domain::session::TransitionError) -> Self {
+        ApiError::Conflict("invalid_state", e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_causes_are_not_sent() {
+        let e = ApiError::Internal(anyhow::anyhow!("password=hunter2 in query"));
+        let p = e.problem();
+        assert_eq!(p.status, 500);
+        assert!(p.detail.is_none());
+        let e = ApiError::Unavailable("database", "connection refused at 10.0.0.1".into());
+        assert!(!e.problem().detail.unwrap().contains("10.0.0.1"));
+        let e = ApiError::Conflict("session_paused", "session is paused".into());
+        assert_eq!(e.problem().code, "session_paused");
+        assert_eq!(e.problem().status, 409);
+    }
+}

@@ -1,0 +1,290 @@
+//! The operator API: devices, commands, sessions. Bearer `operator_token`.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+use uplink_protocol::command::{Action, Command};
+use uplink_protocol::envelope::CommandEnvelope;
+use uplink_protocol::ops::SessionState;
+use uplink_protocol::{sign, topics, unix_now};
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::ApiJson;
+use crate::domain::session::Event;
+use crate::store::{self, audit, Actor, Device, Session};
+use crate::{sessions, AppState};
+
+#[derive(Deserialize)]
+pub struct NewDevice {
+    pub device_id: String,
+    pub public_key: String,
+}
+
+pub async fn register_device(
+    State(st): State<AppState>,
+    ApiJson(req): ApiJson<NewDevice>,
+) -> Result<(StatusCode, Json<Device>), ApiError> {
+    if !topics::valid_device_id(&req.device_id) {
+        return Err(ApiError::Unprocessable(
+            "invalid_device_id",
+            "device ids are 1-64 of [A-Za-z0-9._-], not starting with a dot".into(),
+        ));
+    }
+    let key = sign::decode_public(&req.public_key).map_err(|_| {
+        ApiError::Unprocessable(
+            "invalid_public_key",
+            "public_key must be base64 of a 32-byte Ed25519 key".into(),
+        )
+    })?;
+    let mut tx = st.store.pool.begin().await?;
+    let device: Option<Device> = sqlx::query_as(
+        "INSERT INTO devices (device_id, public_key) VALUES ($1, $2) ON CONFLICT (device_id) DO NOTHING RETURNING *",
+    )
+    .bind(&req.device_id)
+    .bind(sign::encode_public(&key))
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(device) = device else {
+        return Err(ApiError::Conflict(
+            "device_exists",
+            format!("device {} is already registered", req.device_id),
+        ));
+    };
+    audit(
+        &mut tx,
+        &Actor::operator(),
+        "device.register",
+        &req.device_id,
+        serde_json::json!({}),
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(device_id = %device.device_id, "Device registered");
+    Ok((StatusCode::CREATED, Json(device)))
+}
+
+pub async fn list_devices(State(st): State<AppState>) -> Result<Json<Vec<Device>>, ApiError> {
+    Ok(Json(st.store.devices().await?))
+}
+
+pub async fn get_device(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Device>, ApiError> {
+    st.store
+        .device(&id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound("device_not_found", format!("no device {id}")))
+}
+
+/// Signs and stores a command for `device_id`; the bridge publishes it.
+pub async fn issue_command(
+    st: &AppState,
+    device_id: &str,
+    action: Action,
+    actor: &Actor,
+) -> Result<store::Command, ApiError> {
+    if st.store.device(device_id).await?.is_none() {
+        return Err(ApiError::NotFound(
+            "device_not_found",
+            format!("no device {device_id}"),
+        ));
+    }
+    if let Action::Upload { path } = &action {
+        if !path.starts_with('/') || path.len() > 4096 || path.contains('\0') {
+            return Err(ApiError::Unprocessable(
+                "invalid_path",
+                "path must be absolute, at most 4096 bytes".into(),
+            ));
+        }
+    }
+    let now = unix_now();
+    let command = Command {
+        command_id: Uuid::new_v4(),
+        device_id: device_id.to_string(),
+        issued_at: now,
+        expires_at: now + st.config.command_ttl_secs as i64,
+        action,
+    };
+    let envelope = CommandEnvelope::sign(&st.command_key, &command);
+    let mut tx = st.store.pool.begin().await?;
+    let row: store::Command = sqlx::query_as(
+        "INSERT INTO commands (command_id, device_id, action, envelope, state, expires_at)
+         VALUES ($1, $2, $3, $4, 'pending', to_timestamp($5)) RETURNING *",
+    )
+    .bind(command.command_id)
+    .bind(device_id)
+    .bind(serde_json::to_value(&command.action).unwrap_or_default())
+    .bind(serde_json::to_value(&envelope).unwrap_or_default())
+    .bind(command.expires_at as f64)
+    .fetch_one(&mut *tx)
+    .await?;
+    audit(
+        &mut tx,
+        actor,
+        "command.issue",
+        &command.command_id.to_string(),
+        serde_json::json!({"device_id": device_id, "action": row.action}),
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(command_id = %command.command_id, %device_id, kind = command.action.kind(), "Command issued");
+    Ok(row)
+}
+
+pub async fn create_command(
+    State(st): State<AppState>,
+    Path(device_id): Path<String>,
+    ApiJson(action): ApiJson<Action>,
+) -> Result<(StatusCode, Json<store::Command>), ApiError> {
+    let row = issue_command(&st, &device_id, action, &Actor::operator()).await?;
+    Ok((StatusCode::CREATED, Json(row)))
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    pub device_id: Option<String>,
+    pub state: Option<String>,
+    pub limit: Option<i64>,
+}
+
+pub async fn list_commands(
+    State(st): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<store::Command>>, ApiError> {
+    expire_commands(&st).await?;
+    let rows = sqlx::query_as(
+        "SELECT * FROM commands WHERE ($1::text IS NULL OR device_id = $1) AND ($2::text IS NULL OR state = $2)
+         ORDER BY created_at DESC LIMIT $3",
+    )
+    .bind(&q.device_id)
+    .bind(&q.state)
+    .bind(q.limit.unwrap_or(100).clamp(1, 1000))
+    .fetch_all(&st.store.pool)
+    .await?;
+    Ok(Json(rows))
+}
+
+pub async fn get_command(
+    State(st): State<AppState>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<store::Command>, ApiError> {
+    expire_commands(&st).await?;
+    sqlx::query_as("SELECT * FROM commands WHERE command_id = $1")
+        .bind(id)
+        .fetch_optional(&st.store.pool)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound("command_not_found", format!("no command {id}")))
+}
+
+/// Commands nobody acknowledged before they expired end as `expired`.
+pub async fn expire_commands(st: &AppState) -> Result<(), ApiError> {
+    sqlx::query("UPDATE commands SET state = 'expired', updated_at = now() WHERE state IN ('pending', 'published') AND expires_at < now()")
+        .execute(&st.store.pool)
+        .await?;
+    Ok(())
+}
+
+pub async fn list_sessions(
+    State(st): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<Session>>, ApiError> {
+    if let Some(s) = &q.state {
+        if SessionState::parse(s).is_none() {
+            return Err(ApiError::BadRequest(
+                "invalid_state",
+                format!("unknown session state {s:?}"),
+            ));
+        }
+    }
+    Ok(Json(
+        st.store
+            .sessions(
+                q.device_id.as_deref(),
+                q.state.as_deref(),
+                q.limit.unwrap_or(100).clamp(1, 1000),
+            )
+            .await?,
+    ))
+}
+
+async fn session_or_404(st: &AppState, id: Uuid) -> Result<Session, ApiError> {
+    st.store
+        .session(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("session_not_found", format!("no session {id}")))
+}
+
+pub async fn get_session(
+    State(st): State<AppState>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Session>, ApiError> {
+    Ok(Json(session_or_404(&st, id).await?))
+}
+
+pub async fn pause_session(
+    State(st): State<AppState>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Session>, ApiError> {
+    let actor = Actor::operator();
+    let session = session_or_404(&st, id).await?;
+    let session = st
+        .store
+        .transition(&session, Event::Pause, &actor, None)
+        .await?;
+    issue_command(
+        &st,
+        &session.device_id,
+        Action::Pause {
+            job_id: session.job_id,
+        },
+        &actor,
+    )
+    .await?;
+    Ok(Json(session))
+}
+
+pub async fn resume_session(
+    State(st): State<AppState>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Session>, ApiError> {
+    let actor = Actor::operator();
+    let session = session_or_404(&st, id).await?;
+    let session = st
+        .store
+        .transition(&session, Event::Resume, &actor, None)
+        .await?;
+    issue_command(
+        &st,
+        &session.device_id,
+        Action::Resume {
+            job_id: session.job_id,
+        },
+        &actor,
+    )
+    .await?;
+    Ok(Json(session))
+}
+
+pub async fn abort_session(
+    State(st): State<AppState>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Session>, ApiError> {
+    let actor = Actor::operator();
+    let session = session_or_404(&st, id).await?;
+    let session = sessions::abort(&st, session, &actor).await?;
+    issue_command(
+        &st,
+        &session.device_id,
+        Action::Cancel {
+            job_id: session.job_id,
+        },
+        &actor,
+    )
+    .await?;
+    Ok(Json(session))
+}

@@ -1,0 +1,285 @@
+//! The S3 adapter: every call the control API makes to storage. Two clients: one on the
+//! internal endpoint for API calls, one on the public endpoint for presigning.
+
+use std::time::Duration;
+
+use aws_credential_types::Credentials;
+use aws_sdk_s3::config::{BehaviorVersion, Region, RequestChecksumCalculation};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_s3::presigning::PresigningConfig;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::Client;
+
+use crate::config::S3Config;
+use crate::domain::verify::ListedPart;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage has no such multipart upload")]
+    NoSuchUpload,
+    #[error("storage has no such object")]
+    NotFound,
+    #[error("storage call {op} failed: {message}")]
+    Call { op: &'static str, message: String },
+}
+
+type HttpResponse = aws_sdk_s3::config::http::HttpResponse;
+
+fn call_error<E>(
+    op: &'static str,
+    err: aws_sdk_s3::error::SdkError<E, HttpResponse>,
+) -> StorageError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    if err.code() == Some("NoSuchUpload") {
+        return StorageError::NoSuchUpload;
+    }
+    if matches!(err.code(), Some("NotFound" | "NoSuchKey")) {
+        return StorageError::NotFound;
+    }
+    if let aws_sdk_s3::error::SdkError::ServiceError(e) = &err {
+        if e.raw().status().as_u16() == 404 {
+            return StorageError::NotFound;
+        }
+    }
+    StorageError::Call {
+        op,
+        message: DisplayErrorContext(&err).to_string(),
+    }
+}
+
+/// A presigned request: URL and the headers that must accompany it.
+#[derive(Debug, Clone)]
+pub struct Presigned {
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Clone)]
+pub struct Storage {
+    client: Client,
+    presigner: Client,
+    pub bucket: String,
+    presign_ttl: Duration,
+}
+
+fn client(cfg: &S3Config, endpoint: &str) -> Client {
+    let creds = Credentials::new(
+        cfg.access_key_id.expose(),
+        cfg.secret_access_key.expose(),
+        None,
+        None,
+        "uplink-config",
+    );
+    let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .operation_attempt_timeout(Duration::from_secs(60))
+        .build();
+    let conf = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(cfg.region.clone()))
+        .endpoint_url(endpoint)
+        .credentials_provider(creds)
+        .force_path_style(cfg.force_path_style)
+        // Only Content-MD5 is signed into part URLs; no SDK-computed checksums.
+        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+        .timeout_config(timeouts)
+        .build();
+    Client::from_conf(conf)
+}
+
+impl Storage {
+    pub fn new(cfg: &S3Config, public_endpoint: &str) -> Storage {
+        Storage {
+            client: client(cfg, &cfg.endpoint),
+            presigner: client(cfg, public_endpoint),
+            bucket: cfg.bucket.clone(),
+            presign_ttl: Duration::from_secs(cfg.presign_ttl_secs),
+        }
+    }
+
+    pub fn presign_ttl(&self) -> Duration {
+        self.presign_ttl
+    }
+
+    /// Whether the bucket is reachable with our credentials.
+    pub async fn check(&self) -> Result<(), StorageError> {
+        self.client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| call_error("HeadBucket", e))
+    }
+
+    pub async fn create_multipart(&self, key: &str) -> Result<String, StorageError> {
+        let out = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| call_error("CreateMultipartUpload", e))?;
+        out.upload_id.ok_or(StorageError::Call {
+            op: "CreateMultipartUpload",
+            message: "no upload id in the answer".into(),
+        })
+    }
+
+    fn presign_config(&self) -> Result<PresigningConfig, StorageError> {
+        PresigningConfig::expires_in(self.presign_ttl).map_err(|e| StorageError::Call {
+            op: "presign",
+            message: e.to_string(),
+        })
+    }
+
+    fn presigned(req: aws_sdk_s3::presigning::PresignedRequest) -> Presigned {
+        Presigned {
+            url: req.uri().to_string(),
+            headers: req
+                .headers()
+                .filter(|(k, _)| !k.eq_ignore_ascii_case("host"))
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    /// A URL for one part, with its Content-MD5 (base64) signed in.
+    pub async fn presign_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: u32,
+        md5_b64: &str,
+    ) -> Result<Presigned, StorageError> {
+        let req = self
+            .presigner
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number as i32)
+            .content_md5(md5_b64)
+            .presigned(self.presign_config()?)
+            .await
+            .map_err(|e| call_error("presign UploadPart", e))?;
+        Ok(Self::presigned(req))
+    }
+
+    /// A PutObject URL for a whole (0-byte) object, with its Content-MD5 signed in.
+    pub async fn presign_put(&self, key: &str, md5_b64: &str) -> Result<Presigned, StorageError> {
+        let req = self
+            .presigner
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_md5(md5_b64)
+            .presigned(self.presign_config()?)
+            .await
+            .map_err(|e| call_error("presign PutObject", e))?;
+        Ok(Self::presigned(req))
+    }
+
+    /// Every part storage holds for an upload (all pages).
+    pub async fn list_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+    ) -> Result<Vec<ListedPart>, StorageError> {
+        let mut parts = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let out = self
+                .client
+                .list_parts()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .set_part_number_marker(marker.clone())
+                .send()
+                .await
+                .map_err(|e| call_error("ListParts", e))?;
+            for p in out.parts() {
+                parts.push(ListedPart {
+                    number: p.part_number().unwrap_or(0).max(0) as u32,
+                    size: p.size().unwrap_or(0).max(0) as u64,
+                    etag: p.e_tag().unwrap_or_default().to_string(),
+                });
+            }
+            match (out.is_truncated(), out.next_part_number_marker()) {
+                (Some(true), Some(next)) if Some(next) != marker.as_deref() => {
+                    marker = Some(next.to_string())
+                }
+                _ => break,
+            }
+        }
+        parts.sort_by_key(|p| p.number);
+        Ok(parts)
+    }
+
+    pub async fn complete(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[(u32, String)],
+    ) -> Result<(), StorageError> {
+        let completed = CompletedMultipartUpload::builder()
+            .set_parts(Some(
+                parts
+                    .iter()
+                    .map(|(n, etag)| {
+                        CompletedPart::builder()
+                            .part_number(*n as i32)
+                            .e_tag(etag)
+                            .build()
+                    })
+                    .collect(),
+            ))
+            .build();
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(completed)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| call_error("CompleteMultipartUpload", e))
+    }
+
+    pub async fn abort(&self, key: &str, upload_id: &str) -> Result<(), StorageError> {
+        match self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+            .map_err(|e| call_error("AbortMultipartUpload", e))
+        {
+            Ok(_) | Err(StorageError::NoSuchUpload) | Err(StorageError::NotFound) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Size and ETag of a stored object.
+    pub async fn head(&self, key: &str) -> Result<(u64, String), StorageError> {
+        let out = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| call_error("HeadObject", e))?;
+        Ok((
+            out.content_length().unwrap_or(0).max(0) as u64,
+            out.e_tag().unwrap_or_default().to_string(),
+        ))
+    }
+}

@@ -1,0 +1,890 @@
+//! Control API integration tests against a real PostgreSQL (one database per test) and a
+//! real S3 server. `scripts/test` starts both and exports the `UPLINK_TEST_*` variables.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use md5::{Digest, Md5};
+use serde_json::{json, Value};
+use sqlx::Connection;
+use uplink_api::config::{Config, S3Config, Secret};
+use uplink_protocol::envelope::RequestEnvelope;
+use uplink_protocol::sign::{self, PrivateKey};
+use uplink_protocol::unix_now;
+use uuid::Uuid;
+
+const OPERATOR: &str = "operator-token-for-tests";
+const BRIDGE: &str = "bridge-token-for-tests-0";
+const MIB: usize = 1 << 20;
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: these tests need PostgreSQL and an S3 server; run them with scripts/test")
+    })
+}
+
+struct TestApp {
+    base: String,
+    http: reqwest::Client,
+    state: uplink_api::AppState,
+    _dir: tempfile::TempDir,
+}
+
+impl TestApp {
+    async fn spawn() -> TestApp {
+        Self::spawn_with(900).await
+    }
+
+    async fn spawn_with(presign_ttl_secs: u64) -> TestApp {
+        let admin_url = env("UPLINK_TEST_DATABASE_URL");
+        let db = format!("api_{}", Uuid::new_v4().simple());
+        let mut admin = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .expect("connect to the admin database");
+        sqlx::query(&format!("CREATE DATABASE {db}"))
+            .execute(&mut admin)
+            .await
+            .expect("create test database");
+        let mut url = url::Url::parse(&admin_url).expect("admin url");
+        url.set_path(&db);
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key_file = dir.path().join("command.key");
+        std::fs::write(&key_file, sign::encode_private(&sign::generate())).expect("write key");
+        let config = Config {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            database_url: Secret::new(url.to_string()),
+            database_max_connections: 8,
+            operator_token: Secret::new(OPERATOR),
+            bridge_token: Secret::new(BRIDGE),
+            command_key_file: key_file,
+            replay_window_secs: 300,
+            command_ttl_secs: 3600,
+            command_resend_secs: 30,
+            s3: S3Config {
+                endpoint: env("UPLINK_TEST_S3_ENDPOINT"),
+                public_endpoint: None,
+                region: "us-east-1".into(),
+                bucket: env("UPLINK_TEST_S3_BUCKET"),
+                access_key_id: Secret::new(env("UPLINK_TEST_S3_ACCESS_KEY")),
+                secret_access_key: Secret::new(env("UPLINK_TEST_S3_SECRET_KEY")),
+                force_path_style: true,
+                presign_ttl_secs,
+            },
+        };
+        config.validate().expect("valid config");
+        let state = uplink_api::build_state(config).await.expect("build state");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let router = uplink_api::http::router(state.clone());
+        tokio::spawn(async move { axum_serve(listener, router).await });
+        TestApp {
+            base,
+            http: reqwest::Client::new(),
+            state,
+            _dir: dir,
+        }
+    }
+
+    async fn operator(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        self.call(method, path, body, OPERATOR).await
+    }
+
+    async fn bridge(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        self.call(method, path, body, BRIDGE).await
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        token: &str,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    async fn register(&self, device_id: &str) -> PrivateKey {
+        let key = sign::generate();
+        let (status, body) = self
+            .operator(
+                reqwest::Method::POST,
+                "/v1/devices",
+                Some(json!({"device_id": device_id, "public_key": sign::encode_public(&key.verifying_key())})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        key
+    }
+
+    /// A signed device request; returns status and JSON (result or problem).
+    async fn device(
+        &self,
+        key: &PrivateKey,
+        device_id: &str,
+        op: &str,
+        request_id: &str,
+        body: &Value,
+    ) -> (u16, Value) {
+        self.device_raw(key, device_id, op, request_id, unix_now(), body.to_string())
+            .await
+    }
+
+    async fn device_raw(
+        &self,
+        key: &PrivateKey,
+        device_id: &str,
+        op: &str,
+        request_id: &str,
+        ts: i64,
+        body: String,
+    ) -> (u16, Value) {
+        let env = RequestEnvelope::sign(key, device_id, op, request_id, ts, body);
+        let resp = self
+            .http
+            .post(format!("{}/v1/device/{op}", self.base))
+            .header("x-uplink-device", device_id)
+            .header("idempotency-key", request_id)
+            .header("x-uplink-timestamp", ts.to_string())
+            .header("x-uplink-signature", &env.sig)
+            .header("content-type", "application/json")
+            .body(env.body)
+            .send()
+            .await
+            .expect("device request");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn session_count(&self, device_id: &str) -> i64 {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM sessions WHERE device_id = $1")
+            .bind(device_id)
+            .fetch_one(&self.state.store.pool)
+            .await
+            .expect("count");
+        n
+    }
+}
+
+async fn axum_serve(listener: tokio::net::TcpListener, router: axum::Router) {
+    let _ = axum::serve(listener, router).await;
+}
+
+fn rid() -> String {
+    Uuid::new_v4().simple().to_string()
+}
+
+fn md5_b64(data: &[u8]) -> String {
+    B64.encode(Md5::digest(data))
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    uplink_protocol::sha256_hex(data)
+}
+
+fn file(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn create_body(job: Uuid, data: &[u8], part_size: usize) -> Value {
+    json!({"job_id": job, "file_name": "run-042.mcap", "size": data.len(), "sha256": sha256_hex(data), "part_size": part_size})
+}
+
+async fn put(http: &reqwest::Client, part: &Value, bytes: Vec<u8>) -> reqwest::Response {
+    let mut req = http.put(part["url"].as_str().expect("url")).body(bytes);
+    for h in part["headers"].as_array().expect("headers") {
+        req = req.header(h[0].as_str().expect("name"), h[1].as_str().expect("value"));
+    }
+    req.send().await.expect("PUT")
+}
+
+/// Creates a session for `data`, uploads every part and returns the session id.
+async fn upload_all(app: &TestApp, key: &PrivateKey, device: &str, data: &[u8]) -> String {
+    let part_size = 5 * MIB;
+    let (status, created) = app
+        .device(
+            key,
+            device,
+            "session.create",
+            &rid(),
+            &create_body(Uuid::new_v4(), data, part_size),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let sid = created["session_id"].as_str().expect("id").to_string();
+    let chunks: Vec<&[u8]> = if data.is_empty() {
+        vec![&[][..]]
+    } else {
+        data.chunks(part_size).collect()
+    };
+    assert_eq!(created["part_count"], chunks.len());
+    let parts: Vec<Value> = chunks
+        .iter()
+        .enumerate()
+        .map(|(i, c)| json!({"number": i + 1, "md5": md5_b64(c)}))
+        .collect();
+    let (status, presigned) = app
+        .device(
+            key,
+            device,
+            "parts.presign",
+            &rid(),
+            &json!({"session_id": sid, "parts": parts}),
+        )
+        .await;
+    assert_eq!(status, 200, "{presigned}");
+    for (i, p) in presigned["parts"]
+        .as_array()
+        .expect("parts")
+        .iter()
+        .enumerate()
+    {
+        let resp = put(&app.http, p, chunks[i].to_vec()).await;
+        assert_eq!(
+            resp.status().as_u16(),
+            200,
+            "PUT part {}: {}",
+            i + 1,
+            resp.text().await.unwrap_or_default()
+        );
+        let etag = resp.headers()["etag"]
+            .to_str()
+            .expect("etag")
+            .trim_matches('"')
+            .to_string();
+        assert_eq!(etag, hex::encode(Md5::digest(chunks[i])));
+    }
+    sid
+}
+
+#[tokio::test]
+async fn multipart_upload_completes_and_verifies() {
+    let app = TestApp::spawn().await;
+    let key = app.register("robot-a").await;
+    let data = file(5 * MIB + 1, 7);
+    let sid = upload_all(&app, &key, "robot-a", &data).await;
+
+    let (status, st) = app
+        .device(
+            &key,
+            "robot-a",
+            "session.status",
+            &rid(),
+            &json!({"session_id": sid}),
+        )
+        .await;
+    assert_eq!(status, 200, "{st}");
+    assert_eq!(st["state"], "uploading");
+    assert_eq!(st["stored_parts"].as_array().expect("parts").len(), 2);
+
+    let (status, done) = app
+        .device(
+            &key,
+            "robot-a",
+            "session.complete",
+            &rid(),
+            &json!({"session_id": sid}),
+        )
+        .await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["state"], "completed");
+    assert_eq!(done["sha256"], sha256_hex(&data));
+    let (size, _) = app
+        .state
+        .storage
+        .head(done["object_key"].as_str().expect("key"))
+        .await
+        .expect("head");
+    assert_eq!(size, data.len() as u64);
+
+    let (status, view) = app
+        .operator(reqwest::Method::GET, &format!("/v1/sessions/{sid}"), None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(view["state"], "completed");
+    assert_eq!(view["bytes_done"], data.len());
+    // Completing again is harmless and answers the same.
+    let (status, again) = app
+        .device(
+            &key,
+            "robot-a",
+            "session.complete",
+            &rid(),
+            &json!({"session_id": sid}),
+        )
+        .await;
+    assert_eq!((status, &again["state"]), (200, &json!("completed")));
+}
+
+#[tokio::test]
+async fn empty_file_is_one_put_object() {
+    let app = TestApp::spawn().await;
+    let key = app.register("robot-e").await;
+    let sid = upload_all(&app, &key, "robot-e", &[]).await;
+    let (status, done) = app
+        .device(
+            &key,
+            "robot-e",
+            "session.complete",
+            &rid(),
+            &json!({"session_id": sid}),
+        )
+        .await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["state"], "completed");
+    assert_eq!(done["sha256"], sha256_hex(&[]));
+}
+
+#[tokio::test]
+async fn completion_refuses_missing_parts_and_storage_refuses_other_bytes() {
+    let app = TestApp::spawn().await;
+    let key = app.register("robot-m").await;
+    let data = file(5 * MIB + 10, 1);
+    let (_, created) = app
+        .device(
+            &key,
+            "robot-m",
+            "session.create",
+            &rid(),
+            &create_body(Uuid::new_v4(), &data, 5 * MIB),
+        )
+        .await;
+    let sid = created["session_id"].as_str().expect("id");
+    let parts = json!([{"number": 1, "md5": md5_b64(&data[..5 * MIB])}, {"number": 2, "md5": md5_b64(&data[5 * MIB..])}]);
+    let (_, presigned) = app
+        .device(
+            &key,
+            "robot-m",
+            "parts.presign",
+            &rid(),
+            &json!({"session_id": sid, "parts": parts}),
+        )
+        .await;
+    let p = &presigned["parts"][1];
+    // The URL signs part 2's Content-MD5: other bytes are refused by storage.
+    let resp = put(&app.http, p, b"0123456789".to_vec()).await;
+    assert!(
+        resp.status().is_client_error(),
+        "storage accepted bytes that don't match the signed MD5: {}",
+        resp.status()
+    );
+    // A different Content-MD5 header breaks the signature.
+    let resp = app
+        .http
+        .put(p["url"].as_str().expect("url"))
+        .header("content-md5", md5_b64(b"0123456789"))
+        .body(b"0123456789".to_vec())
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(resp.status().as_u16(), 403);
+    // Only part 2 uploaded: completion is refused and the session goes back to uploading.
+    assert_eq!(
+        put(&app.http, p, data[5 * MIB..].to_vec())
+            .await
+            .status()
+            .as_u16(),
+        200
+    );
+    let (status, problem) = app
+        .device(
+            &key,
+            "robot-m",
+            "session.complete",
+            &rid(),
+            &json!({"session_id": sid}),
+        )
+        .await;
+    assert_eq!(status, 409, "{problem}");
+    assert_eq!(problem["code"], "parts_incomplete");
+    let (_, view) = app
+        .operator(reqwest::Method::GET, &format!("/v1/sessions/{sid}"), None)
+        .await;
+    assert_eq!(view["state"], "uploading");
+    // A different MD5 for an already planned part is refused.
+    let (status, problem) = app
+        .device(
+            &key,
+            "robot-m",
+            "parts.presign",
+            &rid(),
+            &json!({"session_id": sid, "parts": [{"number": 1, "md5": md5_b64(b"x")}]}),
+        )
+        .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (409, Some("part_digest_mismatch"))
+    );
+}
+
+#[tokio::test]
+async fn duplicate_requests_give_one_session() {
+    let app = TestApp::spawn().await;
+    let key = app.register("robot-d").await;
+    let data = file(100, 3);
+    let body = create_body(Uuid::new_v4(), &data, 5 * MIB);
+    let r = rid();
+    // Two deliveries at once, then a late third.
+    let (a, b) = tokio::join!(
+        app.device(&key, "robot-d", "session.create", &r, &body),
+        app.device(&key, "robot-d", "session.create", &r, &body)
+    );
+    let c = app
+        .device(&key, "robot-d", "session.create", &r, &body)
+        .await;
+    assert_eq!(a.0, 201, "{}", a.1);
+    assert_eq!(a, b);
+    assert_eq!(a, c);
+    assert_eq!(app.session_count("robot-d").await, 1);
+    // Same key, different body: refused.
+    let other = create_body(Uuid::new_v4(), &file(101, 3), 5 * MIB);
+    let (status, problem) = app
+        .device(&key, "robot-d", "session.create", &r, &other)
+        .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (422, Some("idempotency_key_reused"))
+    );
+    // A new request id for the same job returns the job's session.
+    let (status, again) = app
+        .device(&key, "robot-d", "session.create", &rid(), &body)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(again["session_id"], a.1["session_id"]);
+    assert_eq!(app.session_count("robot-d").await, 1);
+}
+
+#[tokio::test]
+async fn signatures_devices_and_replays_are_checked() {
+    let app = TestApp::spawn().await;
+    let key_a = app.register("robot-sa").await;
+    let key_b = app.register("robot-sb").await;
+    let body = create_body(Uuid::new_v4(), &file(10, 0), 5 * MIB);
+
+    // Signed with B's key, claiming to be A.
+    let (status, p) = app
+        .device(&key_b, "robot-sa", "session.create", &rid(), &body)
+        .await;
+    assert_eq!((status, p["code"].as_str()), (401, Some("bad_signature")));
+    // Unknown device.
+    let (status, p) = app
+        .device(&key_a, "robot-nobody", "session.create", &rid(), &body)
+        .await;
+    assert_eq!((status, p["code"].as_str()), (401, Some("unknown_device")));
+    // Outside the replay window.
+    let (status, p) = app
+        .device_raw(
+            &key_a,
+            "robot-sa",
+            "session.create",
+            &rid(),
+            unix_now() - 3600,
+            body.to_string(),
+        )
+        .await;
+    assert_eq!((status, p["code"].as_str()), (401, Some("stale_request")));
+    assert_eq!(app.session_count("robot-sa").await, 0);
+
+    // B may not see or abort A's session.
+    let (status, created) = app
+        .device(&key_a, "robot-sa", "session.create", &rid(), &body)
+        .await;
+    assert_eq!(status, 201);
+    let sid = created["session_id"].as_str().expect("id");
+    for op in ["session.status", "session.abort", "session.complete"] {
+        let (status, p) = app
+            .device(&key_b, "robot-sb", op, &rid(), &json!({"session_id": sid}))
+            .await;
+        assert_eq!(
+            (status, p["code"].as_str()),
+            (404, Some("session_not_found")),
+            "{op}"
+        );
+    }
+    let (_, view) = app
+        .operator(reqwest::Method::GET, &format!("/v1/sessions/{sid}"), None)
+        .await;
+    assert_eq!(view["state"], "created");
+
+    // Malformed body, unknown op, oversized body.
+    let (status, p) = app
+        .device_raw(
+            &key_a,
+            "robot-sa",
+            "session.create",
+            &rid(),
+            unix_now(),
+            "{not json".into(),
+        )
+        .await;
+    assert_eq!((status, p["code"].as_str()), (422, Some("invalid_body")));
+    let (status, p) = app
+        .device(&key_a, "robot-sa", "session.delete", &rid(), &json!({}))
+        .await;
+    assert_eq!((status, p["code"].as_str()), (404, Some("unknown_op")));
+    let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(200_000));
+    let (status, p) = app
+        .device_raw(
+            &key_a,
+            "robot-sa",
+            "session.create",
+            &rid(),
+            unix_now(),
+            big,
+        )
+        .await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (413, Some("payload_too_large"))
+    );
+    // Plans outside S3's limits.
+    let bad = json!({"job_id": Uuid::new_v4(), "file_name": "x", "size": 100, "sha256": sha256_hex(b""), "part_size": 1024});
+    let (status, p) = app
+        .device(&key_a, "robot-sa", "session.create", &rid(), &bad)
+        .await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (422, Some("invalid_part_plan"))
+    );
+    let bad = json!({"job_id": Uuid::new_v4(), "file_name": "../../etc", "size": 1, "sha256": sha256_hex(b""), "part_size": 5 * MIB});
+    let (status, p) = app
+        .device(&key_a, "robot-sa", "session.create", &rid(), &bad)
+        .await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (422, Some("invalid_file_name"))
+    );
+}
+
+#[tokio::test]
+async fn operator_pause_resume_abort() {
+    let app = TestApp::spawn().await;
+    let key = app.register("robot-p").await;
+    let data = file(5 * MIB + 1, 9);
+    let (_, created) = app
+        .device(
+            &key,
+            "robot-p",
+            "session.create",
+            &rid(),
+            &create_body(Uuid::new_v4(), &data, 5 * MIB),
+        )
+        .await;
+    let sid = created["session_id"].as_str().expect("id");
+    let presign =
+        json!({"session_id": sid, "parts": [{"number": 1, "md5": md5_b64(&data[..5 * MIB])}]});
+
+    let (status, s) = app
+        .operator(
+            reqwest::Method::POST,
+            &format!("/v1/sessions/{sid}/pause"),
+            None,
+        )
+        .await;
+    assert_eq!((status, s["state"].as_str()), (200, Some("paused")));
+    let (status, p) = app
+        .device(&key, "robot-p", "parts.presign", &rid(), &presign)
+        .await;
+    assert_eq!((status, p["code"].as_str()), (409, Some("session_paused")));
+    // Pausing issued a signed pause command for the job.
+    let (_, cmds) = app
+        .operator(reqwest::Method::GET, "/v1/commands?device_id=robot-p", None)
+        .await;
+    assert_eq!(cmds[0]["action"]["type"], "pause");
+    let (_, view) = app
+        .operator(reqwest::Method::GET, &format!("/v1/sessions/{sid}"), None)
+        .await;
+    assert_eq!(cmds[0]["action"]["job_id"], view["job_id"]);
+
+    let (status, s) = app
+        .operator(
+            reqwest::Method::POST,
+            &format!("/v1/sessions/{sid}/resume"),
+            None,
+        )
+        .await;
+    assert_eq!((status, s["state"].as_str()), (200, Some("uploading")));
+    let (status, _) = app
+        .device(&key, "robot-p", "parts.presign", &rid(), &presign)
+        .await;
+    assert_eq!(status, 200);
+
+    let (status, s) = app
+        .operator(
+            reqwest::Method::POST,
+            &format!("/v1/sessions/{sid}/abort"),
+            None,
+        )
+        .await;
+    assert_eq!((status, s["state"].as_str()), (200, Some("aborted")));
+    // Terminal states win: no resume, no presign, no completion.
+    let (status, _) = app
+        .operator(
+            reqwest::Method::POST,
+            &format!("/v1/sessions/{sid}/resume"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 409);
+    let (status, _) = app
+        .device(
+            &key,
+            "robot-p",
+            "session.complete",
+            &rid(),
+            &json!({"session_id": sid}),
+        )
+        .await;
+    assert_eq!(status, 409);
+}
+
+#[tokio::test]
+async fn commands_flow_through_the_bridge_api() {
+    let app = TestApp::spawn().await;
+    let key = app.register("robot-c").await;
+    let other = app.register("robot-c2").await;
+
+    let (status, p) = app
+        .call(reqwest::Method::GET, "/v1/sessions", None, "wrong-token")
+        .await;
+    assert_eq!((status, p["code"].as_str()), (401, Some("unauthorized")));
+    let (status, _) = app
+        .call(
+            reqwest::Method::GET,
+            "/v1/bridge/commands/due",
+            None,
+            OPERATOR,
+        )
+        .await;
+    assert_eq!(
+        status, 401,
+        "the operator token must not open the bridge API"
+    );
+
+    let (status, cmd) = app
+        .operator(
+            reqwest::Method::POST,
+            "/v1/devices/robot-c/commands",
+            Some(json!({"type": "upload", "path": "/data/run.mcap"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{cmd}");
+    assert_eq!(cmd["state"], "pending");
+    let cid = cmd["command_id"].as_str().expect("id").to_string();
+
+    // Not due while the device is offline.
+    let (_, due) = app
+        .bridge(reqwest::Method::GET, "/v1/bridge/commands/due", None)
+        .await;
+    assert!(due.as_array().expect("list").is_empty());
+    let (status, _) = app
+        .bridge(
+            reqwest::Method::PUT,
+            "/v1/bridge/devices/robot-c/presence",
+            Some(json!({"v": 1, "state": "online"})),
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (_, due) = app
+        .bridge(reqwest::Method::GET, "/v1/bridge/commands/due", None)
+        .await;
+    assert_eq!(due[0]["command_id"], cid.as_str());
+    // The envelope verifies with the API's published command key.
+    let (_, ck) = app
+        .call(reqwest::Method::GET, "/v1/command-key", None, "")
+        .await;
+    let public = sign::decode_public(ck["public_key"].as_str().expect("key")).expect("key");
+    let envelope: uplink_protocol::envelope::CommandEnvelope =
+        serde_json::from_value(due[0]["envelope"].clone()).expect("envelope");
+    let opened = envelope
+        .open(&public, "robot-c", unix_now())
+        .expect("valid command");
+    assert_eq!(opened.command_id.to_string(), cid);
+
+    let (status, _) = app
+        .bridge(
+            reqwest::Method::POST,
+            &format!("/v1/bridge/commands/{cid}/published"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (_, due) = app
+        .bridge(reqwest::Method::GET, "/v1/bridge/commands/due", None)
+        .await;
+    assert!(
+        due.as_array().expect("list").is_empty(),
+        "published commands wait before re-sending"
+    );
+    // Reconnecting makes unacknowledged commands due again at once.
+    app.bridge(
+        reqwest::Method::PUT,
+        "/v1/bridge/devices/robot-c/presence",
+        Some(json!({"v": 1, "state": "online"})),
+    )
+    .await;
+    let (_, due) = app
+        .bridge(reqwest::Method::GET, "/v1/bridge/commands/due", None)
+        .await;
+    assert_eq!(due.as_array().expect("list").len(), 1);
+
+    // Another device cannot ack it.
+    let ack = json!({"command_id": cid, "state": "done"});
+    let (status, _) = app
+        .device(&other, "robot-c2", "command.ack", &rid(), &ack)
+        .await;
+    assert_eq!(status, 404);
+    let (status, _) = app
+        .device(
+            &key,
+            "robot-c",
+            "command.ack",
+            &rid(),
+            &json!({"command_id": cid, "state": "accepted"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = app
+        .device(
+            &key,
+            "robot-c",
+            "command.ack",
+            &rid(),
+            &json!({"command_id": cid, "state": "rejected", "reason": "outside roots"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    // A late "accepted" cannot undo a final state.
+    app.device(
+        &key,
+        "robot-c",
+        "command.ack",
+        &rid(),
+        &json!({"command_id": cid, "state": "accepted"}),
+    )
+    .await;
+    let (_, view) = app
+        .operator(reqwest::Method::GET, &format!("/v1/commands/{cid}"), None)
+        .await;
+    assert_eq!(view["state"], "rejected");
+    assert_eq!(view["reason"], "outside roots");
+    let (_, due) = app
+        .bridge(reqwest::Method::GET, "/v1/bridge/commands/due", None)
+        .await;
+    assert!(due.as_array().expect("list").is_empty());
+}
+
+#[tokio::test]
+async fn mqtt_auth_and_device_registration() {
+    let app = TestApp::spawn().await;
+    let key = app.register("robot-q").await;
+    let auth = |user: &str, client: &str, pw: String| json!({"client_id": client, "username": user, "password": pw});
+    let good = sign::mqtt_password(&key, "robot-q", unix_now());
+    let (status, a) = app
+        .bridge(
+            reqwest::Method::POST,
+            "/v1/bridge/mqtt-auth",
+            Some(auth("robot-q", "robot-q", good.clone())),
+        )
+        .await;
+    assert_eq!((status, a["allow"].as_bool()), (200, Some(true)));
+    for (user, client, pw) in [
+        ("robot-q", "robot-x", good.clone()),
+        ("robot-x", "robot-x", good.clone()),
+        ("robot-q", "robot-q", "password".to_string()),
+        (
+            "robot-q",
+            "robot-q",
+            sign::mqtt_password(&key, "robot-q", unix_now() - 3600),
+        ),
+        (
+            "robot-q",
+            "robot-q",
+            sign::mqtt_password(&sign::generate(), "robot-q", unix_now()),
+        ),
+    ] {
+        let (_, a) = app
+            .bridge(
+                reqwest::Method::POST,
+                "/v1/bridge/mqtt-auth",
+                Some(auth(user, client, pw)),
+            )
+            .await;
+        assert_eq!(a["allow"], false, "{user} {client}");
+    }
+
+    let (status, p) = app.operator(reqwest::Method::POST, "/v1/devices", Some(json!({"device_id": "robot-q", "public_key": sign::encode_public(&key.verifying_key())}))).await;
+    assert_eq!((status, p["code"].as_str()), (409, Some("device_exists")));
+    let (status, p) = app
+        .operator(
+            reqwest::Method::POST,
+            "/v1/devices",
+            Some(json!({"device_id": "a/b", "public_key": "x"})),
+        )
+        .await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (422, Some("invalid_device_id"))
+    );
+    let (status, p) = app
+        .operator(
+            reqwest::Method::POST,
+            "/v1/devices",
+            Some(json!({"device_id": "robot-z", "public_key": "AAAA"})),
+        )
+        .await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (422, Some("invalid_public_key"))
+    );
+    let (status, p) = app
+        .operator(
+            reqwest::Method::POST,
+            "/v1/devices/robot-none/commands",
+            Some(json!({"type": "upload", "path": "/x"})),
+        )
+        .await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (404, Some("device_not_found"))
+    );
+    let (status, p) = app
+        .operator(
+            reqwest::Method::POST,
+            "/v1/devices/robot-q/commands",
+            Some(json!({"type": "format_disk"})),
+        )
+        .await;
+    assert_eq!((status, p["code"].as_str()), (422, Some("invalid_body")));
+    let (status, p) = app
+        .operator(
+            reqwest::Method::POST,
+            "/v1/devices/robot-q/commands",
+            Some(json!({"type": "upload", "path": "relative/path"})),
+        )
+        .await;
+    assert_eq!((status, p["code"].as_str()), (422, Some("invalid_path")));
+}
