@@ -52,6 +52,33 @@ pub struct Config {
     #[serde(default = "default_command_resend")]
     pub command_resend_secs: u64,
     pub s3: S3Config,
+    #[serde(default)]
+    pub cleanup: CleanupConfig,
+}
+
+/// The cleanup worker: expires idle sessions and aborts orphan multipart uploads.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CleanupConfig {
+    /// How often the worker runs; 0 disables it.
+    pub interval_secs: u64,
+    /// A non-terminal session untouched this long expires and its upload is aborted.
+    pub session_idle_secs: u64,
+    /// A multipart upload under our prefix that no live session knows is aborted once older than this.
+    pub orphan_grace_secs: u64,
+    /// Stored answers to device requests are kept this long.
+    pub request_retention_secs: u64,
+}
+
+impl Default for CleanupConfig {
+    fn default() -> Self {
+        CleanupConfig {
+            interval_secs: 60,
+            session_idle_secs: 24 * 3600,
+            orphan_grace_secs: 3600,
+            request_retention_secs: 7 * 24 * 3600,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -65,6 +92,10 @@ pub struct S3Config {
     #[serde(default = "default_region")]
     pub region: String,
     pub bucket: String,
+    /// Prefix of every object key this deployment writes (e.g. `site-a/`); the orphan sweep
+    /// only looks under it.
+    #[serde(default)]
+    pub key_prefix: String,
     pub access_key_id: Secret,
     pub secret_access_key: Secret,
     #[serde(default = "default_true")]
@@ -158,6 +189,12 @@ impl Config {
             return invalid(
                 "s3.presign_ttl_secs",
                 "must be between 1 and 604800 (7 days, the SigV4 limit)",
+            );
+        }
+        if self.s3.key_prefix.starts_with('/') || self.s3.key_prefix.contains("..") {
+            return invalid(
+                "s3.key_prefix",
+                "must be relative and must not contain '..'",
             );
         }
         if self.replay_window_secs == 0 {

@@ -7,8 +7,10 @@
 //! - [`store`]: PostgreSQL rows, version-checked transitions, the audit log.
 //! - [`storage`]: the S3 adapter (create, presign, list parts, complete, abort, head).
 //! - [`sessions`]: the session operations the device and operator APIs share.
+//! - [`cleanup`]: the worker that expires idle sessions and aborts orphan uploads.
 //! - [`http`]: routing, the device/operator/bridge endpoints, problem documents.
 
+pub mod cleanup;
 pub mod config;
 pub mod domain;
 pub mod http;
@@ -19,7 +21,7 @@ pub mod store;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use tokio_util_shutdown::Shutdown;
+use tokio_util::sync::CancellationToken;
 use uplink_protocol::sign::PrivateKey;
 
 use crate::config::Config;
@@ -33,11 +35,6 @@ pub struct AppState {
     pub storage: Storage,
     pub config: Arc<Config>,
     pub command_key: Arc<PrivateKey>,
-}
-
-pub mod tokio_util_shutdown {
-    /// A future that resolves when the service should stop.
-    pub type Shutdown = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 }
 
 pub fn load_command_key(path: &std::path::Path) -> anyhow::Result<PrivateKey> {
@@ -81,17 +78,26 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
     })
 }
 
-/// Serves the API until `shutdown` resolves, then drains in-flight requests.
-pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+/// Serves the API and runs the cleanup worker until `shutdown` is cancelled, then drains
+/// in-flight requests.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let listen = config.listen;
     let state = build_state(config).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("could not listen on {listen}"))?;
-    tracing::info!(addr = %listener.local_addr()?, "listening on {}", listener.local_addr()?);
-    axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "listening on {addr}");
+    let cleanup = tokio::spawn(cleanup::run(state.clone(), shutdown.clone()));
+    let served = axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+    shutdown.cancel();
+    match cleanup.await {
+        Ok(()) => tracing::info!(task = "cleanup", "Task stopped"),
+        Err(e) => tracing::error!(task = "cleanup", error = %e, "Task panicked"),
+    }
+    served?;
     tracing::info!("API stopped");
     Ok(())
 }

@@ -55,7 +55,16 @@ fn main() -> ExitCode {
                 Ok(rt) => rt,
                 Err(e) => return fail(e.into()),
             };
-            match runtime.block_on(uplink_api::run(config, Box::pin(shutdown_signal()))) {
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let result = runtime.block_on(async {
+                let token = shutdown.clone();
+                tokio::spawn(async move {
+                    shutdown_signal().await;
+                    token.cancel();
+                });
+                uplink_api::run(config, shutdown).await
+            });
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }

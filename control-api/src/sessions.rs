@@ -100,7 +100,10 @@ pub async fn create(
     }
 
     let session_id = Uuid::new_v4();
-    let object_key = format!("devices/{device_id}/{session_id}/{}", req.file_name);
+    let object_key = format!(
+        "{}devices/{device_id}/{session_id}/{}",
+        st.config.s3.key_prefix, req.file_name
+    );
     let upload_id = if plan.is_empty_object() {
         None
     } else {

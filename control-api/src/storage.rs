@@ -267,6 +267,48 @@ impl Storage {
         }
     }
 
+    /// Multipart uploads in progress under `prefix`: (key, upload id, initiated Unix secs).
+    pub async fn list_uploads(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, String, i64)>, StorageError> {
+        let mut out = Vec::new();
+        let (mut key_marker, mut id_marker): (Option<String>, Option<String>) = (None, None);
+        loop {
+            let page = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_key_marker(key_marker.clone())
+                .set_upload_id_marker(id_marker.clone())
+                .send()
+                .await
+                .map_err(|e| call_error("ListMultipartUploads", e))?;
+            for u in page.uploads() {
+                if let (Some(key), Some(id)) = (u.key(), u.upload_id()) {
+                    out.push((
+                        key.to_string(),
+                        id.to_string(),
+                        u.initiated().map(|t| t.secs()).unwrap_or(0),
+                    ));
+                }
+            }
+            let next = (
+                page.next_key_marker().map(str::to_string),
+                page.next_upload_id_marker().map(str::to_string),
+            );
+            if page.is_truncated() != Some(true)
+                || next.0.is_none()
+                || (next.0 == key_marker && next.1 == id_marker)
+            {
+                break;
+            }
+            (key_marker, id_marker) = next;
+        }
+        Ok(out)
+    }
+
     /// Size and ETag of a stored object.
     pub async fn head(&self, key: &str) -> Result<(u64, String), StorageError> {
         let out = self

@@ -6,7 +6,7 @@ use base64::Engine as _;
 use md5::{Digest, Md5};
 use serde_json::{json, Value};
 use sqlx::Connection;
-use uplink_api::config::{Config, S3Config, Secret};
+use uplink_api::config::{CleanupConfig, Config, S3Config, Secret};
 use uplink_protocol::envelope::RequestEnvelope;
 use uplink_protocol::sign::{self, PrivateKey};
 use uplink_protocol::unix_now;
@@ -35,6 +35,7 @@ impl TestApp {
     }
 
     async fn spawn_with(presign_ttl_secs: u64) -> TestApp {
+        let prefix = format!("test-{}/", Uuid::new_v4().simple());
         let admin_url = env("UPLINK_TEST_DATABASE_URL");
         let db = format!("api_{}", Uuid::new_v4().simple());
         let mut admin = sqlx::PgConnection::connect(&admin_url)
@@ -60,11 +61,16 @@ impl TestApp {
             replay_window_secs: 300,
             command_ttl_secs: 3600,
             command_resend_secs: 30,
+            cleanup: CleanupConfig {
+                interval_secs: 0,
+                ..CleanupConfig::default()
+            },
             s3: S3Config {
                 endpoint: env("UPLINK_TEST_S3_ENDPOINT"),
                 public_endpoint: None,
                 region: "us-east-1".into(),
                 bucket: env("UPLINK_TEST_S3_BUCKET"),
+                key_prefix: prefix,
                 access_key_id: Secret::new(env("UPLINK_TEST_S3_ACCESS_KEY")),
                 secret_access_key: Secret::new(env("UPLINK_TEST_S3_SECRET_KEY")),
                 force_path_style: true,
@@ -887,4 +893,109 @@ async fn mqtt_auth_and_device_registration() {
         )
         .await;
     assert_eq!((status, p["code"].as_str()), (422, Some("invalid_path")));
+}
+
+#[tokio::test]
+async fn cleanup_expires_idle_sessions_and_aborts_orphans() {
+    let mut app = TestApp::spawn().await;
+    let key = app.register("robot-cl").await;
+    let data = file(5 * MIB + 1, 4);
+    let (_, idle) = app
+        .device(
+            &key,
+            "robot-cl",
+            "session.create",
+            &rid(),
+            &create_body(Uuid::new_v4(), &data, 5 * MIB),
+        )
+        .await;
+    let (_, fresh) = app
+        .device(
+            &key,
+            "robot-cl",
+            "session.create",
+            &rid(),
+            &create_body(Uuid::new_v4(), &data, 5 * MIB),
+        )
+        .await;
+    let idle_id: Uuid = idle["session_id"]
+        .as_str()
+        .expect("id")
+        .parse()
+        .expect("uuid");
+    sqlx::query("UPDATE sessions SET updated_at = now() - interval '2 days' WHERE session_id = $1")
+        .bind(idle_id)
+        .execute(&app.state.store.pool)
+        .await
+        .expect("backdate");
+    // An upload under our prefix that no session knows.
+    let orphan_key = format!(
+        "{}devices/robot-cl/orphan/file.bin",
+        app.state.config.s3.key_prefix
+    );
+    let orphan = app
+        .state
+        .storage
+        .create_multipart(&orphan_key)
+        .await
+        .expect("create orphan");
+
+    let mut config = (*app.state.config).clone();
+    config.cleanup.orphan_grace_secs = 0;
+    app.state.config = std::sync::Arc::new(config);
+    let report = uplink_api::cleanup::run_once(&app.state)
+        .await
+        .expect("cleanup");
+    assert_eq!(report.expired_sessions, 1);
+    assert_eq!(report.aborted_orphans, 1, "{report:?}");
+
+    let (_, view) = app
+        .operator(
+            reqwest::Method::GET,
+            &format!("/v1/sessions/{idle_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(view["state"], "expired");
+    let s = app
+        .state
+        .store
+        .session(idle_id)
+        .await
+        .expect("db")
+        .expect("row");
+    let gone = app
+        .state
+        .storage
+        .list_parts(&s.object_key, s.upload_id.as_deref().expect("upload id"))
+        .await;
+    assert!(
+        gone.is_err(),
+        "the idle session's multipart upload must be aborted"
+    );
+    assert!(
+        app.state
+            .storage
+            .list_parts(&orphan_key, &orphan)
+            .await
+            .is_err(),
+        "orphan must be aborted"
+    );
+    // The live session is untouched.
+    let (_, view) = app
+        .operator(
+            reqwest::Method::GET,
+            &format!("/v1/sessions/{}", fresh["session_id"].as_str().expect("id")),
+            None,
+        )
+        .await;
+    assert_eq!(view["state"], "created");
+    let again = uplink_api::cleanup::run_once(&app.state)
+        .await
+        .expect("cleanup");
+    assert_eq!(
+        again.expired_sessions + again.aborted_orphans,
+        0,
+        "{again:?}"
+    );
 }

@@ -3,8 +3,8 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// Most parts one `parts.presign` request may ask for.
-pub const MAX_PRESIGN_BATCH: usize = 100;
+/// Most parts one `parts.presign` request may ask for (keeps answers well under the 64 KiB MQTT payload limit).
+pub const MAX_PRESIGN_BATCH: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {

@@ -1,0 +1,102 @@
+//! The cleanup worker: expires idle sessions (aborting their multipart uploads), aborts
+//! orphan multipart uploads that no live session knows, and drops old request answers.
+//! Safe to run on every API instance at once: each step is idempotent.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::session::Event;
+use crate::http::error::ApiError;
+use crate::store::{Actor, Session};
+use crate::AppState;
+
+/// What one pass did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub expired_sessions: usize,
+    pub aborted_orphans: usize,
+    pub dropped_requests: u64,
+}
+
+pub async fn run(state: AppState, shutdown: CancellationToken) {
+    let every = state.config.cleanup.interval_secs;
+    if every == 0 {
+        tracing::info!("Cleanup worker disabled");
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(every));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        match run_once(&state).await {
+            Ok(r) if r != Report::default() => tracing::info!(?r, "Cleanup pass"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "Cleanup pass failed; retrying next interval"),
+        }
+    }
+}
+
+pub async fn run_once(st: &AppState) -> Result<Report, ApiError> {
+    let cfg = &st.config.cleanup;
+    let actor = Actor::system("cleanup");
+    let mut report = Report::default();
+
+    let idle: Vec<Session> = sqlx::query_as(
+        "SELECT * FROM sessions WHERE state IN ('created', 'uploading', 'paused', 'completing')
+           AND updated_at < now() - make_interval(secs => $1) LIMIT 1000",
+    )
+    .bind(cfg.session_idle_secs as f64)
+    .fetch_all(&st.store.pool)
+    .await?;
+    for s in idle {
+        if let Some(upload_id) = &s.upload_id {
+            st.storage.abort(&s.object_key, upload_id).await?;
+        }
+        match st
+            .store
+            .transition(&s, Event::Expire, &actor, Some("expired: idle too long"))
+            .await
+        {
+            Ok(_) => {
+                report.expired_sessions += 1;
+                tracing::info!(session_id = %s.session_id, device_id = %s.device_id, "Session expired");
+            }
+            // Someone moved it meanwhile; next pass looks again.
+            Err(ApiError::Conflict(..)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+
+    let prefix = format!("{}devices/", st.config.s3.key_prefix);
+    let uploads = st.storage.list_uploads(&prefix).await?;
+    if !uploads.is_empty() {
+        let live: HashSet<String> = sqlx::query_scalar(
+            "SELECT upload_id FROM sessions WHERE upload_id IS NOT NULL AND state IN ('created', 'uploading', 'paused', 'completing')",
+        )
+        .fetch_all(&st.store.pool)
+        .await?
+        .into_iter()
+        .collect();
+        let cutoff = uplink_protocol::unix_now() - cfg.orphan_grace_secs as i64;
+        for (key, upload_id, initiated) in uploads {
+            if !live.contains(&upload_id) && initiated <= cutoff {
+                st.storage.abort(&key, &upload_id).await?;
+                report.aborted_orphans += 1;
+                tracing::info!(%key, "Orphan multipart upload aborted");
+            }
+        }
+    }
+
+    report.dropped_requests = sqlx::query(
+        "DELETE FROM device_requests WHERE created_at < now() - make_interval(secs => $1)",
+    )
+    .bind(cfg.request_retention_secs as f64)
+    .execute(&st.store.pool)
+    .await?
+    .rows_affected();
+    Ok(report)
+}
