@@ -247,6 +247,14 @@ secret_access_key = "s"
     }
 
     #[test]
+    fn example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/api.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let c = parse(&text).unwrap();
+        assert_eq!(c.cleanup.interval_secs, 60);
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let bad = GOOD.replace("http://127.0.0.1:8333", "127.0.0.1:8333");
         assert!(parse(&bad)
