@@ -1,1 +1,219 @@
+//! Uplink bridge: device MQTT ⇄ control API HTTP. It carries control messages only; file
+//! bytes never pass through it. Stateless apart from the optional embedded broker.
+//!
+//! # Layout
+//! - [`config`]: TOML + `UPLINK_BRIDGE_*` environment configuration, secrets, validation.
+//! - [`broker`]: the embedded rumqttd broker and its auth handler (bridge client local,
+//!   devices checked by the control API).
+//! - [`api`]: reqwest client for the control API (device calls, mqtt-auth, presence,
+//!   due commands).
+//! - [`mqtt`]: the bridge's rumqttc client: options, subscriptions, the event loop task and
+//!   per-message dispatch.
+//! - [`forward`]: device → API forwarding of `req`, `cmd/ack` and `progress`; payload
+//!   classification and answer mapping are pure functions.
+//! - [`presence`]: `status` → presence updates, newest per device.
+//! - [`commands`]: the pump that publishes due commands on `cmd`.
+//!
+//! [`run`] wires them together and returns when its shutdown token fires.
 
+pub mod api;
+pub mod broker;
+pub mod commands;
+pub mod config;
+pub mod forward;
+pub mod mqtt;
+pub mod presence;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::api::{ApiClient, ApiError};
+use crate::broker::BrokerError;
+use crate::config::{BrokerMode, Config};
+
+/// How long the embedded broker may take to accept the bridge's own connection.
+const EMBEDDED_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Capacity of the rumqttc request channel.
+const REQUEST_CHANNEL: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("embedded broker on {0} did not accept the bridge's connection in time")]
+    BrokerNotReady(std::net::SocketAddr),
+    #[error("task {0} ended before shutdown")]
+    TaskEnded(&'static str),
+    #[error("task {name} panicked: {reason}")]
+    TaskPanicked { name: &'static str, reason: String },
+}
+
+/// Runs the bridge until `shutdown` fires (or a task ends on its own, which is an error).
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), BridgeError> {
+    let api = ApiClient::new(config.api_base(), config.api_token.clone())?;
+    let b = &config.broker;
+
+    let (connection, embedded) = match b.mode {
+        BrokerMode::Embedded => {
+            let embedded = broker::start(b.listen, api.clone(), tokio::runtime::Handle::current())?;
+            let host = match b.listen.ip() {
+                ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_string(),
+                ip if ip.is_unspecified() => "::1".to_string(),
+                ip => ip.to_string(),
+            };
+            let connection = mqtt::Connection {
+                host,
+                port: b.listen.port(),
+                client_id: b.client_id.clone(),
+                username: Some(broker::INTERNAL_USERNAME.to_string()),
+                password: Some(embedded.internal_password.expose().to_string()),
+                shared_subscriptions: false,
+            };
+            (connection, Some(embedded))
+        }
+        BrokerMode::External => (
+            mqtt::Connection {
+                host: b.host.clone(),
+                port: b.port,
+                client_id: b.client_id.clone(),
+                username: b.username.clone(),
+                password: b.password.as_ref().map(|p| p.expose().to_string()),
+                shared_subscriptions: b.shared_subscriptions,
+            },
+            None,
+        ),
+    };
+    info!(
+        mode = ?b.mode,
+        host = %connection.host,
+        port = connection.port,
+        client_id = %connection.client_id,
+        api_url = %config.api_base(),
+        "Bridge starting"
+    );
+
+    let (client, eventloop) =
+        rumqttc::AsyncClient::new(mqtt::options(&connection), REQUEST_CHANNEL);
+    let (connected_tx, mut connected_rx) = watch::channel(false);
+    let presence_queue = Arc::new(presence::PresenceQueue::default());
+    let wake_pump = Arc::new(Notify::new());
+    let tasks_stop = shutdown.child_token();
+
+    let mut tasks = JoinSet::new();
+    let mut names = HashMap::new();
+    let dispatch = mqtt::Dispatch::new(
+        forward::Forwarder {
+            api: api.clone(),
+            mqtt: client.clone(),
+        },
+        presence_queue.clone(),
+    );
+    let handle = tasks.spawn(mqtt::run_event_loop(
+        eventloop,
+        client.clone(),
+        connection.shared_subscriptions,
+        embedded.is_some(),
+        dispatch,
+        connected_tx,
+        tasks_stop.clone(),
+    ));
+    names.insert(handle.id(), "mqtt-event-loop");
+    let handle = tasks.spawn(presence::run_worker(
+        presence_queue,
+        api.clone(),
+        wake_pump.clone(),
+        tasks_stop.clone(),
+    ));
+    names.insert(handle.id(), "presence");
+    let pump = commands::Pump {
+        api,
+        mqtt: client,
+        connected: connected_rx.clone(),
+        wake: wake_pump,
+        interval: Duration::from_millis(config.poll_interval_ms),
+    };
+    let handle = tasks.spawn(pump.run(tasks_stop.clone()));
+    names.insert(handle.id(), "command-pump");
+
+    let mut result = Ok(());
+    if let Some(embedded) = &embedded {
+        let ready = tokio::time::timeout(EMBEDDED_START_TIMEOUT, async {
+            loop {
+                if *connected_rx.borrow_and_update() || embedded.has_stopped() {
+                    return;
+                }
+                if connected_rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            r = ready => {
+                if r.is_ok() && *connected_rx.borrow() && !embedded.has_stopped() {
+                    info!("broker listening on {}", embedded.listen);
+                } else {
+                    result = Err(BridgeError::BrokerNotReady(embedded.listen));
+                    tasks_stop.cancel();
+                }
+            }
+        }
+    }
+
+    // Run until shutdown, or until a task ends on its own (which it should not).
+    while result.is_ok() {
+        tokio::select! {
+            biased;
+            () = tasks_stop.cancelled() => break,
+            joined = tasks.join_next_with_id() => {
+                let Some(joined) = joined else { break };
+                if tasks_stop.is_cancelled() {
+                    log_stopped(&names, joined);
+                    break;
+                }
+                let outcome = task_outcome(&names, joined);
+                error!(error = %outcome, "Task ended before shutdown; stopping the bridge");
+                result = Err(outcome);
+            }
+        }
+    }
+    tasks_stop.cancel();
+    info!("Bridge stopping");
+    while let Some(joined) = tasks.join_next_with_id().await {
+        log_stopped(&names, joined);
+    }
+    result
+}
+
+type Joined = Result<(tokio::task::Id, ()), tokio::task::JoinError>;
+
+fn log_stopped(names: &HashMap<tokio::task::Id, &'static str>, joined: Joined) {
+    match joined {
+        Ok((id, ())) => info!(
+            task = names.get(&id).copied().unwrap_or("?"),
+            "Task stopped"
+        ),
+        Err(e) => {
+            let name = names.get(&e.id()).copied().unwrap_or("?");
+            warn!(task = name, error = %e, "Task failed while stopping");
+        }
+    }
+}
+
+fn task_outcome(names: &HashMap<tokio::task::Id, &'static str>, joined: Joined) -> BridgeError {
+    match joined {
+        Ok((id, ())) => BridgeError::TaskEnded(names.get(&id).copied().unwrap_or("?")),
+        Err(e) => BridgeError::TaskPanicked {
+            name: names.get(&e.id()).copied().unwrap_or("?"),
+            reason: e.to_string(),
+        },
+    }
+}

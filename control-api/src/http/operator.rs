@@ -32,6 +32,13 @@ pub async fn register_device(
             "device ids are 1-64 of [A-Za-z0-9._-], not starting with a dot".into(),
         ));
     }
+    // The embedded broker keeps these names for the bridge's own connection.
+    if req.device_id.starts_with("uplink-bridge") {
+        return Err(ApiError::Unprocessable(
+            "reserved_device_id",
+            "device ids starting with uplink-bridge are reserved".into(),
+        ));
+    }
     let key = sign::decode_public(&req.public_key).map_err(|_| {
         ApiError::Unprocessable(
             "invalid_public_key",

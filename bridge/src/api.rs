@@ -1,0 +1,231 @@
+//! HTTP client for the control API: the device API (forwarded requests) and the bridge API
+//! (MQTT auth, presence, due commands).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use serde::{Deserialize, Serialize};
+use uplink_protocol::envelope::CommandEnvelope;
+use uplink_protocol::telemetry::Status;
+use uuid::Uuid;
+
+use crate::config::Secret;
+
+/// Whole-request timeout for every call to the control API.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connect timeout for the control API.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("could not build the HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+    /// Connect error, timeout or broken connection: the call may be retried.
+    #[error("control API unreachable: {0}")]
+    Unreachable(#[source] reqwest::Error),
+    #[error("control API answered {status} to {what}: {body}")]
+    Status {
+        what: &'static str,
+        status: u16,
+        body: String,
+    },
+    #[error("control API answer to {what} is not what was expected: {reason}")]
+    Decode { what: &'static str, reason: String },
+    #[error("header {name} has a value that HTTP cannot carry")]
+    BadHeader { name: &'static str },
+}
+
+impl ApiError {
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApiError::Unreachable(_) => true,
+            ApiError::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
+            _ => false,
+        }
+    }
+}
+
+/// A raw answer of the device API, mapped to a response envelope by [`crate::forward`].
+#[derive(Debug, Clone)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+}
+
+/// One entry of `GET /v1/bridge/commands/due`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DueCommand {
+    pub command_id: Uuid,
+    pub device_id: String,
+    pub envelope: CommandEnvelope,
+}
+
+#[derive(Serialize)]
+struct MqttAuthRequest<'a> {
+    client_id: &'a str,
+    username: &'a str,
+    password: &'a str,
+}
+
+#[derive(Deserialize)]
+struct MqttAuthAnswer {
+    allow: bool,
+}
+
+#[derive(Clone)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+    token: Secret,
+}
+
+impl std::fmt::Debug for ApiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiClient")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiClient {
+    /// `base` is the API URL without a trailing slash.
+    pub fn new(base: String, token: Secret) -> Result<Self, ApiError> {
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("uplink-bridge/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(ApiError::Client)?;
+        Ok(ApiClient { http, base, token })
+    }
+
+    fn bridge_request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .header(AUTHORIZATION, format!("Bearer {}", self.token.expose()))
+    }
+
+    /// Forwards a device request: `POST {path}` with `headers` and `body` verbatim.
+    /// Any HTTP answer is returned as is; only a failure to get one is an error.
+    pub async fn device_call(
+        &self,
+        path: &str,
+        headers: &[(&'static str, String)],
+        body: String,
+    ) -> Result<HttpAnswer, ApiError> {
+        let mut req = self.http.post(format!("{}{path}", self.base));
+        for (name, value) in headers {
+            let value = HeaderValue::from_str(value).map_err(|_| ApiError::BadHeader { name })?;
+            req = req.header(HeaderName::from_static(name), value);
+        }
+        let res = req.body(body).send().await.map_err(ApiError::Unreachable)?;
+        let status = res.status().as_u16();
+        let content_type = res
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = res.bytes().await.map_err(ApiError::Unreachable)?;
+        Ok(HttpAnswer {
+            status,
+            content_type,
+            body,
+        })
+    }
+
+    /// `POST /v1/bridge/mqtt-auth`: whether the broker may accept this client.
+    pub async fn mqtt_auth(
+        &self,
+        client_id: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<bool, ApiError> {
+        const WHAT: &str = "mqtt-auth";
+        let res = self
+            .bridge_request(reqwest::Method::POST, "/v1/bridge/mqtt-auth")
+            .json(&MqttAuthRequest {
+                client_id,
+                username,
+                password,
+            })
+            .send()
+            .await
+            .map_err(ApiError::Unreachable)?;
+        let res = check(WHAT, res).await?;
+        let answer: MqttAuthAnswer = res.json().await.map_err(|e| ApiError::Decode {
+            what: WHAT,
+            reason: e.to_string(),
+        })?;
+        Ok(answer.allow)
+    }
+
+    /// `PUT /v1/bridge/devices/{device_id}/presence`.
+    pub async fn put_presence(&self, device_id: &str, status: &Status) -> Result<(), ApiError> {
+        let res = self
+            .bridge_request(
+                reqwest::Method::PUT,
+                &format!("/v1/bridge/devices/{device_id}/presence"),
+            )
+            .json(status)
+            .send()
+            .await
+            .map_err(ApiError::Unreachable)?;
+        check("presence", res).await.map(drop)
+    }
+
+    /// `GET /v1/bridge/commands/due?limit=N`.
+    pub async fn commands_due(&self, limit: usize) -> Result<Vec<DueCommand>, ApiError> {
+        const WHAT: &str = "commands/due";
+        let res = self
+            .bridge_request(
+                reqwest::Method::GET,
+                &format!("/v1/bridge/commands/due?limit={limit}"),
+            )
+            .send()
+            .await
+            .map_err(ApiError::Unreachable)?;
+        let res = check(WHAT, res).await?;
+        res.json().await.map_err(|e| ApiError::Decode {
+            what: WHAT,
+            reason: e.to_string(),
+        })
+    }
+
+    /// `POST /v1/bridge/commands/{command_id}/published`.
+    pub async fn mark_published(&self, command_id: Uuid) -> Result<(), ApiError> {
+        let res = self
+            .bridge_request(
+                reqwest::Method::POST,
+                &format!("/v1/bridge/commands/{command_id}/published"),
+            )
+            .send()
+            .await
+            .map_err(ApiError::Unreachable)?;
+        check("commands/published", res).await.map(drop)
+    }
+}
+
+/// Turns a non-2xx answer of a bridge endpoint into [`ApiError::Status`].
+async fn check(what: &'static str, res: reqwest::Response) -> Result<reqwest::Response, ApiError> {
+    let status = res.status();
+    if status.is_success() {
+        return Ok(res);
+    }
+    let mut body = res.text().await.unwrap_or_default();
+    if body.len() > 512 {
+        let mut cut = 512;
+        while !body.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        body.truncate(cut);
+    }
+    Err(ApiError::Status {
+        what,
+        status: status.as_u16(),
+        body,
+    })
+}

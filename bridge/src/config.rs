@@ -1,0 +1,305 @@
+//! Configuration: a TOML file plus `UPLINK_BRIDGE_*` environment overrides (`__` nests,
+//! e.g. `UPLINK_BRIDGE_BROKER__MODE=external`). Unknown field names are errors, so a typo
+//! is reported by `uplink-bridge check-config` instead of being silently ignored.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer};
+
+/// Prefix of the environment overrides.
+pub const ENV_PREFIX: &str = "UPLINK_BRIDGE_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an environment variable could not be read into [`Config`]; one line per
+    /// problem, each naming the field.
+    #[error("{}", .0.join("\n"))]
+    Load(Vec<String>),
+    /// Values that parse but cannot work; one line per problem, each naming the field.
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+}
+
+/// A secret string (token or password): never printed by `Debug` or `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        lenient_string(d).map(Secret)
+    }
+}
+
+/// Reads a string, also accepting a number or a boolean: environment values such as
+/// `UPLINK_BRIDGE_API_TOKEN=1234` arrive as numbers.
+fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+    d.deserialize_any(V)
+}
+
+fn lenient_opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    lenient_string(d).map(Some)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Base URL of the control API, e.g. `http://127.0.0.1:8080`.
+    #[serde(default = "default_api_url")]
+    pub api_url: String,
+    /// Bearer token for the control API's bridge endpoints.
+    pub api_token: Secret,
+    /// How often due commands are fetched and published.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    #[serde(default)]
+    pub broker: BrokerConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BrokerMode {
+    /// rumqttd runs inside the bridge, on `listen`.
+    Embedded,
+    /// The bridge connects to a broker at `host:port`.
+    External,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    pub mode: BrokerMode,
+    /// Embedded: where rumqttd listens.
+    pub listen: SocketAddr,
+    /// External: the broker the bridge connects to.
+    pub host: String,
+    pub port: u16,
+    /// External: the bridge's own credentials (embedded: generated at start).
+    #[serde(deserialize_with = "lenient_opt_string")]
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    #[serde(deserialize_with = "lenient_string")]
+    pub client_id: String,
+    /// External: subscribe with `$share/uplink-bridge/...` so instances split the load.
+    pub shared_subscriptions: bool,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            mode: BrokerMode::Embedded,
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            host: "127.0.0.1".into(),
+            port: 1883,
+            username: None,
+            password: None,
+            client_id: "uplink-bridge-1".into(),
+            shared_subscriptions: false,
+        }
+    }
+}
+
+fn default_api_url() -> String {
+    "http://127.0.0.1:8080".into()
+}
+
+fn default_poll_interval_ms() -> u64 {
+    1000
+}
+
+impl Config {
+    /// The layered sources: the file (when given; it must exist), then the environment.
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let mut figment = Figment::new();
+        if let Some(path) = file {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment.merge(Env::prefixed(ENV_PREFIX).split("__"))
+    }
+
+    /// Loads and validates the configuration.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::from_figment(Self::figment(file))
+    }
+
+    pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Load(e.into_iter().map(|e| e.to_string()).collect()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        match reqwest::Url::parse(&self.api_url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {}
+            Ok(_) => problems.push(format!(
+                "api_url: `{}` must be an http:// or https:// URL",
+                self.api_url
+            )),
+            Err(e) => problems.push(format!("api_url: `{}` is not a URL: {e}", self.api_url)),
+        }
+        if self.api_token.expose().trim().is_empty() {
+            problems.push("api_token: must not be empty".into());
+        }
+        if self.poll_interval_ms == 0 {
+            problems.push("poll_interval_ms: must be at least 1".into());
+        }
+        let b = &self.broker;
+        if b.client_id.is_empty() {
+            problems.push("broker.client_id: must not be empty".into());
+        }
+        match b.mode {
+            BrokerMode::Embedded => {
+                if b.listen.port() == 0 {
+                    problems.push("broker.listen: needs a fixed port, not 0".into());
+                }
+            }
+            BrokerMode::External => {
+                if b.host.trim().is_empty() {
+                    problems.push("broker.host: must not be empty in external mode".into());
+                }
+                if b.port == 0 {
+                    problems.push("broker.port: must not be 0".into());
+                }
+                if b.password.is_some() && b.username.is_none() {
+                    problems.push("broker.username: required when broker.password is set".into());
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// `api_url` without a trailing slash, ready for `format!("{base}{path}")`.
+    pub fn api_base(&self) -> String {
+        self.api_url.trim_end_matches('/').to_string()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Config::from_figment(Figment::new().merge(Toml::string(text)))
+    }
+
+    #[test]
+    fn contract_example_parses() {
+        let c = from_toml(
+            r#"
+            api_url = "http://127.0.0.1:8080/"
+            api_token = "dev-bridge-token"
+            poll_interval_ms = 1000
+            [broker]
+            mode = "embedded"
+            listen = "127.0.0.1:1883"
+            host = "127.0.0.1"
+            port = 1883
+            username = "uplink-bridge"
+            password = "..."
+            client_id = "uplink-bridge-1"
+            shared_subscriptions = false
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.broker.mode, BrokerMode::Embedded);
+        assert_eq!(c.api_base(), "http://127.0.0.1:8080");
+        assert_eq!(format!("{:?}", c.api_token), "[REDACTED]");
+        assert!(!format!("{c:?}").contains("dev-bridge-token"));
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let err = from_toml("api_token = \"t\"\napi_tokn = \"x\"").unwrap_err();
+        assert!(err.to_string().contains("api_tokn"), "{err}");
+        let err = from_toml("api_token = \"t\"\n[broker]\nmod = \"external\"").unwrap_err();
+        assert!(err.to_string().contains("mod"), "{err}");
+        let err = from_toml("api_token = \"t\"\n[broker]\nmode = \"sideways\"").unwrap_err();
+        assert!(err.to_string().contains("mode"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let err = from_toml("api_url = \"ftp://x\"\napi_token = \"\"\npoll_interval_ms = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("api_url"), "{err}");
+        assert!(err.contains("api_token"), "{err}");
+        assert!(err.contains("poll_interval_ms"), "{err}");
+        assert!(from_toml("poll_interval_ms = 5")
+            .unwrap_err()
+            .to_string()
+            .contains("api_token"));
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        Jail::expect_with(|jail| {
+            jail.create_file("bridge.toml", "api_token = \"from-file\"\n")?;
+            jail.set_env("UPLINK_BRIDGE_API_TOKEN", "1234");
+            jail.set_env("UPLINK_BRIDGE_BROKER__MODE", "external");
+            jail.set_env("UPLINK_BRIDGE_BROKER__PORT", "1884");
+            jail.set_env("UPLINK_BRIDGE_BROKER__SHARED_SUBSCRIPTIONS", "true");
+            let c = Config::load(Some(Path::new("bridge.toml"))).unwrap();
+            assert_eq!(c.api_token.expose(), "1234");
+            assert_eq!(c.broker.mode, BrokerMode::External);
+            assert_eq!(c.broker.port, 1884);
+            assert!(c.broker.shared_subscriptions);
+            assert!(Config::load(Some(Path::new("missing.toml"))).is_err());
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,355 @@
+//! Shared by the integration tests: a mock control API (axum on port 0) and a rumqttc
+//! client acting as a device.
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use tokio::sync::mpsc;
+use uplink_protocol::envelope::{RequestEnvelope, ResponseEnvelope};
+use uplink_protocol::problem::Problem;
+use uplink_protocol::sign::{PrivateKey, PublicKey, RequestToSign};
+use uplink_protocol::telemetry::Status;
+use uplink_protocol::topics::{self, Channel};
+use uuid::Uuid;
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
+        )
+        .try_init();
+}
+
+pub const TOKEN: &str = "test-bridge-token";
+pub const DEVICE: &str = "robot-17";
+pub const DEVICE_PASSWORD: &str = "good-pass";
+pub const WAIT: Duration = Duration::from_secs(10);
+
+// ---------- mock control API ----------
+
+#[derive(Debug, Clone)]
+pub struct DeviceCall {
+    pub op: String,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+#[derive(Default)]
+pub struct Mock {
+    pub auth_calls: Vec<(String, String)>,
+    pub device_calls: Vec<DeviceCall>,
+    pub presence: Vec<(String, Status)>,
+    pub due: Vec<serde_json::Value>,
+    pub published: Vec<Uuid>,
+    pub due_polls: usize,
+    pub bad_bearer: usize,
+}
+
+#[derive(Clone)]
+pub struct MockState {
+    mock: Arc<Mutex<Mock>>,
+    device_key: PublicKey,
+}
+
+pub fn bearer_ok(state: &MockState, headers: &HeaderMap) -> bool {
+    let ok = headers.get("authorization").and_then(|v| v.to_str().ok())
+        == Some(&format!("Bearer {TOKEN}"));
+    if !ok {
+        state.mock.lock().unwrap().bad_bearer += 1;
+    }
+    ok
+}
+
+pub async fn mqtt_auth(
+    State(state): State<MockState>,
+    headers: HeaderMap,
+    Json(req): Json<serde_json::Value>,
+) -> Response {
+    if !bearer_ok(&state, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let field = |k: &str| req[k].as_str().unwrap_or_default().to_string();
+    let (client_id, username, password) =
+        (field("client_id"), field("username"), field("password"));
+    state
+        .mock
+        .lock()
+        .unwrap()
+        .auth_calls
+        .push((client_id.clone(), username.clone()));
+    let allow = client_id == DEVICE && username == DEVICE && password == DEVICE_PASSWORD;
+    Json(serde_json::json!({ "allow": allow })).into_response()
+}
+
+pub async fn device_op(
+    State(state): State<MockState>,
+    Path(op): Path<String>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    state.mock.lock().unwrap().device_calls.push(DeviceCall {
+        op: op.clone(),
+        headers: headers.clone(),
+        body: body.clone(),
+    });
+    let h = |k: &str| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    };
+    let signed = RequestToSign {
+        device_id: h("x-uplink-device"),
+        op: &op,
+        request_id: h("idempotency-key"),
+        ts: h("x-uplink-timestamp").parse().unwrap_or(0),
+        body: &body,
+    };
+    if signed
+        .verify(&state.device_key, h("x-uplink-signature"))
+        .is_err()
+    {
+        let p = Problem::new(401, "bad_signature", "Bad signature", None);
+        return problem(p);
+    }
+    match op.as_str() {
+        "session.abort" => problem(Problem::new(
+            409,
+            "conflict",
+            "Conflict",
+            Some("session is completed".into()),
+        )),
+        _ => (
+            StatusCode::OK,
+            Json(serde_json::json!({ "op": op, "echo": body })),
+        )
+            .into_response(),
+    }
+}
+
+pub fn problem(p: Problem) -> Response {
+    (
+        StatusCode::from_u16(p.status).unwrap(),
+        [("content-type", "application/problem+json")],
+        serde_json::to_string(&p).unwrap(),
+    )
+        .into_response()
+}
+
+pub async fn presence(
+    State(state): State<MockState>,
+    Path(device): Path<String>,
+    headers: HeaderMap,
+    Json(status): Json<Status>,
+) -> StatusCode {
+    if !bearer_ok(&state, &headers) {
+        return StatusCode::UNAUTHORIZED;
+    }
+    state.mock.lock().unwrap().presence.push((device, status));
+    StatusCode::NO_CONTENT
+}
+
+pub async fn due(State(state): State<MockState>, headers: HeaderMap) -> Response {
+    if !bearer_ok(&state, &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let mut m = state.mock.lock().unwrap();
+    m.due_polls += 1;
+    Json(serde_json::Value::Array(m.due.clone())).into_response()
+}
+
+pub async fn published(
+    State(state): State<MockState>,
+    Path(id): Path<Uuid>,
+    headers: HeaderMap,
+) -> StatusCode {
+    if !bearer_ok(&state, &headers) {
+        return StatusCode::UNAUTHORIZED;
+    }
+    let mut m = state.mock.lock().unwrap();
+    m.published.push(id);
+    m.due.retain(|d| d["command_id"] != serde_json::json!(id));
+    StatusCode::NO_CONTENT
+}
+
+pub async fn start_mock(device_key: PublicKey) -> (SocketAddr, Arc<Mutex<Mock>>) {
+    let mock = Arc::new(Mutex::new(Mock::default()));
+    let state = MockState {
+        mock: mock.clone(),
+        device_key,
+    };
+    let app = Router::new()
+        .route("/v1/bridge/mqtt-auth", post(mqtt_auth))
+        .route("/v1/device/{op}", post(device_op))
+        .route("/v1/bridge/devices/{device}/presence", put(presence))
+        .route("/v1/bridge/commands/due", get(due))
+        .route("/v1/bridge/commands/{id}/published", post(published))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, mock)
+}
+
+// ---------- device side ----------
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn device_options(port: u16, client_id: &str, username: &str, password: &str) -> MqttOptions {
+    let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
+    o.set_credentials(username, password);
+    o.set_keep_alive(Duration::from_secs(5));
+    o.set_max_packet_size(256 * 1024, 256 * 1024);
+    o
+}
+
+/// Connects; `Ok` with the client and its incoming publishes once the broker acks,
+/// `Err` with the connection error otherwise.
+pub async fn connect(
+    port: u16,
+    client_id: &str,
+    username: &str,
+    password: &str,
+) -> Result<(AsyncClient, mpsc::UnboundedReceiver<Publish>), String> {
+    let (client, mut eventloop) =
+        AsyncClient::new(device_options(port, client_id, username, password), 64);
+    loop {
+        match tokio::time::timeout(WAIT, eventloop.poll()).await {
+            Err(_) => return Err("no answer from the broker".into()),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => break,
+            Ok(Ok(_)) => {}
+        }
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if tx.send(p).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    Ok((client, rx))
+}
+
+pub async fn connect_when_up(port: u16) -> (AsyncClient, mpsc::UnboundedReceiver<Publish>) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match connect(port, DEVICE, DEVICE, DEVICE_PASSWORD).await {
+            Ok(c) => return c,
+            Err(e) if tokio::time::Instant::now() > deadline => {
+                panic!("device could not connect to the embedded broker: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Next publish on `topic`, failing the test after [`WAIT`].
+pub async fn next_on(rx: &mut mpsc::UnboundedReceiver<Publish>, topic: &str) -> Publish {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let p = rx.recv().await.expect("device event loop ended");
+            if p.topic == topic {
+                return p;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("nothing arrived on {topic}"))
+}
+
+pub async fn next_response(rx: &mut mpsc::UnboundedReceiver<Publish>) -> ResponseEnvelope {
+    let p = next_on(rx, &topics::topic(DEVICE, Channel::Res)).await;
+    serde_json::from_slice(&p.payload).unwrap()
+}
+
+pub async fn wait_until(what: &str, mock: &Arc<Mutex<Mock>>, cond: impl Fn(&Mock) -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond(&mock.lock().unwrap()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub fn request(key: &PrivateKey, op: &str, request_id: &str, body: &str) -> RequestEnvelope {
+    RequestEnvelope::sign(
+        key,
+        DEVICE,
+        op,
+        request_id,
+        uplink_protocol::unix_now(),
+        body.to_string(),
+    )
+}
+
+pub async fn send_req(client: &AsyncClient, payload: Vec<u8>) {
+    client
+        .publish(
+            topics::topic(DEVICE, Channel::Req),
+            QoS::AtLeastOnce,
+            false,
+            payload,
+        )
+        .await
+        .unwrap();
+}
+
+/// Sends `env` on `req` until its answer arrives, re-sending with the same request id like
+/// the agent does (the first request may beat the bridge's own subscription).
+pub async fn ask_until_answered(
+    client: &AsyncClient,
+    rx: &mut mpsc::UnboundedReceiver<Publish>,
+    env: &RequestEnvelope,
+) -> ResponseEnvelope {
+    let res_topic = topics::topic(DEVICE, Channel::Res);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        send_req(client, serde_json::to_vec(env).unwrap()).await;
+        let answer = tokio::time::timeout(Duration::from_millis(1000), async {
+            loop {
+                let p = rx.recv().await.expect("device event loop ended");
+                if p.topic == res_topic {
+                    let r: ResponseEnvelope = serde_json::from_slice(&p.payload).unwrap();
+                    if r.request_id == env.request_id {
+                        return r;
+                    }
+                }
+            }
+        })
+        .await;
+        match answer {
+            Ok(r) => return r,
+            Err(_) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "no answer to {}",
+                env.request_id
+            ),
+        }
+    }
+}
