@@ -855,6 +855,14 @@ async fn mqtt_auth_and_device_registration() {
         (status, p["code"].as_str()),
         (422, Some("invalid_device_id"))
     );
+    let reserved = json!({"device_id": "uplink-bridge-1", "public_key": sign::encode_public(&key.verifying_key())});
+    let (status, p) = app
+        .operator(reqwest::Method::POST, "/v1/devices", Some(reserved))
+        .await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (422, Some("reserved_device_id"))
+    );
     let (status, p) = app
         .operator(
             reqwest::Method::POST,

@@ -1,1 +1,25 @@
+//! Uplink edge agent: receives signed commands over MQTT and uploads files, resumably and
+//! verified, straight to S3-compatible storage through presigned URLs.
+//!
+//! # Layout
+//! - [`config`]: TOML + `UPLINK_AGENT_*` environment configuration and its validation.
+//! - [`store`]: SQLite state (`agent.db`): commands and their acks, jobs, parts.
+//! - [`policy`]: which paths may be uploaded (regular files under the allowed roots).
+//! - [`hasher`]: the hash pass (per-part MD5, whole-file SHA-256, file identity), ETag checks.
+//! - [`job`]: the job state machine, as pure code.
+//! - [`rpc`]: the MQTT link (event loop, presence, Last Will) and request/response over
+//!   `req`/`res` with re-sends and backoff.
+//! - [`uploader`]: streaming part PUTs, presign freshness, rate limiting, URL redaction, and
+//!   the per-job upload pass.
+//! - [`agent`]: [`run`]: command handling, job runners, resume after restart, shutdown.
 
+pub mod agent;
+pub mod config;
+pub mod hasher;
+pub mod job;
+pub mod policy;
+pub mod rpc;
+pub mod store;
+pub mod uploader;
+
+pub use agent::run;

@@ -1,1 +1,131 @@
-fn main() {}
+//! `uplink-agent`: parse the command line, load the configuration, start telemetry, run.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use uplink_protocol::sign;
+
+#[derive(Parser)]
+#[command(name = "uplink-agent", version, about = "Uplink edge agent")]
+struct Cli {
+    /// Configuration file (TOML); `UPLINK_AGENT_*` environment variables override it.
+    #[arg(long, global = true, env = "UPLINK_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent (the default).
+    Run,
+    /// Make a device key (base64 Ed25519 seed, mode 0600) and print its public key.
+    Keygen {
+        /// Where to write the private key; never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Load and validate the configuration, then exit.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or(Cmd::Run) {
+        Cmd::Run => run(cli.config.as_deref()),
+        Cmd::Keygen { out } => keygen(&out),
+        Cmd::CheckConfig => check_config(cli.config.as_deref()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn keygen(out: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = sign::generate();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| {
+            format!(
+                "cannot create {} (it is never overwritten; remove it first or choose another path)",
+                out.display()
+            )
+        })?;
+    file.write_all(sign::encode_private(&key).as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    println!("{}", sign::encode_public(&key.verifying_key()));
+    Ok(())
+}
+
+fn check_config(file: Option<&Path>) -> anyhow::Result<()> {
+    match uplink_agent::config::load_and_validate(file) {
+        Ok(_) => {
+            println!("config ok");
+            Ok(())
+        }
+        Err(e) => bail!("{e}"),
+    }
+}
+
+fn run(file: Option<&Path>) -> anyhow::Result<()> {
+    let loaded =
+        uplink_agent::config::load_and_validate(file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    // A small runtime keeps memory flat on small gateways.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signals = tokio::spawn(shutdown_signal(shutdown.clone()));
+        let result = uplink_agent::run(loaded, shutdown).await;
+        signals.abort();
+        result
+    })?;
+    info!("Bye");
+    Ok(())
+}
+
+/// Fires `shutdown` on SIGTERM or Ctrl-C (in one place).
+async fn shutdown_signal(shutdown: CancellationToken) {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => info!("Ctrl-C received"),
+        _ = term => info!("SIGTERM received"),
+    }
+    shutdown.cancel();
+}

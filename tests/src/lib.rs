@@ -1,1 +1,40 @@
+//! End-to-end test harness: runs the real `uplink-api`, `uplink-bridge` (with its embedded
+//! broker) and `uplink-agent` binaries against real PostgreSQL and a real S3 server.
+//!
+//! The environment comes from `scripts/test` (see [`env::TestEnv`]); a test run without it
+//! fails with a message saying to run `scripts/test`, it never passes silently.
+//!
+//! # Layout
+//! - [`env`]: the variables `scripts/test` exports (database, S3, binaries).
+//! - [`db`]: a fresh PostgreSQL database per test, dropped at the end.
+//! - [`process`]: a child process with its output in a log file, killed on drop.
+//! - [`proxy`]: an in-process TCP proxy between the agent and S3 that counts the bytes the
+//!   agent sends and can slow them down.
+//! - [`stack`]: one test's services: API, bridge, devices and their agents, and the
+//!   operator-API helpers (commands, sessions, waiting for final states).
+//! - [`device`]: acting as a device without the agent: the signed device HTTP API and an
+//!   MQTT client that publishes raw payloads.
+//! - [`files`]: random source files, SHA-256, and downloading objects from S3.
+//!
+//! Every test gets its own database, device ids, ports and directories, so tests run in
+//! parallel. When a test panics, the logs of every process it started are printed.
 
+pub mod db;
+pub mod device;
+pub mod env;
+pub mod files;
+pub mod process;
+pub mod proxy;
+pub mod stack;
+
+pub use device::{DeviceHttp, MqttDevice, Reply};
+pub use files::SourceFile;
+pub use stack::{AgentOptions, Device, Stack, StackOptions};
+
+pub const MIB: u64 = 1 << 20;
+
+/// Unique suffix for ids and names in one test run.
+pub fn unique(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}-{}", &id[..12])
+}
