@@ -1,0 +1,449 @@
+//! Agent configuration: a TOML file plus `UPLINK_AGENT_<FIELD>` environment overrides
+//! (`__` separates nested fields, e.g. `UPLINK_AGENT_MQTT__HOST`).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+use uplink_protocol::sign::{self, PrivateKey, PublicKey};
+use uplink_protocol::topics;
+
+/// Prefix of the environment overrides.
+pub const ENV_PREFIX: &str = "UPLINK_AGENT_";
+
+/// A string that never prints (passwords).
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub device_id: String,
+    /// Ed25519 seed (base64) made by `uplink-agent keygen`.
+    pub key_file: PathBuf,
+    /// Base64 public key of the control API's command-signing key.
+    pub command_public_key: String,
+    /// Holds `agent.db`.
+    pub state_dir: PathBuf,
+    pub allowed_roots: Vec<PathBuf>,
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    #[serde(default = "default_part_size_mib")]
+    pub part_size_mib: u64,
+    /// An unanswered request is re-sent (same request_id) after this many seconds.
+    #[serde(default = "default_request_timeout_secs")]
+    pub request_timeout_secs: u64,
+    /// Upload rate cap over all parts of all jobs; 0 = unlimited.
+    #[serde(default)]
+    pub max_upload_bytes_per_sec: u64,
+    #[serde(default)]
+    pub mqtt: MqttConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Overrides the default username (the device id).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Overrides the default password (derived from the device key).
+    #[serde(default)]
+    pub password: Option<Secret>,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            host: default_host(),
+            port: default_port(),
+            username: None,
+            password: None,
+        }
+    }
+}
+
+fn default_concurrency() -> usize {
+    4
+}
+fn default_part_size_mib() -> u64 {
+    8
+}
+fn default_request_timeout_secs() -> u64 {
+    10
+}
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_port() -> u16 {
+    1883
+}
+
+/// One thing wrong with the configuration, named by its field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("could not parse the configuration: {0}")]
+    Parse(#[from] Box<figment::Error>),
+    #[error("invalid configuration:\n{}", list(.0))]
+    Invalid(Vec<Problem>),
+}
+
+fn list(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  - {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The validated configuration plus what it points at.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub key: PrivateKey,
+    pub command_key: PublicKey,
+    /// `allowed_roots`, canonicalised.
+    pub roots: Vec<PathBuf>,
+}
+
+/// Reads the file (when given) and the environment, without validating.
+pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+    let mut figment = Figment::new();
+    if let Some(file) = file {
+        if !file.exists() {
+            return Err(ConfigError::MissingFile(file.to_path_buf()));
+        }
+        figment = figment.merge(Toml::file(file));
+    }
+    figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+    figment
+        .extract()
+        .map_err(|e| ConfigError::Parse(Box::new(e)))
+}
+
+/// Loads and validates; every problem is reported at once.
+pub fn load_and_validate(file: Option<&Path>) -> Result<Loaded, ConfigError> {
+    load(file)?.validate()
+}
+
+impl Config {
+    /// Checks every field; returns the key material and canonical roots when all is well.
+    pub fn validate(self) -> Result<Loaded, ConfigError> {
+        let mut problems = Vec::new();
+        let mut bad =
+            |field: &'static str, message: String| problems.push(Problem { field, message });
+
+        if !topics::valid_device_id(&self.device_id) {
+            bad(
+                "device_id",
+                format!(
+                    "{:?} is not a valid device id (1-64 of A-Z a-z 0-9 . _ -, not starting with a dot)",
+                    self.device_id
+                ),
+            );
+        }
+        let key = match std::fs::read_to_string(&self.key_file) {
+            Ok(text) => match sign::decode_private(&text) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    bad(
+                        "key_file",
+                        format!(
+                            "{}: {e} (make one with `uplink-agent keygen --out FILE`)",
+                            self.key_file.display()
+                        ),
+                    );
+                    None
+                }
+            },
+            Err(e) => {
+                bad(
+                    "key_file",
+                    format!(
+                        "cannot read {}: {e} (make one with `uplink-agent keygen --out FILE`)",
+                        self.key_file.display()
+                    ),
+                );
+                None
+            }
+        };
+        let command_key = match sign::decode_public(&self.command_public_key) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                bad(
+                    "command_public_key",
+                    format!("{e} (use the API's GET /v1/command-key public_key)"),
+                );
+                None
+            }
+        };
+        if self.state_dir.as_os_str().is_empty() {
+            bad("state_dir", "must not be empty".into());
+        } else if self.state_dir.exists() && !self.state_dir.is_dir() {
+            bad(
+                "state_dir",
+                format!("{} exists and is not a directory", self.state_dir.display()),
+            );
+        }
+        let mut roots = Vec::new();
+        if self.allowed_roots.is_empty() {
+            bad("allowed_roots", "list at least one directory".into());
+        }
+        for root in &self.allowed_roots {
+            if !root.is_absolute() {
+                bad(
+                    "allowed_roots",
+                    format!("{} is not an absolute path", root.display()),
+                );
+                continue;
+            }
+            match root.canonicalize() {
+                Ok(c) if c.is_dir() => roots.push(c),
+                Ok(_) => bad(
+                    "allowed_roots",
+                    format!("{} is not a directory", root.display()),
+                ),
+                Err(e) => bad("allowed_roots", format!("{}: {e}", root.display())),
+            }
+        }
+        if !(1..=64).contains(&self.concurrency) {
+            bad(
+                "concurrency",
+                format!("{} is outside 1..=64", self.concurrency),
+            );
+        }
+        if !(5..=5120).contains(&self.part_size_mib) {
+            bad(
+                "part_size_mib",
+                format!(
+                    "{} is outside 5..=5120 (S3 part limits)",
+                    self.part_size_mib
+                ),
+            );
+        }
+        if !(1..=3600).contains(&self.request_timeout_secs) {
+            bad(
+                "request_timeout_secs",
+                format!("{} is outside 1..=3600", self.request_timeout_secs),
+            );
+        }
+        if self.mqtt.host.trim().is_empty() {
+            bad("mqtt.host", "must not be empty".into());
+        }
+        if self.mqtt.port == 0 {
+            bad("mqtt.port", "must not be 0".into());
+        }
+
+        match (key, command_key, problems.is_empty()) {
+            (Some(key), Some(command_key), true) => Ok(Loaded {
+                config: self,
+                key,
+                command_key,
+                roots,
+            }),
+            _ => Err(ConfigError::Invalid(problems)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid(dir: &Path) -> Config {
+        let key = sign::generate();
+        let key_file = dir.join("device.key");
+        std::fs::write(&key_file, sign::encode_private(&key)).unwrap();
+        let root = dir.join("data");
+        std::fs::create_dir_all(&root).unwrap();
+        Config {
+            device_id: "robot-17".into(),
+            key_file,
+            command_public_key: sign::encode_public(&sign::generate().verifying_key()),
+            state_dir: dir.join("state"),
+            allowed_roots: vec![root],
+            concurrency: 4,
+            part_size_mib: 8,
+            request_timeout_secs: 10,
+            max_upload_bytes_per_sec: 0,
+            mqtt: MqttConfig::default(),
+        }
+    }
+
+    fn fields(err: ConfigError) -> Vec<&'static str> {
+        match err {
+            ConfigError::Invalid(p) => p.into_iter().map(|p| p.field).collect(),
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn valid_config_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let loaded = valid(dir.path()).validate().unwrap();
+        assert_eq!(loaded.roots.len(), 1);
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = valid(dir.path());
+        let cases: Vec<(Config, &str)> = vec![
+            (
+                Config {
+                    device_id: "a/b".into(),
+                    ..base.clone()
+                },
+                "device_id",
+            ),
+            (
+                Config {
+                    key_file: dir.path().join("missing.key"),
+                    ..base.clone()
+                },
+                "key_file",
+            ),
+            (
+                Config {
+                    command_public_key: "nope".into(),
+                    ..base.clone()
+                },
+                "command_public_key",
+            ),
+            (
+                Config {
+                    allowed_roots: vec!["relative/dir".into()],
+                    ..base.clone()
+                },
+                "allowed_roots",
+            ),
+            (
+                Config {
+                    allowed_roots: vec![dir.path().join("nope")],
+                    ..base.clone()
+                },
+                "allowed_roots",
+            ),
+            (
+                Config {
+                    allowed_roots: vec![],
+                    ..base.clone()
+                },
+                "allowed_roots",
+            ),
+            (
+                Config {
+                    concurrency: 0,
+                    ..base.clone()
+                },
+                "concurrency",
+            ),
+            (
+                Config {
+                    concurrency: 65,
+                    ..base.clone()
+                },
+                "concurrency",
+            ),
+            (
+                Config {
+                    part_size_mib: 1,
+                    ..base.clone()
+                },
+                "part_size_mib",
+            ),
+            (
+                Config {
+                    request_timeout_secs: 0,
+                    ..base.clone()
+                },
+                "request_timeout_secs",
+            ),
+        ];
+        for (cfg, field) in cases {
+            assert_eq!(fields(cfg.validate().unwrap_err()), vec![field]);
+        }
+    }
+
+    #[test]
+    fn bad_key_file_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = valid(dir.path());
+        std::fs::write(&cfg.key_file, "not a key").unwrap();
+        assert_eq!(fields(cfg.validate().unwrap_err()), vec!["key_file"]);
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API
+    fn loads_toml_with_defaults_and_env_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            r#"
+device_id = "robot-17"
+key_file = "/k"
+command_public_key = "x"
+state_dir = "/s"
+allowed_roots = ["/data"]
+[mqtt]
+host = "broker"
+password = "pw"
+"#,
+        )
+        .unwrap();
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("UPLINK_AGENT_CONCURRENCY", "9");
+            jail.set_env("UPLINK_AGENT_MQTT__PORT", "1999");
+            let cfg = load(Some(&file)).unwrap();
+            assert_eq!(cfg.concurrency, 9);
+            assert_eq!(cfg.part_size_mib, 8);
+            assert_eq!(cfg.request_timeout_secs, 10);
+            assert_eq!(cfg.mqtt.host, "broker");
+            assert_eq!(cfg.mqtt.port, 1999);
+            assert_eq!(cfg.mqtt.password, Some(Secret::new("pw")));
+            assert_eq!(format!("{:?}", cfg.mqtt.password), "Some([redacted])");
+            Ok(())
+        });
+        assert!(matches!(
+            load(Some(&dir.path().join("nope.toml"))),
+            Err(ConfigError::MissingFile(_))
+        ));
+    }
+}

@@ -1,0 +1,238 @@
+//! The hash pass: one read of the file gives each part's MD5 (base64, as `Content-MD5`)
+//! and the whole file's SHA-256 (hex). Blocking: call it from `spawn_blocking`.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use md5::{Digest, Md5};
+use sha2::Sha256;
+use tokio_util::sync::CancellationToken;
+use uplink_protocol::plan::{self, PartPlan, PlanError};
+
+/// Read buffer of the hash pass.
+pub const BUFFER_BYTES: usize = 1 << 20;
+
+/// What identifies the file's contents without reading them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    pub size: u64,
+    /// Modification time in nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    pub inode: u64,
+}
+
+impl FileIdentity {
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileIdentity {
+            size: meta.len(),
+            mtime_ns: meta.mtime().saturating_mul(1_000_000_000) + meta.mtime_nsec(),
+            inode: meta.ino(),
+        }
+    }
+
+    /// Stats `path` (following symlinks).
+    pub fn read(path: &Path) -> std::io::Result<Self> {
+        Ok(Self::of(&std::fs::metadata(path)?))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartHash {
+    pub number: u32,
+    pub offset: u64,
+    pub size: u64,
+    /// Standard base64 of the 16-byte MD5.
+    pub md5: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileHash {
+    pub identity: FileIdentity,
+    pub plan: PartPlan,
+    /// Lower-case hex SHA-256 of the whole file.
+    pub sha256: String,
+    pub parts: Vec<PartHash>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HashError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("file changed while it was being hashed")]
+    Changed,
+    #[error("{0}")]
+    Plan(#[from] PlanError),
+    #[error("hashing was interrupted")]
+    Cancelled,
+}
+
+/// Hashes `path` with parts of `part_size_hint` (adjusted by [`plan::plan`]).
+pub fn hash_file(
+    path: &Path,
+    part_size_hint: u64,
+    cancel: &CancellationToken,
+) -> Result<FileHash, HashError> {
+    let io = |source| HashError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut file = File::open(path).map_err(io)?;
+    let identity = FileIdentity::of(&file.metadata().map_err(io)?);
+    let plan = plan::plan(identity.size, part_size_hint)?;
+
+    let mut buf = vec![0u8; BUFFER_BYTES];
+    let mut sha = Sha256::new();
+    let mut parts = Vec::with_capacity(plan.part_count as usize);
+    for number in 1..=plan.part_count {
+        let Some((offset, size)) = plan.part(number) else {
+            break;
+        };
+        let mut md5 = Md5::new();
+        let mut left = size;
+        while left > 0 {
+            if cancel.is_cancelled() {
+                return Err(HashError::Cancelled);
+            }
+            let want = left.min(buf.len() as u64) as usize;
+            let n = file.read(&mut buf[..want]).map_err(io)?;
+            if n == 0 {
+                return Err(HashError::Changed);
+            }
+            md5.update(&buf[..n]);
+            sha.update(&buf[..n]);
+            left -= n as u64;
+        }
+        parts.push(PartHash {
+            number,
+            offset,
+            size,
+            md5: B64.encode(md5.finalize()),
+        });
+    }
+    // Longer than when we started, or touched meanwhile?
+    let mut probe = [0u8; 1];
+    if file.read(&mut probe).map_err(io)? != 0 {
+        return Err(HashError::Changed);
+    }
+    if FileIdentity::of(&file.metadata().map_err(io)?) != identity {
+        return Err(HashError::Changed);
+    }
+    Ok(FileHash {
+        identity,
+        plan,
+        sha256: hex::encode(sha.finalize()),
+        parts,
+    })
+}
+
+/// Hex of a base64 MD5 (what S3 returns as the ETag of a part).
+pub fn md5_hex(md5_b64: &str) -> Option<String> {
+    B64.decode(md5_b64).ok().map(hex::encode)
+}
+
+/// Whether an ETag returned by storage (maybe quoted, any case) is the hex of `md5_b64`.
+pub fn etag_matches(etag: &str, md5_b64: &str) -> bool {
+    match md5_hex(md5_b64) {
+        Some(hex) => strip_etag(etag).eq_ignore_ascii_case(&hex),
+        None => false,
+    }
+}
+
+/// The ETag without its surrounding quotes (and without a weak `W/` prefix).
+pub fn strip_etag(etag: &str) -> &str {
+    let e = etag.trim();
+    let e = e.strip_prefix("W/").unwrap_or(e);
+    e.trim_matches('"')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plan::MIB;
+    use std::io::Write;
+
+    fn write(bytes: &[u8]) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(bytes).unwrap();
+        f.flush().unwrap();
+        f
+    }
+
+    #[test]
+    fn known_values_of_small_files() {
+        let none = CancellationToken::new();
+        let f = write(b"");
+        let h = hash_file(f.path(), 8 * MIB, &none).unwrap();
+        assert_eq!(h.parts.len(), 1);
+        assert_eq!(h.parts[0].size, 0);
+        assert_eq!(h.parts[0].md5, "1B2M2Y8AsgTpgAmY7PhCfg==");
+        assert_eq!(
+            h.sha256,
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+
+        let f = write(b"abc");
+        let h = hash_file(f.path(), 8 * MIB, &none).unwrap();
+        assert_eq!(h.identity.size, 3);
+        assert_eq!(
+            md5_hex(&h.parts[0].md5).unwrap(),
+            "900150983cd24fb0d6963f7d28e17f72"
+        );
+        assert_eq!(
+            h.sha256,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn multi_part_file_matches_whole_buffer_digests() {
+        // 3 parts of 5 MiB, the last one short; not a multiple of the read buffer.
+        let size = 12 * MIB as usize + 12_345;
+        let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+        let f = write(&data);
+        let h = hash_file(f.path(), 0, &CancellationToken::new()).unwrap();
+        assert_eq!(h.plan.part_size, 5 * MIB);
+        assert_eq!(h.parts.len(), 3);
+        assert_eq!(h.sha256, hex::encode(Sha256::digest(&data)));
+        for p in &h.parts {
+            let slice = &data[p.offset as usize..(p.offset + p.size) as usize];
+            assert_eq!(p.md5, B64.encode(Md5::digest(slice)), "part {}", p.number);
+        }
+        assert_eq!(h.parts[2].size, 2 * MIB + 12_345);
+        let id = FileIdentity::read(f.path()).unwrap();
+        assert_eq!(id, h.identity);
+    }
+
+    #[test]
+    fn cancelled_hash_stops() {
+        let f = write(b"abc");
+        let c = CancellationToken::new();
+        c.cancel();
+        assert!(matches!(
+            hash_file(f.path(), 0, &c),
+            Err(HashError::Cancelled)
+        ));
+    }
+
+    #[test]
+    fn etag_comparison() {
+        let md5 = "kAFQmDzST7DWlj99KOF/cg=="; // md5("abc")
+        assert!(etag_matches("\"900150983cd24fb0d6963f7d28e17f72\"", md5));
+        assert!(etag_matches("900150983CD24FB0D6963F7D28E17F72", md5));
+        assert!(etag_matches("W/\"900150983cd24fb0d6963f7d28e17f72\"", md5));
+        assert!(!etag_matches("\"900150983cd24fb0d6963f7d28e17f73\"", md5));
+        assert!(!etag_matches("\"abc-2\"", md5));
+        assert!(!etag_matches(
+            "\"900150983cd24fb0d6963f7d28e17f72\"",
+            "not base64!"
+        ));
+        assert_eq!(strip_etag(" \"x\" "), "x");
+    }
+}

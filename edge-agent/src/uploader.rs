@@ -1,0 +1,785 @@
+//! The upload pass: presign parts on demand, PUT up to `concurrency` parts at once, each
+//! streamed from disk, check each ETag, commit each finished part at once.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::SeekFrom;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::StreamExt;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, ETAG};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::io::ReaderStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use uplink_protocol::ops::{self, Op, PartDigest, PresignParts, PresignedPart, PresignedParts};
+use uplink_protocol::unix_now;
+use uuid::Uuid;
+
+use crate::hasher;
+use crate::rpc::{Link, RpcError};
+use crate::store::{self, PartRecord, Store, StoreError};
+
+/// Chunk size of part bodies (no whole-part buffering).
+pub const CHUNK_BYTES: usize = 64 * 1024;
+/// A PUT that moves no bytes (and gets no answer) for this long is abandoned and retried.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+const READ_TIMEOUT: Duration = Duration::from_secs(120);
+/// Tries of one part against one URL before the error goes up to the job.
+const PUT_ATTEMPTS: usize = 5;
+/// Re-presigns of one part (after 403 / expiry) before the job gives up on this round.
+const MAX_REPRESIGNS: u32 = 5;
+
+/// Job controls shared between the command handler and the job's runner.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Control {
+    /// Start no new parts; the job pauses once in-flight parts finish.
+    pub pause: bool,
+    /// Abort in-flight parts and cancel the job.
+    pub cancel: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PutError {
+    #[error("presigned URL expired or was refused (403)")]
+    Expired,
+    #[error("{0}")]
+    Transient(String),
+    #[error("storage refused the part: {0}")]
+    Refused(String),
+    #[error("storage returned ETag {got}, expected {want}")]
+    EtagMismatch { got: String, want: String },
+    #[error("cannot read the file: {0}")]
+    Io(String),
+}
+
+impl PutError {
+    fn retryable(&self) -> bool {
+        matches!(self, PutError::Transient(_) | PutError::EtagMismatch { .. })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("part {number}: {source}")]
+    Part { number: u32, source: PutError },
+    #[error("presign answer lacks part {0}")]
+    MissingUrl(u32),
+    #[error("job cancelled")]
+    Cancelled,
+    #[error("agent is shutting down")]
+    Shutdown,
+    #[error("upload task failed: {0}")]
+    Task(String),
+}
+
+impl UploadError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            UploadError::Rpc(e) => e.is_transient(),
+            UploadError::Part { source, .. } => {
+                source.retryable() || matches!(source, PutError::Expired)
+            }
+            UploadError::Task(_) | UploadError::Store(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// The URL without its query string and fragment (where presigned signatures live) and
+/// without credentials. Use it whenever a URL is logged.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            u.set_query(None);
+            u.set_fragment(None);
+            let _ = u.set_password(None);
+            let _ = u.set_username("");
+            u.to_string()
+        }
+        Err(_) => url.split(['?', '#']).next().unwrap_or_default().to_string(),
+    }
+}
+
+/// Whether a URL that expires at `expires_at` (received at `received_at`) must be
+/// re-presigned before use at `now`: less than max(1 s, min(60 s, lifetime/4)) left.
+pub fn needs_represign(expires_at: i64, received_at: i64, now: i64) -> bool {
+    let lifetime = (expires_at - received_at).max(0);
+    let margin = (lifetime / 4).clamp(1, 60);
+    expires_at - now < margin
+}
+
+/// A token bucket shared by every PUT: `rate` bytes per second, bursts up to one second.
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl RateLimiter {
+    pub fn new(bytes_per_sec: u64) -> Self {
+        let rate = bytes_per_sec.max(1) as f64;
+        RateLimiter {
+            rate,
+            state: Mutex::new((rate, Instant::now())),
+        }
+    }
+
+    /// Takes `n` tokens, waiting as long as the debt requires.
+    pub async fn acquire(&self, n: usize) {
+        let wait = {
+            let Ok(mut st) = self.state.lock() else {
+                return;
+            };
+            let now = Instant::now();
+            let (tokens, last) = *st;
+            let refilled =
+                (tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.rate);
+            let left = refilled - n as f64;
+            *st = (left, now);
+            if left < 0.0 {
+                Duration::from_secs_f64(-left / self.rate)
+            } else {
+                Duration::ZERO
+            }
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// HTTP side of the uploads, shared by all jobs.
+#[derive(Clone)]
+pub struct Uploader {
+    http: reqwest::Client,
+    limiter: Option<Arc<RateLimiter>>,
+    chunk: usize,
+}
+
+impl Uploader {
+    pub fn new(max_bytes_per_sec: u64) -> Result<Self, reqwest::Error> {
+        // Idle/read timeouts only: a slow link must be able to finish a large part.
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(READ_TIMEOUT)
+            .tcp_keepalive(Duration::from_secs(30))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()?;
+        let (limiter, chunk) = if max_bytes_per_sec == 0 {
+            (None, CHUNK_BYTES)
+        } else {
+            let chunk = ((max_bytes_per_sec / 4) as usize).clamp(4 * 1024, CHUNK_BYTES);
+            (Some(Arc::new(RateLimiter::new(max_bytes_per_sec))), chunk)
+        };
+        Ok(Uploader {
+            http,
+            limiter,
+            chunk,
+        })
+    }
+
+    /// One PUT of one part, streamed from disk. Returns the ETag (quotes stripped).
+    pub async fn put_once(
+        &self,
+        path: &Path,
+        part: &PartRecord,
+        url: &PresignedPart,
+        sent: &Arc<AtomicU64>,
+    ) -> Result<String, PutError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(part.size));
+        for (name, value) in &url.headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| PutError::Refused(format!("bad header name {name}: {e}")))?;
+            let value = HeaderValue::from_str(value)
+                .map_err(|e| PutError::Refused(format!("bad header value for {name}: {e}")))?;
+            headers.insert(name, value);
+        }
+        let method = reqwest::Method::from_bytes(url.method.as_bytes())
+            .map_err(|_| PutError::Refused(format!("bad method {}", url.method)))?;
+
+        let activity = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let body = if part.size == 0 {
+            reqwest::Body::from(Vec::new())
+        } else {
+            let mut file = tokio::fs::File::open(path)
+                .await
+                .map_err(|e| PutError::Io(e.to_string()))?;
+            file.seek(SeekFrom::Start(part.offset))
+                .await
+                .map_err(|e| PutError::Io(e.to_string()))?;
+            let limiter = self.limiter.clone();
+            let sent = sent.clone();
+            let act = activity.clone();
+            let stream =
+                ReaderStream::with_capacity(file.take(part.size), self.chunk).then(move |chunk| {
+                    let limiter = limiter.clone();
+                    let sent = sent.clone();
+                    let act = act.clone();
+                    async move {
+                        if let Ok(bytes) = &chunk {
+                            if let Some(l) = &limiter {
+                                l.acquire(bytes.len()).await;
+                            }
+                            sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                            act.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                        }
+                        chunk
+                    }
+                });
+            reqwest::Body::wrap_stream(stream)
+        };
+
+        let request = self
+            .http
+            .request(method, &url.url)
+            .headers(headers)
+            .body(body)
+            .send();
+        let watchdog = async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+                if started.elapsed().saturating_sub(last) > IDLE_TIMEOUT {
+                    break;
+                }
+            }
+        };
+        let response = tokio::select! {
+            r = request => r.map_err(|e| PutError::Transient(describe(e)))?,
+            _ = watchdog => return Err(PutError::Transient(format!("no progress for {} s", IDLE_TIMEOUT.as_secs()))),
+        };
+        let status = response.status();
+        if status.is_success() {
+            let etag = response
+                .headers()
+                .get(ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(|s| hasher::strip_etag(s).to_string())
+                .unwrap_or_default();
+            if !hasher::etag_matches(&etag, &part.md5) {
+                return Err(PutError::EtagMismatch {
+                    got: etag,
+                    want: hasher::md5_hex(&part.md5).unwrap_or_default(),
+                });
+            }
+            return Ok(etag);
+        }
+        let code = status.as_u16();
+        let text = response.text().await.unwrap_or_default();
+        let snippet: String = text.chars().take(300).collect();
+        match code {
+            403 => Err(PutError::Expired),
+            408 | 429 | 500..=599 => Err(PutError::Transient(format!("status {code}: {snippet}"))),
+            _ => Err(PutError::Refused(format!("status {code}: {snippet}"))),
+        }
+    }
+
+    /// Puts one part, retrying transient failures with backoff. A 403 or a URL about to
+    /// expire comes back as [`PutError::Expired`] so the caller re-presigns.
+    pub async fn put_part(
+        &self,
+        path: &Path,
+        part: &PartRecord,
+        url: &PresignedPart,
+        received_at: i64,
+        sent: &Arc<AtomicU64>,
+    ) -> Result<String, PutError> {
+        let mut backoff = ExponentialBuilder::default()
+            .with_jitter()
+            .with_min_delay(Duration::from_millis(500))
+            .with_max_delay(Duration::from_secs(20))
+            .with_max_times(PUT_ATTEMPTS - 1)
+            .build();
+        loop {
+            if needs_represign(url.expires_at, received_at, unix_now()) {
+                return Err(PutError::Expired);
+            }
+            match self.put_once(path, part, url, sent).await {
+                Ok(etag) => return Ok(etag),
+                Err(e) if e.retryable() => match backoff.next() {
+                    Some(delay) => {
+                        warn!(part = part.number, error = %e, url = %redact_url(&url.url), retry_in_ms = delay.as_millis() as u64, "Part upload failed; retrying");
+                        tokio::time::sleep(delay).await;
+                    }
+                    None => return Err(e),
+                },
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A reqwest error without its URL (which would carry the presigned query).
+fn describe(e: reqwest::Error) -> String {
+    let kind = if e.is_connect() {
+        "connect error"
+    } else if e.is_timeout() {
+        "timeout"
+    } else if e.is_body() || e.is_request() {
+        "request error"
+    } else {
+        "HTTP error"
+    };
+    let e = e.without_url();
+    let mut msg = format!("{kind}: {e}");
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+/// How an upload pass ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadEnd {
+    AllDone,
+    Paused,
+}
+
+/// Everything one job's upload pass needs.
+pub struct Pass<'a> {
+    pub job_id: Uuid,
+    pub session_id: Uuid,
+    pub path: PathBuf,
+    pub store: &'a Store,
+    pub link: &'a Link,
+    pub uploader: &'a Uploader,
+    /// PUT slots shared by every job (`concurrency`).
+    pub permits: Arc<Semaphore>,
+    pub concurrency: usize,
+    pub control: &'a mut watch::Receiver<Control>,
+    pub shutdown: &'a CancellationToken,
+    /// Called about once a second with (bytes done, recent rate in bytes/s).
+    pub on_progress: &'a (dyn Fn(u64, u64) + Send + Sync),
+}
+
+struct Url {
+    part: PresignedPart,
+    received_at: i64,
+}
+
+impl Pass<'_> {
+    /// Uploads every part not yet done. Pause stops new parts; cancel aborts in-flight ones.
+    pub async fn run(self) -> Result<UploadEnd, UploadError> {
+        let job_id = self.job_id;
+        let all = self.store.call(move |c| store::parts(c, job_id)).await?;
+        let mut done_bytes: u64 = all.iter().filter(|p| p.done).map(|p| p.size).sum();
+        let mut pending: VecDeque<PartRecord> = all.into_iter().filter(|p| !p.done).collect();
+        let batch = (self.concurrency * 2)
+            .clamp(4, 32)
+            .min(ops::MAX_PRESIGN_BATCH);
+        let mut urls: HashMap<u32, Url> = HashMap::new();
+        let mut represigns: HashMap<u32, u32> = HashMap::new();
+        let mut in_flight: HashMap<u32, PartRecord> = HashMap::new();
+        let mut tasks: JoinSet<(u32, Result<String, PutError>)> = JoinSet::new();
+        let sent = Arc::new(AtomicU64::new(0));
+        let mut last_sent = 0u64;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let control = self.control;
+
+        info!(job_id = %job_id, session_id = %self.session_id, parts = pending.len(), "Uploading parts");
+        loop {
+            let ctl = *control.borrow_and_update();
+            if ctl.cancel {
+                tasks.abort_all();
+                return Err(UploadError::Cancelled);
+            }
+            while !ctl.pause && in_flight.len() < self.concurrency {
+                let Some(part) = pending.pop_front() else {
+                    break;
+                };
+                let fresh = urls.get(&part.number).is_some_and(|u| {
+                    !needs_represign(u.part.expires_at, u.received_at, unix_now())
+                });
+                if !fresh {
+                    // Presign this part and the next few that lack a fresh URL.
+                    let now = unix_now();
+                    let wanted: Vec<PartDigest> = std::iter::once(&part)
+                        .chain(pending.iter())
+                        .filter(|p| {
+                            p.number == part.number
+                                || !urls.get(&p.number).is_some_and(|u| {
+                                    !needs_represign(u.part.expires_at, u.received_at, now)
+                                })
+                        })
+                        .take(batch)
+                        .map(|p| PartDigest {
+                            number: p.number,
+                            md5: p.md5.clone(),
+                        })
+                        .collect();
+                    let body = PresignParts {
+                        session_id: self.session_id,
+                        parts: wanted,
+                    };
+                    let request_id = format!("presign-{}", Uuid::new_v4().simple());
+                    let answer: PresignedParts = tokio::select! {
+                        r = self.link.call(Op::PartsPresign, &request_id, &body) => r?,
+                        _ = self.shutdown.cancelled() => {
+                            tasks.abort_all();
+                            return Err(UploadError::Shutdown);
+                        }
+                    };
+                    let received_at = unix_now();
+                    debug!(job_id = %job_id, count = answer.parts.len(), "Parts presigned");
+                    for p in answer.parts {
+                        urls.insert(
+                            p.number,
+                            Url {
+                                part: p,
+                                received_at,
+                            },
+                        );
+                    }
+                }
+                let Some(url) = urls.get(&part.number) else {
+                    tasks.abort_all();
+                    return Err(UploadError::MissingUrl(part.number));
+                };
+                let (url, received_at) = (url.part.clone(), url.received_at);
+                let uploader = self.uploader.clone();
+                let permits = self.permits.clone();
+                let path = self.path.clone();
+                let sent = sent.clone();
+                let number = part.number;
+                let task_part = part.clone();
+                in_flight.insert(number, part);
+                tasks.spawn(async move {
+                    let _permit = match permits.acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => {
+                            return (number, Err(PutError::Transient("shutting down".into())))
+                        }
+                    };
+                    let r = uploader
+                        .put_part(&path, &task_part, &url, received_at, &sent)
+                        .await;
+                    (number, r)
+                });
+            }
+
+            if in_flight.is_empty() {
+                if pending.is_empty() {
+                    return Ok(UploadEnd::AllDone);
+                }
+                if ctl.pause {
+                    info!(job_id = %job_id, "Upload paused");
+                    return Ok(UploadEnd::Paused);
+                }
+            }
+
+            tokio::select! {
+                joined = tasks.join_next(), if !tasks.is_empty() => {
+                    let (number, result) = match joined {
+                        Some(Ok(r)) => r,
+                        Some(Err(e)) => {
+                            tasks.abort_all();
+                            return Err(UploadError::Task(e.to_string()));
+                        }
+                        None => continue,
+                    };
+                    let Some(part) = in_flight.remove(&number) else { continue };
+                    match result {
+                        Ok(etag) => {
+                            let size = part.size;
+                            let etag_db = etag.clone();
+                            self.store
+                                .call(move |c| store::commit_part(c, job_id, number, &etag_db))
+                                .await?;
+                            done_bytes += size;
+                            debug!(job_id = %job_id, part = number, %etag, "Part uploaded");
+                        }
+                        Err(PutError::Expired) => {
+                            let n = represigns.entry(number).or_insert(0);
+                            *n += 1;
+                            urls.remove(&number);
+                            if *n > MAX_REPRESIGNS {
+                                tasks.abort_all();
+                                return Err(UploadError::Part { number, source: PutError::Expired });
+                            }
+                            debug!(job_id = %job_id, part = number, "URL expired; re-presigning");
+                            pending.push_front(part);
+                        }
+                        Err(source) => {
+                            tasks.abort_all();
+                            return Err(UploadError::Part { number, source });
+                        }
+                    }
+                }
+                changed = control.changed() => {
+                    if changed.is_err() {
+                        // The controller is gone: only shutdown remains, handled below.
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => {}
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    let total = sent.load(Ordering::Relaxed);
+                    let rate = total.saturating_sub(last_sent);
+                    last_sent = total;
+                    (self.on_progress)(done_bytes, rate);
+                }
+                _ = self.shutdown.cancelled() => {
+                    tasks.abort_all();
+                    return Err(UploadError::Shutdown);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_query_and_credentials() {
+        assert_eq!(
+            redact_url(
+                "http://127.0.0.1:8333/uplink/devices/r/s/f.bin?partNumber=1&X-Amz-Signature=abc"
+            ),
+            "http://127.0.0.1:8333/uplink/devices/r/s/f.bin"
+        );
+        assert_eq!(
+            redact_url("https://user:pw@s3.example.com/b/k#frag"),
+            "https://s3.example.com/b/k"
+        );
+        assert_eq!(redact_url("not a url?secret=1"), "not a url");
+    }
+
+    #[test]
+    fn represign_margin() {
+        // 900 s lifetime: margin 60 s.
+        assert!(!needs_represign(1900, 1000, 1839));
+        assert!(needs_represign(1900, 1000, 1841));
+        // 20 s lifetime: margin 5 s.
+        assert!(!needs_represign(1020, 1000, 1014));
+        assert!(needs_represign(1020, 1000, 1016));
+        // 2 s lifetime: margin at least 1 s.
+        assert!(needs_represign(1002, 1000, 1002));
+        assert!(!needs_represign(1002, 1000, 1000));
+        // Already expired.
+        assert!(needs_represign(1000, 900, 1001));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limiter_spreads_bytes_over_time() {
+        let l = RateLimiter::new(1000);
+        let start = Instant::now();
+        l.acquire(1000).await; // the initial burst
+        assert!(start.elapsed() < Duration::from_millis(10));
+        l.acquire(500).await;
+        assert!(start.elapsed() >= Duration::from_millis(499));
+        l.acquire(1000).await;
+        assert!(start.elapsed() >= Duration::from_millis(1499));
+        assert!(start.elapsed() < Duration::from_millis(1600));
+    }
+
+    fn part(size: u64, md5: &str) -> PartRecord {
+        PartRecord {
+            number: 1,
+            offset: 0,
+            size,
+            md5: md5.into(),
+            etag: None,
+            done: false,
+        }
+    }
+
+    /// A one-shot HTTP server on port 0 that records the request and answers `answer`.
+    async fn serve_once(answer: &'static str) -> (String, tokio::task::JoinHandle<Vec<u8>>) {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handle = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Read headers, then the body by Content-Length.
+            loop {
+                let n = sock.read(&mut chunk).await.unwrap();
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .map(|v| v.trim().parse().unwrap())
+                        .unwrap_or(0);
+                    while buf.len() < end + 4 + len {
+                        let n = sock.read(&mut chunk).await.unwrap();
+                        if n == 0 {
+                            break;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    break;
+                }
+                if n == 0 {
+                    break;
+                }
+            }
+            sock.write_all(answer.as_bytes()).await.unwrap();
+            sock.shutdown().await.unwrap();
+            buf
+        });
+        (
+            format!("http://{addr}/bucket/key?X-Amz-Signature=secret"),
+            handle,
+        )
+    }
+
+    #[tokio::test]
+    async fn put_streams_the_part_with_signed_headers_and_checks_etag() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.bin");
+        std::fs::write(&path, b"xxabcyy").unwrap();
+        let (url, server) = serve_once(
+            "HTTP/1.1 200 OK\r\nETag: \"900150983cd24fb0d6963f7d28e17f72\"\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await;
+        let up = Uploader::new(0).unwrap();
+        let mut p = part(3, "kAFQmDzST7DWlj99KOF/cg==");
+        p.offset = 2;
+        let presigned = PresignedPart {
+            number: 1,
+            method: "PUT".into(),
+            url,
+            headers: vec![("content-md5".into(), "kAFQmDzST7DWlj99KOF/cg==".into())],
+            expires_at: unix_now() + 900,
+        };
+        let sent = Arc::new(AtomicU64::new(0));
+        let etag = up.put_once(&path, &p, &presigned, &sent).await.unwrap();
+        assert_eq!(etag, "900150983cd24fb0d6963f7d28e17f72");
+        assert_eq!(sent.load(Ordering::Relaxed), 3);
+        let req = String::from_utf8(server.await.unwrap()).unwrap();
+        assert!(
+            req.starts_with("PUT /bucket/key?X-Amz-Signature=secret HTTP/1.1"),
+            "{req}"
+        );
+        let lower = req.to_lowercase();
+        assert!(lower.contains("content-length: 3\r\n"), "{req}");
+        assert!(
+            lower.contains("content-md5: kafqmdzst7dwlj99kof/cg==\r\n"),
+            "{req}"
+        );
+        assert!(!lower.contains("transfer-encoding"), "{req}");
+        assert!(req.ends_with("\r\n\r\nabc"), "{req}");
+    }
+
+    #[tokio::test]
+    async fn put_reports_etag_mismatch_and_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.bin");
+        std::fs::write(&path, b"abc").unwrap();
+        let up = Uploader::new(0).unwrap();
+        let p = part(3, "kAFQmDzST7DWlj99KOF/cg==");
+        let presigned = |url: String| PresignedPart {
+            number: 1,
+            method: "PUT".into(),
+            url,
+            headers: vec![],
+            expires_at: unix_now() + 900,
+        };
+        let sent = Arc::new(AtomicU64::new(0));
+
+        let (url, _s) =
+            serve_once("HTTP/1.1 200 OK\r\nETag: \"deadbeef\"\r\nContent-Length: 0\r\n\r\n").await;
+        assert!(matches!(
+            up.put_once(&path, &p, &presigned(url), &sent).await,
+            Err(PutError::EtagMismatch { .. })
+        ));
+        let (url, _s) = serve_once("HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n").await;
+        assert!(matches!(
+            up.put_once(&path, &p, &presigned(url), &sent).await,
+            Err(PutError::Expired)
+        ));
+        let (url, _s) = serve_once("HTTP/1.1 503 Slow Down\r\nContent-Length: 0\r\n\r\n").await;
+        assert!(matches!(
+            up.put_once(&path, &p, &presigned(url), &sent).await,
+            Err(PutError::Transient(_))
+        ));
+        let (url, _s) =
+            serve_once("HTTP/1.1 400 Bad Request\r\nContent-Length: 9\r\n\r\nBadDigest").await;
+        match up.put_once(&path, &p, &presigned(url), &sent).await {
+            Err(PutError::Refused(m)) => assert!(m.contains("BadDigest")),
+            other => panic!("{other:?}"),
+        }
+        // Connection refused: transient, and the message carries no query string.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        match up
+            .put_once(
+                &path,
+                &p,
+                &presigned(format!("http://{addr}/b/k?X-Amz-Signature=secret")),
+                &sent,
+            )
+            .await
+        {
+            Err(PutError::Transient(m)) => assert!(!m.contains("secret"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // Expiring URLs are not even tried.
+        let mut soon = presigned("http://127.0.0.1:1/x".into());
+        soon.expires_at = unix_now() + 10;
+        assert!(matches!(
+            up.put_part(&path, &p, &soon, unix_now() - 900, &sent).await,
+            Err(PutError::Expired)
+        ));
+    }
+
+    #[tokio::test]
+    async fn empty_part_is_an_empty_put() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("empty");
+        std::fs::write(&path, b"").unwrap();
+        let (url, server) = serve_once(
+            "HTTP/1.1 200 OK\r\nETag: \"d41d8cd98f00b204e9800998ecf8427e\"\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await;
+        let up = Uploader::new(0).unwrap();
+        let presigned = PresignedPart {
+            number: 1,
+            method: "PUT".into(),
+            url,
+            headers: vec![],
+            expires_at: unix_now() + 900,
+        };
+        let sent = Arc::new(AtomicU64::new(0));
+        let etag = up
+            .put_once(
+                &path,
+                &part(0, "1B2M2Y8AsgTpgAmY7PhCfg=="),
+                &presigned,
+                &sent,
+            )
+            .await
+            .unwrap();
+        assert_eq!(etag, "d41d8cd98f00b204e9800998ecf8427e");
+        let req = String::from_utf8(server.await.unwrap())
+            .unwrap()
+            .to_lowercase();
+        assert!(req.contains("content-length: 0\r\n"), "{req}");
+    }
+}
