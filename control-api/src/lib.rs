@@ -8,12 +8,14 @@
 //! - [`storage`]: the S3 adapter (create, presign, list parts, complete, abort, head).
 //! - [`sessions`]: the session operations the device and operator APIs share.
 //! - [`cleanup`]: the worker that expires idle sessions and aborts orphan uploads.
+//! - [`metrics`]: Prometheus counters and gauges (`GET /metrics`).
 //! - [`http`]: routing, the device/operator/bridge endpoints, problem documents.
 
 pub mod cleanup;
 pub mod config;
 pub mod domain;
 pub mod http;
+pub mod metrics;
 pub mod sessions;
 pub mod storage;
 pub mod store;
@@ -35,6 +37,7 @@ pub struct AppState {
     pub storage: Storage,
     pub config: Arc<Config>,
     pub command_key: Arc<PrivateKey>,
+    pub counters: Arc<metrics::Counters>,
 }
 
 pub fn load_command_key(path: &std::path::Path) -> anyhow::Result<PrivateKey> {
@@ -75,6 +78,7 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         storage,
         config: Arc::new(config),
         command_key: Arc::new(command_key),
+        counters: Arc::default(),
     })
 }
 

@@ -244,6 +244,7 @@ pub async fn presign(
             expires_at,
         });
     }
+    crate::metrics::Counters::add(&st.counters.parts_presigned, parts.len() as u64);
     Ok(PresignedParts {
         session_id: session.session_id,
         parts,
@@ -410,6 +411,8 @@ pub async fn complete(
     .bind(verify::bare_etag(&etag))
     .fetch_one(&st.store.pool)
     .await?;
+    crate::metrics::Counters::add(&st.counters.sessions_completed, 1);
+    crate::metrics::Counters::add(&st.counters.bytes_completed, done.size.max(0) as u64);
     tracing::info!(%session_id, %device_id, size = done.size, "Session completed");
     Ok(info(&done, vec![]))
 }

@@ -332,6 +332,31 @@ async fn multipart_upload_completes_and_verifies() {
     assert_eq!(status, 200);
     assert_eq!(view["state"], "completed");
     assert_eq!(view["bytes_done"], data.len());
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("uplink_sessions{state=\"completed\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("uplink_parts_presigned_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("uplink_bytes_completed_total {}", data.len())),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("uplink_device_requests_total{outcome=\"ok\"} 4"),
+        "{metrics}"
+    );
     // Completing again is harmless and answers the same.
     let (status, again) = app
         .device(

@@ -130,7 +130,18 @@ pub async fn device_op(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let req = match verify(&st, &op, &headers, body).await {
+    let response = handle(&st, &op, &headers, body).await;
+    st.counters.device_request(response.status().as_u16());
+    response
+}
+
+async fn handle(
+    st: &AppState,
+    op: &str,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let req = match verify(st, op, headers, body).await {
         Ok(r) => r,
         Err(e) => {
             tracing::info!(%op, code = %e.problem().code, "Device request refused");
@@ -138,12 +149,12 @@ pub async fn device_op(
         }
     };
     if req.op == Op::Progress {
-        return match progress(&st, &req).await {
+        return match progress(st, &req).await {
             Ok(()) => (StatusCode::OK, Json(serde_json::json!({}))).into_response(),
             Err(e) => e.into_response(),
         };
     }
-    match idempotent(&st, &req).await {
+    match idempotent(st, &req).await {
         Ok((status, json)) => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
             if status.is_success() {

@@ -126,6 +126,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(crate::metrics::render))
         .route("/v1/command-key", get(command_key))
         .route("/v1/device/{op}", post(device::device_op))
         .merge(operator)

@@ -138,6 +138,7 @@ pub async fn issue_command(
     )
     .await?;
     tx.commit().await?;
+    crate::metrics::Counters::add(&st.counters.commands_issued, 1);
     tracing::info!(command_id = %command.command_id, %device_id, kind = command.action.kind(), "Command issued");
     Ok(row)
 }

@@ -1,0 +1,152 @@
+//! Prometheus metrics (`GET /metrics`, text format 0.0.4). Counters live in the process;
+//! gauges are read from PostgreSQL and the pool when scraped, so every API instance reports
+//! the same totals for shared state.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+
+use crate::http::error::ApiError;
+use crate::AppState;
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub device_requests_ok: AtomicU64,
+    pub device_requests_refused: AtomicU64,
+    pub device_requests_failed: AtomicU64,
+    pub parts_presigned: AtomicU64,
+    pub sessions_completed: AtomicU64,
+    pub bytes_completed: AtomicU64,
+    pub commands_issued: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a device request by its HTTP status.
+    pub fn device_request(&self, status: u16) {
+        let c = match status {
+            0..=399 => &self.device_requests_ok,
+            400..=499 => &self.device_requests_refused,
+            _ => &self.device_requests_failed,
+        };
+        Self::add(c, 1);
+    }
+}
+
+fn line(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, v) in samples {
+        let _ = writeln!(out, "{name}{labels} {v}");
+    }
+}
+
+pub async fn render(State(st): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let c = &st.counters;
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let mut out = String::new();
+    line(
+        &mut out,
+        "uplink_device_requests_total",
+        "counter",
+        "Device requests by outcome (ok < 400, refused 4xx, failed 5xx).",
+        &[
+            ("{outcome=\"ok\"}".into(), get(&c.device_requests_ok)),
+            (
+                "{outcome=\"refused\"}".into(),
+                get(&c.device_requests_refused),
+            ),
+            (
+                "{outcome=\"failed\"}".into(),
+                get(&c.device_requests_failed),
+            ),
+        ],
+    );
+    line(
+        &mut out,
+        "uplink_parts_presigned_total",
+        "counter",
+        "Part URLs presigned.",
+        &[(String::new(), get(&c.parts_presigned))],
+    );
+    line(
+        &mut out,
+        "uplink_sessions_completed_total",
+        "counter",
+        "Sessions completed and verified by this instance.",
+        &[(String::new(), get(&c.sessions_completed))],
+    );
+    line(
+        &mut out,
+        "uplink_bytes_completed_total",
+        "counter",
+        "Bytes in sessions completed by this instance.",
+        &[(String::new(), get(&c.bytes_completed))],
+    );
+    line(
+        &mut out,
+        "uplink_commands_issued_total",
+        "counter",
+        "Commands signed and stored by this instance.",
+        &[(String::new(), get(&c.commands_issued))],
+    );
+
+    let sessions: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM sessions GROUP BY state ORDER BY state")
+            .fetch_all(&st.store.pool)
+            .await?;
+    line(
+        &mut out,
+        "uplink_sessions",
+        "gauge",
+        "Sessions by state.",
+        &sessions
+            .into_iter()
+            .map(|(s, n)| (format!("{{state=\"{s}\"}}"), n.max(0) as u64))
+            .collect::<Vec<_>>(),
+    );
+    let commands: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM commands GROUP BY state ORDER BY state")
+            .fetch_all(&st.store.pool)
+            .await?;
+    line(
+        &mut out,
+        "uplink_commands",
+        "gauge",
+        "Commands by state.",
+        &commands
+            .into_iter()
+            .map(|(s, n)| (format!("{{state=\"{s}\"}}"), n.max(0) as u64))
+            .collect::<Vec<_>>(),
+    );
+    let (online, total): (i64, i64) =
+        sqlx::query_as("SELECT count(*) FILTER (WHERE online), count(*) FROM devices")
+            .fetch_one(&st.store.pool)
+            .await?;
+    line(
+        &mut out,
+        "uplink_devices",
+        "gauge",
+        "Registered devices, and how many are online.",
+        &[
+            ("{presence=\"online\"}".into(), online.max(0) as u64),
+            ("{presence=\"all\"}".into(), total.max(0) as u64),
+        ],
+    );
+    line(
+        &mut out,
+        "uplink_db_pool_connections",
+        "gauge",
+        "PostgreSQL pool connections.",
+        &[
+            ("{state=\"open\"}".into(), u64::from(st.store.pool.size())),
+            ("{state=\"idle\"}".into(), st.store.pool.num_idle() as u64),
+        ],
+    );
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
+}
