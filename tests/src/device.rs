@@ -1,0 +1,304 @@
+//! Acting as a device without the agent: the signed device HTTP API and a raw MQTT client.
+
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use uplink_protocol::envelope::{RequestEnvelope, ResponseEnvelope};
+use uplink_protocol::sign::{self, PrivateKey};
+use uplink_protocol::topics::{self, Channel};
+
+/// An HTTP answer: status, content type and JSON body (`Value::Null` when not JSON).
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// Whether this is an RFC 7807 problem document with a `code`.
+    pub fn is_problem(&self) -> bool {
+        self.content_type.starts_with("application/problem+json")
+            && self.body.get("code").and_then(Value::as_str).is_some()
+    }
+
+    pub(crate) async fn from_response(resp: reqwest::Response) -> Reply {
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let text = resp.text().await.unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Reply {
+            status,
+            content_type,
+            body,
+            text,
+        }
+    }
+}
+
+impl std::fmt::Display for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "HTTP {} [{}] {}",
+            self.status, self.content_type, self.text
+        )
+    }
+}
+
+/// Client for `POST /v1/device/{op}` on the control API.
+#[derive(Debug, Clone)]
+pub struct DeviceHttp {
+    pub api_url: String,
+    http: reqwest::Client,
+}
+
+impl DeviceHttp {
+    pub fn new(api_url: &str) -> DeviceHttp {
+        DeviceHttp {
+            api_url: api_url.to_string(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("reqwest client"),
+        }
+    }
+
+    /// Sends an envelope as device `device_id` (the `X-Uplink-Device` header), exactly as
+    /// the bridge would: headers from the envelope, body = the envelope's body string.
+    pub async fn send(&self, device_id: &str, env: &RequestEnvelope) -> Reply {
+        let resp = self
+            .http
+            .post(format!("{}/v1/device/{}", self.api_url, env.op))
+            .header("X-Uplink-Device", device_id)
+            .header("Idempotency-Key", &env.request_id)
+            .header("X-Uplink-Timestamp", env.ts.to_string())
+            .header("X-Uplink-Signature", &env.sig)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(env.body.clone())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST /v1/device/{}: {e}", env.op));
+        Reply::from_response(resp).await
+    }
+
+    /// Signs `body` with `key` as `device_id` (now, fresh request id) and sends it.
+    pub async fn call(&self, device_id: &str, key: &PrivateKey, op: &str, body: &Value) -> Reply {
+        let env = signed(key, device_id, op, body);
+        self.send(device_id, &env).await
+    }
+}
+
+/// A freshly signed envelope with a new request id and the current time.
+pub fn signed(key: &PrivateKey, device_id: &str, op: &str, body: &Value) -> RequestEnvelope {
+    RequestEnvelope::sign(
+        key,
+        device_id,
+        op,
+        &crate::unique("req"),
+        uplink_protocol::unix_now(),
+        body.to_string(),
+    )
+}
+
+#[derive(Debug)]
+enum MqttEvent {
+    ConnAck(ConnectReturnCode),
+    SubAck,
+    Publish(String, Vec<u8>),
+    Error(String),
+}
+
+/// An MQTT client connected to the bridge's broker as a device.
+pub struct MqttDevice {
+    pub client: AsyncClient,
+    events: mpsc::UnboundedReceiver<MqttEvent>,
+    task: tokio::task::JoinHandle<()>,
+    /// Publishes received but not yet consumed.
+    pending: Vec<(String, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for MqttDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttDevice").finish_non_exhaustive()
+    }
+}
+
+impl Drop for MqttDevice {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl MqttDevice {
+    /// Connects as `device_id` with the password derived from `key` (username = client id
+    /// = device id) and waits for the broker's CONNACK.
+    pub async fn connect(port: u16, device_id: &str, key: &PrivateKey) -> MqttDevice {
+        let password = sign::mqtt_password(key, device_id, uplink_protocol::unix_now());
+        let mut opts = MqttOptions::new(device_id, "127.0.0.1", port);
+        opts.set_credentials(device_id, password);
+        opts.set_keep_alive(Duration::from_secs(10));
+        opts.set_clean_session(true);
+        opts.set_max_packet_size(256 * 1024, 256 * 1024);
+        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        let (tx, events) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                let ev = match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(c))) => MqttEvent::ConnAck(c.code),
+                    Ok(Event::Incoming(Packet::SubAck(_))) => MqttEvent::SubAck,
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        MqttEvent::Publish(p.topic.clone(), p.payload.to_vec())
+                    }
+                    Ok(_) => continue,
+                    Err(e) => {
+                        let stop = tx.send(MqttEvent::Error(e.to_string())).is_err();
+                        if stop {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                };
+                if tx.send(ev).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut dev = MqttDevice {
+            client,
+            events,
+            task,
+            pending: Vec::new(),
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match tokio::time::timeout_at(deadline, dev.events.recv()).await {
+                Ok(Some(MqttEvent::ConnAck(ConnectReturnCode::Success))) => break,
+                Ok(Some(MqttEvent::ConnAck(code))) => {
+                    panic!("broker refused {device_id}: {code:?}")
+                }
+                Ok(Some(MqttEvent::Error(e))) => {
+                    panic!("MQTT connect as {device_id} to 127.0.0.1:{port} failed: {e}")
+                }
+                Ok(Some(MqttEvent::Publish(t, p))) => dev.pending.push((t, p)),
+                Ok(Some(MqttEvent::SubAck)) => {}
+                Ok(None) | Err(_) => panic!("no CONNACK from 127.0.0.1:{port} within 20 s"),
+            }
+        }
+        dev
+    }
+
+    /// Subscribes (QoS 1) and waits for the SUBACK.
+    pub async fn subscribe(&mut self, topic: &str) {
+        self.client
+            .subscribe(topic, QoS::AtLeastOnce)
+            .await
+            .expect("queue subscribe");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(MqttEvent::SubAck)) => return,
+                Ok(Some(MqttEvent::Publish(t, p))) => self.pending.push((t, p)),
+                Ok(Some(MqttEvent::Error(e))) => panic!("MQTT error while subscribing: {e}"),
+                Ok(Some(MqttEvent::ConnAck(_))) => {}
+                Ok(None) | Err(_) => panic!("no SUBACK for {topic} within 10 s"),
+            }
+        }
+    }
+
+    /// Publishes raw bytes with QoS 1.
+    pub async fn publish(&self, topic: &str, payload: Vec<u8>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("queue publish");
+    }
+
+    /// Publishes a request envelope on `device_id`'s `req` topic.
+    pub async fn publish_request(&self, device_id: &str, env: &RequestEnvelope) {
+        let payload = serde_json::to_vec(env).expect("serialise envelope");
+        self.publish(&topics::topic(device_id, Channel::Req), payload)
+            .await;
+    }
+
+    /// Next publish on `topic` that parses as a response to `request_id`, or `None` after
+    /// `timeout`. Other publishes are kept for later calls.
+    pub async fn response(
+        &mut self,
+        topic: &str,
+        request_id: &str,
+        timeout: Duration,
+    ) -> Option<ResponseEnvelope> {
+        let matches = |t: &str, p: &[u8]| -> Option<ResponseEnvelope> {
+            if t != topic {
+                return None;
+            }
+            serde_json::from_slice::<ResponseEnvelope>(p)
+                .ok()
+                .filter(|r| r.request_id == request_id)
+        };
+        if let Some(i) = self
+            .pending
+            .iter()
+            .position(|(t, p)| matches(t, p).is_some())
+        {
+            let (t, p) = self.pending.remove(i);
+            return matches(&t, &p);
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(MqttEvent::Publish(t, p))) => {
+                    if let Some(r) = matches(&t, &p) {
+                        return Some(r);
+                    }
+                    self.pending.push((t, p));
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+
+    /// Waits until the bridge answers requests on MQTT: sends `session.status` for an
+    /// unknown session every 2 s until any answer comes back on `res` (at most `timeout`).
+    pub async fn wait_bridge_ready(
+        &mut self,
+        device_id: &str,
+        key: &PrivateKey,
+        timeout: Duration,
+    ) {
+        let res_topic = topics::topic(device_id, Channel::Res);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            let probe = signed(
+                key,
+                device_id,
+                "session.status",
+                &serde_json::json!({ "session_id": uuid::Uuid::new_v4() }),
+            );
+            self.publish_request(device_id, &probe).await;
+            if self
+                .response(&res_topic, &probe.request_id, Duration::from_secs(2))
+                .await
+                .is_some()
+            {
+                return;
+            }
+        }
+        panic!("the bridge answered no request on {res_topic} within {timeout:?}");
+    }
+}

@@ -1,0 +1,717 @@
+//! One test's services: the control API, the bridge with its embedded broker, devices and
+//! their agents, all on free ports with their own database and directories.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use uplink_protocol::sign::{self, PrivateKey};
+
+use crate::db::TestDatabase;
+use crate::device::{DeviceHttp, Reply};
+use crate::env::TestEnv;
+use crate::files::{s3_download, sha256_file, SourceFile};
+use crate::process::{log_tail, run_output, Process};
+use crate::proxy::CountingProxy;
+
+/// How to configure the control API.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    pub presign_ttl_secs: u64,
+    pub replay_window_secs: u64,
+    /// Extra TOML lines appended at the end of the API config (inside its `[s3]` table).
+    pub api_extra_toml: String,
+    /// Run Mosquitto (anonymous clients allowed) and the bridge in `external` mode instead
+    /// of the bridge's embedded broker.
+    pub external_broker: bool,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        StackOptions {
+            presign_ttl_secs: 900,
+            replay_window_secs: 300,
+            api_extra_toml: String::new(),
+            external_broker: false,
+        }
+    }
+}
+
+/// How to configure an agent.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub concurrency: u32,
+    pub part_size_mib: u64,
+    pub request_timeout_secs: u64,
+    /// Extra top-level TOML lines (before the `[mqtt]` table).
+    pub extra_toml: String,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            concurrency: 2,
+            part_size_mib: 5,
+            request_timeout_secs: 5,
+            extra_toml: String::new(),
+        }
+    }
+}
+
+/// A registered device: its key and directories.
+#[derive(Debug)]
+pub struct Device {
+    pub id: String,
+    pub key: PrivateKey,
+    pub public_key: String,
+    pub key_file: PathBuf,
+    /// Device directory (holds `root/`, `state/`, the config).
+    pub dir: PathBuf,
+    /// The agent's allowed root.
+    pub root: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+static PORTS: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+/// A free TCP port on 127.0.0.1 (bound, then released), never the same twice in a run.
+pub fn free_port() -> u16 {
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0")
+            .port();
+        let mut seen = PORTS.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.get_or_insert_with(HashSet::new).insert(port) {
+            return port;
+        }
+    }
+}
+
+pub struct Stack {
+    pub env: TestEnv,
+    pub opts: StackOptions,
+    pub db: TestDatabase,
+    pub api_url: String,
+    pub mqtt_port: u16,
+    pub operator_token: String,
+    pub bridge_token: String,
+    pub command_public_key: String,
+    /// Between agents and S3: every presigned URL points here.
+    pub proxy: CountingProxy,
+    pub device_http: DeviceHttp,
+    http: reqwest::Client,
+    api: Mutex<Process>,
+    bridge: Mutex<Process>,
+    mosquitto: Mutex<Option<Process>>,
+    agents: Mutex<BTreeMap<String, Process>>,
+    // Last: removed after the processes are gone.
+    pub dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for Stack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stack")
+            .field("api_url", &self.api_url)
+            .field("mqtt_port", &self.mqtt_port)
+            .field("db", &self.db.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn toml_str(s: &str) -> String {
+    Value::String(s.to_string()).to_string()
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+impl Stack {
+    /// Starts the control API and the bridge (embedded broker) for one test.
+    pub async fn start(opts: StackOptions) -> Stack {
+        let env = TestEnv::from_env();
+        env.require_binaries();
+        let dir = tempfile::Builder::new()
+            .prefix("uplink-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        let db = TestDatabase::create(&env.database_url).await;
+        let s3_hostport = env
+            .s3_endpoint
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        let proxy = CountingProxy::start(&s3_hostport).await;
+
+        // --- control API
+        let api_port = free_port();
+        let api_url = format!("http://127.0.0.1:{api_port}");
+        let operator_token = format!("operator-{}", uuid::Uuid::new_v4().simple());
+        let bridge_token = format!("bridge-{}", uuid::Uuid::new_v4().simple());
+        let key_file = dir.path().join("command.key");
+        let printed = run_output(
+            &env.bin("uplink-api"),
+            &["keygen", "--out", path_str(&key_file)],
+        );
+        let command_public_key = public_key_of(&key_file);
+        assert_eq!(
+            printed
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(str::trim),
+            Some(command_public_key.as_str()),
+            "`uplink-api keygen` must print the public key of the seed it wrote"
+        );
+        let api_config = dir.path().join("api.toml");
+        std::fs::write(
+            &api_config,
+            format!(
+                "listen = {listen}\n\
+                 database_url = {db}\n\
+                 operator_token = {op}\n\
+                 bridge_token = {br}\n\
+                 command_key_file = {key}\n\
+                 replay_window_secs = {replay}\n\
+                 command_ttl_secs = 3600\n\
+                 \n[s3]\n\
+                 endpoint = {endpoint}\n\
+                 public_endpoint = {public}\n\
+                 region = {region}\n\
+                 bucket = {bucket}\n\
+                 access_key_id = {ak}\n\
+                 secret_access_key = {sk}\n\
+                 presign_ttl_secs = {ttl}\n\
+                 {extra}\n",
+                listen = toml_str(&format!("127.0.0.1:{api_port}")),
+                db = toml_str(&db.url),
+                op = toml_str(&operator_token),
+                br = toml_str(&bridge_token),
+                key = toml_str(path_str(&key_file)),
+                replay = opts.replay_window_secs,
+                endpoint = toml_str(&env.s3_endpoint),
+                public = toml_str(&proxy.url()),
+                region = toml_str(&env.s3_region),
+                bucket = toml_str(&env.s3_bucket),
+                ak = toml_str(&env.s3_access_key),
+                sk = toml_str(&env.s3_secret_key),
+                ttl = opts.presign_ttl_secs,
+                extra = opts.api_extra_toml,
+            ),
+        )
+        .expect("write api.toml");
+        let mut api = Process::new(
+            "uplink-api",
+            &env.bin("uplink-api"),
+            &["--config", path_str(&api_config), "run"],
+            dir.path().join("api.log"),
+        );
+        api.start();
+
+        // --- broker and bridge
+        let mqtt_port = free_port();
+        let mut mosquitto = None;
+        let broker_toml = if opts.external_broker {
+            let conf = dir.path().join("mosquitto.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {mqtt_port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                     log_dest stderr\nlog_type all\n"
+                ),
+            )
+            .expect("write mosquitto.conf");
+            let mut m = Process::new(
+                "mosquitto",
+                &env.mosquitto,
+                &["-c", path_str(&conf)],
+                dir.path().join("mosquitto.log"),
+            );
+            m.start();
+            mosquitto = Some(m);
+            format!("mode = \"external\"\nhost = \"127.0.0.1\"\nport = {mqtt_port}\n")
+        } else {
+            format!(
+                "mode = \"embedded\"\nlisten = {}\n",
+                toml_str(&format!("127.0.0.1:{mqtt_port}"))
+            )
+        };
+        let bridge_config = dir.path().join("bridge.toml");
+        std::fs::write(
+            &bridge_config,
+            format!(
+                "api_url = {api}\napi_token = {tok}\npoll_interval_ms = 200\n\n\
+                 [broker]\n{broker_toml}client_id = {cid}\n",
+                api = toml_str(&api_url),
+                tok = toml_str(&bridge_token),
+                cid = toml_str(&crate::unique("uplink-bridge")),
+            ),
+        )
+        .expect("write bridge.toml");
+        let bridge = Process::new(
+            "uplink-bridge",
+            &env.bin("uplink-bridge"),
+            &["--config", path_str(&bridge_config), "run"],
+            dir.path().join("bridge.log"),
+        );
+
+        let stack = Stack {
+            env,
+            opts,
+            db,
+            api_url: api_url.clone(),
+            mqtt_port,
+            operator_token,
+            bridge_token,
+            command_public_key,
+            proxy,
+            device_http: DeviceHttp::new(&api_url),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("reqwest client"),
+            api: Mutex::new(api),
+            bridge: Mutex::new(bridge),
+            mosquitto: Mutex::new(mosquitto),
+            agents: Mutex::new(BTreeMap::new()),
+            dir,
+        };
+        stack.wait_api_healthy(Duration::from_secs(90)).await;
+        let served = stack.get_json("/v1/command-key").await;
+        assert_eq!(
+            served.body["public_key"].as_str(),
+            Some(stack.command_public_key.as_str()),
+            "GET /v1/command-key must serve the command key's public half: {served}"
+        );
+        lock(&stack.bridge).start();
+        stack
+            .wait_tcp("uplink-bridge", mqtt_port, Duration::from_secs(60))
+            .await;
+        stack
+    }
+
+    async fn wait_api_healthy(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = lock(&self.api).exited() {
+                panic!("uplink-api exited during start-up ({status})");
+            }
+            if let Ok(resp) = self
+                .http
+                .get(format!("{}/healthz", self.api_url))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+            {
+                if resp.status().is_success() {
+                    return;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "uplink-api: GET /healthz not 200 within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn wait_tcp(&self, name: &str, port: u16, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            self.assert_alive();
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name}: 127.0.0.1:{port} does not accept connections within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Panics when a service the test did not stop has exited.
+    pub fn assert_alive(&self) {
+        if let Some(status) = lock(&self.api).exited() {
+            panic!("uplink-api exited unexpectedly ({status})");
+        }
+        if let Some(status) = lock(&self.bridge).exited() {
+            panic!("uplink-bridge exited unexpectedly ({status})");
+        }
+        if let Some(status) = lock(&self.mosquitto).as_mut().and_then(|m| m.exited()) {
+            panic!("mosquitto exited unexpectedly ({status})");
+        }
+        for (id, agent) in lock(&self.agents).iter_mut() {
+            if let Some(status) = agent.exited() {
+                panic!("uplink-agent of {id} exited unexpectedly ({status})");
+            }
+        }
+    }
+
+    // --- operator API ----------------------------------------------------------------
+
+    pub async fn operator(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Reply {
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.api_url))
+            .bearer_auth(&self.operator_token);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        Reply::from_response(resp).await
+    }
+
+    pub async fn get_json(&self, path: &str) -> Reply {
+        self.operator(reqwest::Method::GET, path, None).await
+    }
+
+    /// Makes a device key pair with `uplink-agent keygen` and registers the public key.
+    pub async fn register_device(&self) -> Device {
+        let id = crate::unique("robot");
+        let dir = self.dir.path().join(&id);
+        let root = dir.join("root");
+        let state_dir = dir.join("state");
+        std::fs::create_dir_all(&root).expect("create root");
+        std::fs::create_dir_all(&state_dir).expect("create state dir");
+        let key_file = dir.join("device.key");
+        let printed = run_output(
+            &self.env.bin("uplink-agent"),
+            &["keygen", "--out", path_str(&key_file)],
+        );
+        let public_key = public_key_of(&key_file);
+        assert_eq!(
+            printed
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(str::trim),
+            Some(public_key.as_str()),
+            "`uplink-agent keygen` must print the public key of the seed it wrote"
+        );
+        let key = sign::decode_private(&std::fs::read_to_string(&key_file).expect("read key"))
+            .expect("device key file holds base64 of a 32-byte seed");
+        let reply = self
+            .operator(
+                reqwest::Method::POST,
+                "/v1/devices",
+                Some(json!({ "device_id": id, "public_key": public_key })),
+            )
+            .await;
+        assert_eq!(reply.status, 201, "POST /v1/devices: {reply}");
+        Device {
+            id,
+            key,
+            public_key,
+            key_file,
+            dir,
+            root,
+            state_dir,
+        }
+    }
+
+    /// Writes the agent's config and starts it.
+    pub fn start_agent(&self, dev: &Device, opts: &AgentOptions) {
+        let config = dev.dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "device_id = {id}\n\
+                 key_file = {key}\n\
+                 command_public_key = {cmdkey}\n\
+                 state_dir = {state}\n\
+                 allowed_roots = [{root}]\n\
+                 concurrency = {conc}\n\
+                 part_size_mib = {part}\n\
+                 request_timeout_secs = {rto}\n\
+                 {extra}\n\
+                 \n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\n",
+                id = toml_str(&dev.id),
+                key = toml_str(path_str(&dev.key_file)),
+                cmdkey = toml_str(&self.command_public_key),
+                state = toml_str(path_str(&dev.state_dir)),
+                root = toml_str(path_str(&dev.root)),
+                conc = opts.concurrency,
+                part = opts.part_size_mib,
+                rto = opts.request_timeout_secs,
+                extra = opts.extra_toml,
+                port = self.mqtt_port,
+            ),
+        )
+        .expect("write agent.toml");
+        let mut agent = Process::new(
+            "uplink-agent",
+            &self.env.bin("uplink-agent"),
+            &["--config", path_str(&config), "run"],
+            dev.dir.join("agent.log"),
+        );
+        agent.start();
+        lock(&self.agents).insert(dev.id.clone(), agent);
+    }
+
+    /// Registers a device and starts its agent.
+    pub async fn add_device(&self, opts: &AgentOptions) -> Device {
+        let dev = self.register_device().await;
+        self.start_agent(&dev, opts);
+        dev
+    }
+
+    /// SIGKILLs the device's agent.
+    pub fn kill_agent(&self, dev: &Device) {
+        lock(&self.agents)
+            .get_mut(&dev.id)
+            .expect("agent started")
+            .kill();
+    }
+
+    /// Starts the agent again with the same config and state directory.
+    pub fn restart_agent(&self, dev: &Device) {
+        let mut agents = lock(&self.agents);
+        let agent = agents.get_mut(&dev.id).expect("agent started");
+        agent.kill();
+        agent.start();
+    }
+
+    pub fn kill_api(&self) {
+        lock(&self.api).kill();
+    }
+
+    pub async fn restart_api(&self) {
+        {
+            let mut api = lock(&self.api);
+            api.kill();
+            api.start();
+        }
+        self.wait_api_healthy(Duration::from_secs(60)).await;
+    }
+
+    pub fn kill_bridge(&self) {
+        lock(&self.bridge).kill();
+    }
+
+    pub async fn restart_bridge(&self) {
+        {
+            let mut bridge = lock(&self.bridge);
+            bridge.kill();
+            bridge.start();
+        }
+        self.wait_tcp("uplink-bridge", self.mqtt_port, Duration::from_secs(30))
+            .await;
+    }
+
+    /// Writes `size` random bytes at `relative` under the device's allowed root.
+    pub async fn source_file(&self, dev: &Device, relative: &str, size: u64) -> SourceFile {
+        crate::files::write_random_file(&dev.root.join(relative), size).await
+    }
+
+    /// `POST /v1/devices/{id}/commands` with an upload action; returns the command id.
+    pub async fn upload_command(&self, device_id: &str, path: &str) -> String {
+        let reply = self
+            .operator(
+                reqwest::Method::POST,
+                &format!("/v1/devices/{device_id}/commands"),
+                Some(json!({ "type": "upload", "path": path })),
+            )
+            .await;
+        assert_eq!(reply.status, 201, "create upload command: {reply}");
+        reply.body["command_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no command_id in {reply}"))
+            .to_string()
+    }
+
+    pub async fn command(&self, command_id: &str) -> Value {
+        let reply = self.get_json(&format!("/v1/commands/{command_id}")).await;
+        assert_eq!(reply.status, 200, "GET /v1/commands/{command_id}: {reply}");
+        reply.body
+    }
+
+    /// Polls until the command is `rejected`, `done`, `failed` or `expired`.
+    pub async fn wait_command_final(&self, command_id: &str, timeout: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last_state = String::new();
+        loop {
+            let cmd = self.command(command_id).await;
+            let state = cmd["state"].as_str().unwrap_or("").to_string();
+            if matches!(state.as_str(), "rejected" | "done" | "failed" | "expired") {
+                return cmd;
+            }
+            if state != last_state {
+                eprintln!("command {command_id}: {state}");
+                last_state = state;
+            }
+            self.assert_alive();
+            if tokio::time::Instant::now() >= deadline {
+                let sessions = self.sessions(cmd["device_id"].as_str().unwrap_or("")).await;
+                panic!(
+                    "command {command_id} not final after {timeout:?}: {cmd}\nsessions: {}",
+                    Value::Array(sessions)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// `GET /v1/sessions?device_id=` as a list.
+    pub async fn sessions(&self, device_id: &str) -> Vec<Value> {
+        let reply = self
+            .get_json(&format!("/v1/sessions?device_id={device_id}"))
+            .await;
+        assert_eq!(reply.status, 200, "GET /v1/sessions: {reply}");
+        as_list(&reply.body)
+            .unwrap_or_else(|| panic!("GET /v1/sessions is not a list of sessions: {reply}"))
+    }
+
+    pub async fn session(&self, session_id: &str) -> Value {
+        let reply = self.get_json(&format!("/v1/sessions/{session_id}")).await;
+        assert_eq!(reply.status, 200, "GET /v1/sessions/{session_id}: {reply}");
+        reply.body
+    }
+
+    /// Runs an upload command for `file` and checks everything: command `done`, session
+    /// `completed` with the file's size and SHA-256, object in S3 byte-identical.
+    /// Returns the final session.
+    pub async fn upload_and_verify(
+        &self,
+        dev: &Device,
+        file: &SourceFile,
+        timeout: Duration,
+    ) -> Value {
+        let command_id = self.upload_command(&dev.id, file.path_str()).await;
+        let cmd = self.wait_command_final(&command_id, timeout).await;
+        self.verify_upload(file, &cmd).await
+    }
+
+    /// Checks a final command for `file` (see [`Stack::upload_and_verify`]).
+    pub async fn verify_upload(&self, file: &SourceFile, cmd: &Value) -> Value {
+        assert_eq!(
+            cmd["state"], "done",
+            "upload command did not end done: {cmd}"
+        );
+        let session_id = cmd["session_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("done upload command has no session_id: {cmd}"));
+        let session = self.session(session_id).await;
+        assert_eq!(session["state"], "completed", "session: {session}");
+        assert_eq!(
+            session["size"].as_u64(),
+            Some(file.size),
+            "session size: {session}"
+        );
+        assert_eq!(
+            session["sha256"].as_str(),
+            Some(file.sha256.as_str()),
+            "the session's recorded sha256 must equal the file's: {session}"
+        );
+        assert_eq!(
+            session["command_id"].as_str(),
+            cmd["command_id"].as_str(),
+            "session.command_id: {session}"
+        );
+        let bucket = session["bucket"].as_str().expect("session.bucket");
+        let key = session["object_key"].as_str().expect("session.object_key");
+        let file_name = file
+            .path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("file name");
+        let device_id = cmd["device_id"].as_str().unwrap_or("");
+        assert_eq!(
+            key,
+            format!("devices/{device_id}/{session_id}/{file_name}"),
+            "object key layout"
+        );
+        let dest = self.dir.path().join(format!("download-{session_id}"));
+        let code = s3_download(&self.env, bucket, key, &dest).await;
+        assert_eq!(code, 200, "GET s3://{bucket}/{key}");
+        let (sha, len) = sha256_file(&dest);
+        std::fs::remove_file(&dest).ok();
+        assert_eq!(len, file.size, "size of the object in S3");
+        assert_eq!(sha, file.sha256, "SHA-256 of the object in S3");
+        session
+    }
+
+    /// Prints every process's log (tail) to stderr.
+    pub fn dump_logs(&self) {
+        let mut logs: Vec<(String, PathBuf)> = vec![
+            ("uplink-api".into(), lock(&self.api).log.clone()),
+            ("uplink-bridge".into(), lock(&self.bridge).log.clone()),
+        ];
+        if let Some(m) = lock(&self.mosquitto).as_ref() {
+            logs.push(("mosquitto".into(), m.log.clone()));
+        }
+        for (id, agent) in lock(&self.agents).iter() {
+            logs.push((format!("uplink-agent {id}"), agent.log.clone()));
+        }
+        for (name, path) in logs {
+            eprintln!(
+                "\n----- {name} log ({}) -----\n{}",
+                path.display(),
+                log_tail(&path, 48 * 1024)
+            );
+        }
+        eprintln!(
+            "----- proxy: {} bytes from agents, {} bytes back, {} connections -----",
+            self.proxy.bytes_sent(),
+            self.proxy.bytes_received(),
+            self.proxy.connections()
+        );
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for agent in lock(&self.agents).values_mut() {
+            agent.kill();
+        }
+        lock(&self.bridge).kill();
+        if let Some(m) = lock(&self.mosquitto).as_mut() {
+            m.kill();
+        }
+        lock(&self.api).kill();
+        if std::thread::panicking() {
+            eprintln!("\n===== test failed: logs of its processes =====");
+            self.dump_logs();
+        }
+        if std::env::var("UPLINK_TEST_KEEP").as_deref() == Ok("1") {
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+            eprintln!("keeping {}", dir.keep().display());
+        }
+    }
+}
+
+/// The list in a list answer: a JSON array, or the first array field of an object.
+pub fn as_list(v: &Value) -> Option<Vec<Value>> {
+    match v {
+        Value::Array(a) => Some(a.clone()),
+        Value::Object(o) => o.values().find_map(|x| x.as_array().cloned()),
+        _ => None,
+    }
+}
+
+/// Base64 public key of the base64 Ed25519 seed in `key_file`.
+pub fn public_key_of(key_file: &Path) -> String {
+    let text = std::fs::read_to_string(key_file)
+        .unwrap_or_else(|e| panic!("read {}: {e}", key_file.display()));
+    let key = sign::decode_private(&text)
+        .unwrap_or_else(|e| panic!("{} is not a key file: {e}", key_file.display()));
+    sign::encode_public(&key.verifying_key())
+}
