@@ -26,6 +26,8 @@ pub struct StackOptions {
     /// Run Mosquitto (anonymous clients allowed) and the bridge in `external` mode instead
     /// of the bridge's embedded broker.
     pub external_broker: bool,
+    /// Presigned URLs point straight at S3 instead of the counting proxy (benchmarks).
+    pub direct_s3: bool,
 }
 
 impl Default for StackOptions {
@@ -35,6 +37,7 @@ impl Default for StackOptions {
             replay_window_secs: 300,
             api_extra_toml: String::new(),
             external_broker: false,
+            direct_s3: false,
         }
     }
 }
@@ -197,7 +200,11 @@ impl Stack {
                 key = toml_str(path_str(&key_file)),
                 replay = opts.replay_window_secs,
                 endpoint = toml_str(&env.s3_endpoint),
-                public = toml_str(&proxy.url()),
+                public = toml_str(&if opts.direct_s3 {
+                    env.s3_endpoint.clone()
+                } else {
+                    proxy.url()
+                }),
                 region = toml_str(&env.s3_region),
                 bucket = toml_str(&env.s3_bucket),
                 ak = toml_str(&env.s3_access_key),
@@ -472,6 +479,11 @@ impl Stack {
         let dev = self.register_device().await;
         self.start_agent(&dev, opts);
         dev
+    }
+
+    /// Process id of the device's running agent.
+    pub fn agent_pid(&self, dev: &Device) -> Option<u32> {
+        lock(&self.agents).get(&dev.id).and_then(|a| a.pid())
     }
 
     /// SIGKILLs the device's agent.

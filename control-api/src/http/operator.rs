@@ -234,65 +234,47 @@ pub async fn get_session(
     Ok(Json(session_or_404(&st, id).await?))
 }
 
+/// Moves the session (pause, resume or abort) and sends the device the matching command
+/// for the session's job.
+async fn steer_session(st: &AppState, id: Uuid, event: Event) -> Result<Json<Session>, ApiError> {
+    let actor = Actor::operator();
+    let session = session_or_404(st, id).await?;
+    let job_id = session.job_id;
+    let (session, action) = match event {
+        Event::Abort => (
+            sessions::abort(st, session, &actor).await?,
+            Action::Cancel { job_id },
+        ),
+        Event::Resume => (
+            st.store.transition(&session, event, &actor, None).await?,
+            Action::Resume { job_id },
+        ),
+        _ => (
+            st.store.transition(&session, event, &actor, None).await?,
+            Action::Pause { job_id },
+        ),
+    };
+    issue_command(st, &session.device_id, action, &actor).await?;
+    Ok(Json(session))
+}
+
 pub async fn pause_session(
     State(st): State<AppState>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Session>, ApiError> {
-    let actor = Actor::operator();
-    let session = session_or_404(&st, id).await?;
-    let session = st
-        .store
-        .transition(&session, Event::Pause, &actor, None)
-        .await?;
-    issue_command(
-        &st,
-        &session.device_id,
-        Action::Pause {
-            job_id: session.job_id,
-        },
-        &actor,
-    )
-    .await?;
-    Ok(Json(session))
+    steer_session(&st, id, Event::Pause).await
 }
 
 pub async fn resume_session(
     State(st): State<AppState>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Session>, ApiError> {
-    let actor = Actor::operator();
-    let session = session_or_404(&st, id).await?;
-    let session = st
-        .store
-        .transition(&session, Event::Resume, &actor, None)
-        .await?;
-    issue_command(
-        &st,
-        &session.device_id,
-        Action::Resume {
-            job_id: session.job_id,
-        },
-        &actor,
-    )
-    .await?;
-    Ok(Json(session))
+    steer_session(&st, id, Event::Resume).await
 }
 
 pub async fn abort_session(
     State(st): State<AppState>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Session>, ApiError> {
-    let actor = Actor::operator();
-    let session = session_or_404(&st, id).await?;
-    let session = sessions::abort(&st, session, &actor).await?;
-    issue_command(
-        &st,
-        &session.device_id,
-        Action::Cancel {
-            job_id: session.job_id,
-        },
-        &actor,
-    )
-    .await?;
-    Ok(Json(session))
+    steer_session(&st, id, Event::Abort).await
 }
