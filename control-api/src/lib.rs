@@ -92,6 +92,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .with_context(|| format!("could not listen on {listen}"))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening on {addr}");
+    serve(state, listener, shutdown).await
+}
+
+/// Serves the API on `listener` and runs the cleanup worker until `shutdown` is cancelled,
+/// then drains in-flight requests. [`run`] is [`build_state`] + bind + `serve`; a caller
+/// that must act between bind and serve (systemd readiness) calls the three itself.
+pub async fn serve(
+    state: AppState,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let cleanup = tokio::spawn(cleanup::run(state.clone(), shutdown.clone()));
     let served = axum::serve(listener, http::router(state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())

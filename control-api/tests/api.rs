@@ -1032,3 +1032,97 @@ async fn cleanup_expires_idle_sessions_and_aborts_orphans() {
         "{again:?}"
     );
 }
+
+#[tokio::test]
+async fn disable_and_rotate_device_keys() {
+    let app = TestApp::spawn().await;
+    let old = app.register("robot-k").await;
+    let body = create_body(Uuid::new_v4(), &file(10, 0), 5 * MIB);
+
+    let (status, d) = app
+        .operator(
+            reqwest::Method::PATCH,
+            "/v1/devices/robot-k",
+            Some(json!({"enabled": false})),
+        )
+        .await;
+    assert_eq!((status, d["enabled"].as_bool()), (200, Some(false)));
+    let (status, p) = app
+        .device(&old, "robot-k", "session.create", &rid(), &body)
+        .await;
+    assert_eq!((status, p["code"].as_str()), (403, Some("device_disabled")));
+    let pw = sign::mqtt_password(&old, "robot-k", unix_now());
+    let (_, a) = app
+        .bridge(
+            reqwest::Method::POST,
+            "/v1/bridge/mqtt-auth",
+            Some(json!({"client_id": "robot-k", "username": "robot-k", "password": pw})),
+        )
+        .await;
+    assert_eq!(
+        a["allow"], false,
+        "a disabled device must not reach the broker"
+    );
+
+    let new = sign::generate();
+    let (status, _) = app
+        .operator(
+            reqwest::Method::PATCH,
+            "/v1/devices/robot-k",
+            Some(json!({"enabled": true, "public_key": sign::encode_public(&new.verifying_key())})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, p) = app
+        .device(&old, "robot-k", "session.create", &rid(), &body)
+        .await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (401, Some("bad_signature")),
+        "the old key must stop working"
+    );
+    let (status, _) = app
+        .device(&new, "robot-k", "session.create", &rid(), &body)
+        .await;
+    assert_eq!(status, 201);
+
+    let (status, p) = app
+        .operator(
+            reqwest::Method::PATCH,
+            "/v1/devices/robot-k",
+            Some(json!({"public_key": "AAAA"})),
+        )
+        .await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (422, Some("invalid_public_key"))
+    );
+    let (status, _) = app
+        .operator(
+            reqwest::Method::PATCH,
+            "/v1/devices/robot-none",
+            Some(json!({"enabled": true})),
+        )
+        .await;
+    assert_eq!(status, 404);
+
+    // Every change is in the audit log, without key material.
+    let (status, events) = app
+        .operator(reqwest::Method::GET, "/v1/audit?subject=robot-k", None)
+        .await;
+    assert_eq!(status, 200);
+    let actions: Vec<&str> = events
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert_eq!(
+        actions,
+        vec!["device.register", "device.update", "device.update"]
+    );
+    assert!(!events
+        .to_string()
+        .contains(&sign::encode_public(&new.verifying_key())));
+    assert_eq!(events[2]["detail"]["key_rotated"], true);
+}

@@ -98,7 +98,11 @@ pub fn router(state: AppState) -> Router {
             "/v1/devices",
             post(operator::register_device).get(operator::list_devices),
         )
-        .route("/v1/devices/{id}", get(operator::get_device))
+        .route(
+            "/v1/devices/{id}",
+            get(operator::get_device).patch(operator::patch_device),
+        )
+        .route("/v1/audit", get(operator::list_audit))
         .route("/v1/devices/{id}/commands", post(operator::create_command))
         .route("/v1/commands", get(operator::list_commands))
         .route("/v1/commands/{id}", get(operator::get_command))

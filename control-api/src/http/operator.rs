@@ -87,6 +87,92 @@ pub async fn get_device(
         .ok_or_else(|| ApiError::NotFound("device_not_found", format!("no device {id}")))
 }
 
+#[derive(Deserialize)]
+pub struct DevicePatch {
+    /// A disabled device is refused by the device API and the embedded broker, and gets no commands.
+    pub enabled: Option<bool>,
+    /// Key rotation: the new base64 Ed25519 public key; requests signed with the old key fail from now on.
+    pub public_key: Option<String>,
+}
+
+pub async fn patch_device(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(patch): ApiJson<DevicePatch>,
+) -> Result<Json<Device>, ApiError> {
+    let public_key = match &patch.public_key {
+        Some(k) => Some(sign::encode_public(&sign::decode_public(k).map_err(
+            |_| {
+                ApiError::Unprocessable(
+                    "invalid_public_key",
+                    "public_key must be base64 of a 32-byte Ed25519 key".into(),
+                )
+            },
+        )?)),
+        None => None,
+    };
+    let mut tx = st.store.pool.begin().await?;
+    let device: Option<Device> = sqlx::query_as(
+        "UPDATE devices SET enabled = COALESCE($2, enabled), public_key = COALESCE($3, public_key),
+                            online = online AND COALESCE($2, enabled)
+         WHERE device_id = $1 RETURNING *",
+    )
+    .bind(&id)
+    .bind(patch.enabled)
+    .bind(&public_key)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let device =
+        device.ok_or_else(|| ApiError::NotFound("device_not_found", format!("no device {id}")))?;
+    // The audit log never holds key material, only that it changed.
+    audit(
+        &mut tx,
+        &Actor::operator(),
+        "device.update",
+        &id,
+        serde_json::json!({"enabled": patch.enabled, "key_rotated": public_key.is_some()}),
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(device_id = %id, enabled = device.enabled, key_rotated = public_key.is_some(), "Device updated");
+    Ok(Json(device))
+}
+
+#[derive(Deserialize)]
+pub struct AuditQuery {
+    pub subject: Option<String>,
+    /// Only events with a larger id (for paging forward).
+    pub after: Option<i64>,
+    pub limit: Option<i64>,
+}
+
+#[derive(Debug, serde::Serialize, sqlx::FromRow)]
+pub struct AuditEvent {
+    pub id: i64,
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub actor: String,
+    pub action: String,
+    pub subject: String,
+    pub request_id: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+/// The append-only audit log, oldest first.
+pub async fn list_audit(
+    State(st): State<AppState>,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Vec<AuditEvent>>, ApiError> {
+    let rows = sqlx::query_as(
+        "SELECT * FROM audit_events WHERE ($1::text IS NULL OR subject = $1) AND id > $2 ORDER BY id LIMIT $3",
+    )
+    .bind(&q.subject)
+    .bind(q.after.unwrap_or(0))
+    .bind(q.limit.unwrap_or(100).clamp(1, 1000))
+    .fetch_all(&st.store.pool)
+    .await?;
+    Ok(Json(rows))
+}
+
 /// Signs and stores a command for `device_id`; the bridge publishes it.
 pub async fn issue_command(
     st: &AppState,
