@@ -91,12 +91,14 @@ pub async fn run_once(st: &AppState) -> Result<Report, ApiError> {
         }
     }
 
-    report.dropped_requests = sqlx::query(
-        "DELETE FROM device_requests WHERE created_at < now() - make_interval(secs => $1)",
-    )
-    .bind(cfg.request_retention_secs as f64)
-    .execute(&st.store.pool)
-    .await?
-    .rows_affected();
+    for table in ["device_requests", "operator_requests"] {
+        report.dropped_requests += sqlx::query(&format!(
+            "DELETE FROM {table} WHERE created_at < now() - make_interval(secs => $1)"
+        ))
+        .bind(cfg.request_retention_secs as f64)
+        .execute(&st.store.pool)
+        .await?
+        .rows_affected();
+    }
     Ok(report)
 }

@@ -1126,3 +1126,47 @@ async fn disable_and_rotate_device_keys() {
         .contains(&sign::encode_public(&new.verifying_key())));
     assert_eq!(events[2]["detail"]["key_rotated"], true);
 }
+
+#[tokio::test]
+async fn operator_idempotency_keys() {
+    let app = TestApp::spawn().await;
+    app.register("robot-i").await;
+    let send = |key: &'static str, path: &'static str| {
+        let req = app
+            .http
+            .post(format!("{}/v1/devices/robot-i/commands", app.base))
+            .bearer_auth(OPERATOR)
+            .header("idempotency-key", key)
+            .json(&json!({"type": "upload", "path": path}));
+        async move {
+            let r = req.send().await.expect("request");
+            let replayed = r.headers().contains_key("idempotent-replayed");
+            (
+                r.status().as_u16(),
+                replayed,
+                r.json::<Value>().await.expect("json"),
+            )
+        }
+    };
+    let (s1, replayed1, first) = send("op-key-1", "/data/a.mcap").await;
+    let (s2, replayed2, second) = send("op-key-1", "/data/a.mcap").await;
+    assert_eq!((s1, replayed1), (201, false), "{first}");
+    assert_eq!((s2, replayed2), (201, true));
+    assert_eq!(first["command_id"], second["command_id"]);
+    let (_, cmds) = app
+        .operator(reqwest::Method::GET, "/v1/commands?device_id=robot-i", None)
+        .await;
+    assert_eq!(
+        cmds.as_array().expect("list").len(),
+        1,
+        "a retried call must not issue a second command"
+    );
+    let (status, _, p) = send("op-key-1", "/data/b.mcap").await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (422, Some("idempotency_key_reused"))
+    );
+    let (status, _, other) = send("op-key-2", "/data/a.mcap").await;
+    assert_eq!(status, 201);
+    assert_ne!(other["command_id"], first["command_id"]);
+}

@@ -3,6 +3,7 @@
 pub mod bridge;
 pub mod device;
 pub mod error;
+pub mod idempotency;
 pub mod operator;
 
 use axum::extract::rejection::JsonRejection;
@@ -111,6 +112,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sessions/{id}/pause", post(operator::pause_session))
         .route("/v1/sessions/{id}/resume", post(operator::resume_session))
         .route("/v1/sessions/{id}/abort", post(operator::abort_session))
+        // Inner: runs only for authenticated operators.
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::operator_idempotency,
+        ))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_operator,
