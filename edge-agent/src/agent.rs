@@ -26,16 +26,18 @@ use uuid::Uuid;
 use crate::config::Loaded;
 use crate::hasher::{self, FileIdentity, HashError};
 use crate::job::{self, NextStep};
-use crate::policy;
 use crate::rpc::{Link, LinkSettings, RetryPolicy, RpcError};
 use crate::store::{self, JobRecord, NewJob, Store, StoreError, StoredAck};
 use crate::uploader::{Control, Pass, UploadEnd, UploadError, Uploader};
+use crate::{metrics, notify, policy};
 
 /// Final acks younger than this are re-sent after every (re)connect, in case one was lost.
 const ACK_RESEND_WINDOW_SECS: i64 = 3600;
 /// How long shutdown waits for jobs to stop.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the store is polled for jobs queued with `uplink-agent upload`.
+const LOCAL_POLL: Duration = Duration::from_millis(1500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -45,6 +47,8 @@ pub enum AgentError {
     Http(#[from] reqwest::Error),
     #[error("startup task failed: {0}")]
     Task(String),
+    #[error("cannot listen for metrics on {0}: {1} (check metrics_listen)")]
+    Metrics(std::net::SocketAddr, std::io::Error),
 }
 
 /// Why a job step stopped.
@@ -132,6 +136,14 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
         .await
         .map_err(|e| AgentError::Task(e.to_string()))??;
     let store = Store::new(conn);
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => Some(
+            metrics::bind(addr)
+                .await
+                .map_err(|e| AgentError::Metrics(addr, e))?,
+        ),
+        None => None,
+    };
     let uploader = Uploader::new(cfg.max_upload_bytes_per_sec)?;
     let link_parts = Link::start(
         LinkSettings {
@@ -166,10 +178,15 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
     agent.refresh_queue_depth().await;
     let commands = tokio::spawn(agent.clone().command_loop(link_parts.commands));
     let connections = tokio::spawn(agent.clone().connection_loop(link_parts.connected));
+    let local_jobs = tokio::spawn(agent.clone().local_job_loop());
+    let metrics_task = metrics_listener
+        .map(|l| tokio::spawn(metrics::serve(l, agent.store.clone(), shutdown.clone())));
     agent.resume_jobs().await;
+    notify::ready(&shutdown);
 
     shutdown.cancelled().await;
     info!("Shutting down");
+    notify::stopping();
     agent.tasks.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, agent.tasks.wait())
         .await
@@ -177,11 +194,16 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
     {
         warn!("Jobs did not stop in time; they resume on the next start");
     }
-    for (name, task) in [
+    let mut tasks = vec![
         ("commands", commands),
         ("connections", connections),
+        ("local jobs", local_jobs),
         ("mqtt", link_parts.task),
-    ] {
+    ];
+    if let Some(t) = metrics_task {
+        tasks.push(("metrics", t));
+    }
+    for (name, task) in tasks {
         match tokio::time::timeout(Duration::from_secs(5), task).await {
             Ok(Ok(())) => debug!(task = name, "Task ended"),
             Ok(Err(e)) => warn!(task = name, error = %e, "Task ended abnormally"),
@@ -446,6 +468,41 @@ impl Agent {
                 }
                 Err(e) => warn!(error = %e, "Cannot read recent acks"),
             }
+        }
+    }
+
+    /// Starts runners for jobs queued on the gateway (`uplink-agent upload`), polling the
+    /// store every [`LOCAL_POLL`].
+    async fn local_job_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(LOCAL_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let ids = match self.store.call(|c| store::queued_local_jobs(c)).await {
+                Ok(ids) => ids,
+                Err(e) => {
+                    debug!(error = %e, "Cannot list local jobs");
+                    continue;
+                }
+            };
+            let fresh: Vec<Uuid> = match self.jobs.lock() {
+                Ok(jobs) => ids
+                    .into_iter()
+                    .filter(|id| !jobs.contains_key(id))
+                    .collect(),
+                Err(_) => continue,
+            };
+            if fresh.is_empty() {
+                continue;
+            }
+            for id in fresh {
+                info!(job_id = %id, "Local upload picked up");
+                self.control_job(id, Control::default(), |_| {}, true);
+            }
+            self.refresh_queue_depth().await;
         }
     }
 
@@ -746,7 +803,7 @@ impl Agent {
             plan::validate(identity.size, part_size).map_err(|e| JobError::Fatal(e.to_string()))?;
         let body = CreateSession {
             job_id: rec.id,
-            command_id: Some(rec.id),
+            command_id: (!rec.local).then_some(rec.id),
             file_name: rec.file_name.clone(),
             size: identity.size,
             sha256,
@@ -837,7 +894,9 @@ impl Agent {
             .call(move |c| store::finish_job(c, id, JobState::Done, &stored, now))
             .await?;
         info!(job_id = %id, session_id = %info.session_id, object_key = %info.object_key, size = info.size, "Upload done");
-        self.send_ack(id, &ack).await;
+        if !rec.local {
+            self.send_ack(id, &ack).await;
+        }
         let total = rec.identity.map(|i| i.size).unwrap_or(info.size);
         self.progress(rec, JobState::Done, Some(total), 0).await;
         self.refresh_queue_depth().await;
@@ -846,6 +905,7 @@ impl Agent {
 
     async fn fail_job(&self, id: Uuid, reason: String) {
         warn!(job_id = %id, %reason, "Job failed");
+        let local = self.load(id).await.map(|r| r.local).unwrap_or(false);
         let ack = StoredAck::with_reason(AckState::Failed, reason);
         let (stored, now) = (ack.clone(), unix_now());
         match self
@@ -863,7 +923,9 @@ impl Agent {
                 return;
             }
         }
-        self.send_ack(id, &ack).await;
+        if !local {
+            self.send_ack(id, &ack).await;
+        }
         if let Ok(rec) = self.load(id).await {
             self.progress(&rec, JobState::Failed, None, 0).await;
             if let Some(session_id) = rec.session_id {
@@ -912,7 +974,9 @@ impl Agent {
             return;
         }
         info!(job_id = %id, "Job cancelled");
-        self.send_ack(id, &ack).await;
+        if !rec.local {
+            self.send_ack(id, &ack).await;
+        }
         self.progress(&rec, JobState::Cancelled, None, 0).await;
         self.refresh_queue_depth().await;
     }

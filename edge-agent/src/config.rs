@@ -55,6 +55,12 @@ pub struct Config {
     /// Upload rate cap over all parts of all jobs; 0 = unlimited.
     #[serde(default)]
     pub max_upload_bytes_per_sec: u64,
+    /// Serve Prometheus metrics at `http://{metrics_listen}/metrics`; off when unset.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The control API's base URL; only `uplink-agent doctor` uses it (clock skew check).
+    #[serde(default)]
+    pub api_url: Option<String>,
     #[serde(default)]
     pub mqtt: MqttConfig,
 }
@@ -266,6 +272,14 @@ impl Config {
         if self.mqtt.host.trim().is_empty() {
             bad("mqtt.host", "must not be empty".into());
         }
+        if let Some(url) = &self.api_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bad(
+                    "api_url",
+                    format!("{url:?} is not an http:// or https:// URL"),
+                );
+            }
+        }
         if self.mqtt.port == 0 {
             bad("mqtt.port", "must not be 0".into());
         }
@@ -302,6 +316,8 @@ mod tests {
             part_size_mib: 8,
             request_timeout_secs: 10,
             max_upload_bytes_per_sec: 0,
+            metrics_listen: None,
+            api_url: None,
             mqtt: MqttConfig::default(),
         }
     }

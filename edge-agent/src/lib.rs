@@ -12,11 +12,18 @@
 //! - [`uploader`]: streaming part PUTs, presign freshness, rate limiting, URL redaction, and
 //!   the per-job upload pass.
 //! - [`agent`]: [`run`]: command handling, job runners, resume after restart, shutdown.
+//! - [`metrics`]: counters and the optional Prometheus `/metrics` responder.
+//! - [`notify`]: systemd readiness, watchdog and stopping notifications.
+//! - [`cli`]: the operator commands on the gateway: `status`, `upload`, `doctor`,
+//!   `print-default-config`.
 
 pub mod agent;
+pub mod cli;
 pub mod config;
 pub mod hasher;
 pub mod job;
+pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod rpc;
 pub mod store;

@@ -8,10 +8,17 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
+use uplink_agent::cli;
 use uplink_protocol::sign;
 
 #[derive(Parser)]
-#[command(name = "uplink-agent", version, about = "Uplink edge agent")]
+#[command(
+    name = "uplink-agent",
+    version,
+    about = "Uplink edge agent",
+    after_help = "Exit codes: 0 success; 1 error (bad configuration, database, a failed doctor \
+check); 2 `upload` refused the file (path policy)."
+)]
 struct Cli {
     /// Configuration file (TOML); `UPLINK_AGENT_*` environment variables override it.
     #[arg(long, global = true, env = "UPLINK_AGENT_CONFIG")]
@@ -32,14 +39,49 @@ enum Cmd {
     },
     /// Load and validate the configuration, then exit.
     CheckConfig,
+    /// Show the jobs in the state database (read-only; works while the agent runs).
+    #[command(after_help = "Exit codes: 0 listed; 1 no state database or a bad configuration.")]
+    Status {
+        /// Print a JSON array instead of text.
+        #[arg(long)]
+        json: bool,
+        /// At most this many jobs, newest first.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Queue FILE for upload by the running agent (no operator command needed); prints the
+    /// job id.
+    #[command(after_help = "Exit codes: 0 queued (the job id is printed); 1 error \
+(configuration, database); 2 refused: FILE is outside allowed_roots, not a regular file, \
+or unreadable.")]
+    Upload {
+        /// The file; it must be a regular file under one of `allowed_roots`.
+        file: PathBuf,
+    },
+    /// Check the configuration, key, state directory, disk, broker and clock; one line each.
+    #[command(
+        after_help = "Exit codes: 0 every check ok; 1 at least one FAIL. The MQTT check \
+connects as the device, so a running agent is briefly disconnected (it reconnects)."
+    )]
+    Doctor,
+    /// Print a commented default configuration.
+    PrintDefaultConfig,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let file = cli.config.as_deref();
     let result = match cli.command.unwrap_or(Cmd::Run) {
-        Cmd::Run => run(cli.config.as_deref()),
+        Cmd::Run => run(file),
         Cmd::Keygen { out } => keygen(&out),
-        Cmd::CheckConfig => check_config(cli.config.as_deref()),
+        Cmd::CheckConfig => check_config(file),
+        Cmd::Status { json, limit } => return code(cli::status(file, json, limit)),
+        Cmd::Upload { file: path } => return code(cli::upload(file, &path)),
+        Cmd::Doctor => doctor(file),
+        Cmd::PrintDefaultConfig => {
+            print!("{}", cli::DEFAULT_CONFIG);
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -47,6 +89,27 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn code(result: Result<u8, cli::CliError>) -> ExitCode {
+    match result {
+        Ok(c) => ExitCode::from(c),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(cli::EXIT_FAIL)
+        }
+    }
+}
+
+fn doctor(file: Option<&Path>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match runtime.block_on(cli::doctor(file)) {
+        cli::EXIT_OK => Ok(()),
+        _ => bail!("some checks failed"),
     }
 }
 

@@ -415,6 +415,7 @@ impl Link {
                         op = op.as_str(),
                         request_id, attempt, "No answer in time; re-sending"
                     );
+                    crate::metrics::request_resent();
                     Duration::ZERO
                 }
             };
@@ -501,6 +502,7 @@ async fn event_loop(
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 info!(host = %settings.host, port = settings.port, code = ?ack.code, "Connected to broker");
                 delay = RECONNECT_MIN;
+                crate::metrics::set_mqtt_connected(true);
                 // Subscribe and announce presence before anything else queued.
                 let depth = link.queue_depth.load(Ordering::Relaxed);
                 let mut status = Publish::new(
@@ -540,6 +542,7 @@ async fn event_loop(
             }
             Ok(_) => {}
             Err(e) => {
+                crate::metrics::set_mqtt_connected(false);
                 warn!(error = %e, retry_in_s = delay.as_secs(), "MQTT connection failed; reconnecting");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -553,6 +556,7 @@ async fn event_loop(
         }
     }
     goodbye(&mut eventloop, &link, &device).await;
+    crate::metrics::set_mqtt_connected(false);
 }
 
 /// Publishes the retained `offline` status and disconnects cleanly (best effort, ≤ 2 s).

@@ -132,6 +132,9 @@ pub struct JobRecord {
     pub cancel_requested: bool,
     pub created_at: i64,
     pub updated_at: i64,
+    /// Queued on the gateway (`uplink-agent upload`), not by a command: no acks are sent
+    /// and the session carries no command id.
+    pub local: bool,
 }
 
 impl JobRecord {
@@ -278,6 +281,7 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
         cancel_requested: row.get("cancel_requested")?,
         created_at: row.get("created_at")?,
         updated_at: row.get("updated_at")?,
+        local: row.get("local")?,
     })
 }
 
@@ -409,10 +413,65 @@ pub fn accept_upload(conn: &mut Connection, job: &NewJob, now: i64) -> Result<()
     Ok(())
 }
 
+/// Records a job queued on the gateway itself (no command, no ack): `queued`.
+pub fn queue_local_upload(conn: &mut Connection, job: &NewJob, now: i64) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO jobs (id, path, file_name, create_request_id, state, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+        params![
+            job.id.to_string(),
+            job.path.to_string_lossy(),
+            job.file_name,
+            job.create_request_id,
+            JobState::Queued.as_str(),
+            now
+        ],
+    )?;
+    Ok(())
+}
+
+/// Local jobs still `queued` (picked up by the running agent), oldest first.
+pub fn queued_local_jobs(conn: &Connection) -> Result<Vec<Uuid>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT id FROM jobs WHERE state = 'queued'
+           AND NOT EXISTS (SELECT 1 FROM commands WHERE commands.id = jobs.id)
+         ORDER BY created_at, id",
+    )?;
+    let ids = stmt
+        .query_map([], |row| uuid_col(row, "id"))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ids)
+}
+
+/// Every job, newest first (at most `limit`).
+pub fn list_jobs(conn: &Connection, limit: u32) -> Result<Vec<JobRecord>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT jobs.*, NOT EXISTS (SELECT 1 FROM commands WHERE commands.id = jobs.id) AS local
+         FROM jobs ORDER BY created_at DESC, id LIMIT ?1",
+    )?;
+    let jobs = stmt
+        .query_map(params![limit], job_from_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(jobs)
+}
+
+/// Number of jobs per state.
+pub fn job_counts(conn: &Connection) -> Result<Vec<(String, u64)>, StoreError> {
+    let mut stmt = conn.prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
+    let rows = stmt
+        .query_map([], |row| {
+            let n: i64 = row.get(1)?;
+            Ok((row.get::<_, String>(0)?, n as u64))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
 pub fn get_job(conn: &Connection, id: Uuid) -> Result<Option<JobRecord>, StoreError> {
     Ok(conn
         .query_row(
-            "SELECT * FROM jobs WHERE id = ?1",
+            "SELECT jobs.*, NOT EXISTS (SELECT 1 FROM commands WHERE commands.id = jobs.id) AS local
+             FROM jobs WHERE id = ?1",
             params![id.to_string()],
             job_from_row,
         )

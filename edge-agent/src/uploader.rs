@@ -36,6 +36,8 @@ const READ_TIMEOUT: Duration = Duration::from_secs(120);
 const PUT_ATTEMPTS: usize = 5;
 /// Re-presigns of one part (after 403 / expiry) before the job gives up on this round.
 const MAX_REPRESIGNS: u32 = 5;
+/// How long shutdown waits for the PUTs in flight (the agent's own grace is 10 s).
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(8);
 
 /// Job controls shared between the command handler and the job's runner.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -312,6 +314,7 @@ impl Uploader {
                 Ok(etag) => return Ok(etag),
                 Err(e) if e.retryable() => match backoff.next() {
                     Some(delay) => {
+                        crate::metrics::part_retried();
                         warn!(part = part.number, error = %e, url = %redact_url(&url.url), retry_in_ms = delay.as_millis() as u64, "Part upload failed; retrying");
                         tokio::time::sleep(delay).await;
                     }
@@ -433,7 +436,8 @@ impl Pass<'_> {
                     let answer: PresignedParts = tokio::select! {
                         r = self.link.call(Op::PartsPresign, &request_id, &body) => r?,
                         _ = self.shutdown.cancelled() => {
-                            tasks.abort_all();
+                            self.permits.close();
+                            drain(job_id, self.store, &mut tasks, &mut in_flight).await;
                             return Err(UploadError::Shutdown);
                         }
                     };
@@ -504,6 +508,7 @@ impl Pass<'_> {
                                 .call(move |c| store::commit_part(c, job_id, number, &etag_db))
                                 .await?;
                             done_bytes += size;
+                            crate::metrics::part_uploaded(size);
                             debug!(job_id = %job_id, part = number, %etag, "Part uploaded");
                         }
                         Err(PutError::Expired) => {
@@ -514,6 +519,7 @@ impl Pass<'_> {
                                 tasks.abort_all();
                                 return Err(UploadError::Part { number, source: PutError::Expired });
                             }
+                            crate::metrics::part_retried();
                             debug!(job_id = %job_id, part = number, "URL expired; re-presigning");
                             pending.push_front(part);
                         }
@@ -539,12 +545,53 @@ impl Pass<'_> {
                     (self.on_progress)(done_bytes, rate);
                 }
                 _ = self.shutdown.cancelled() => {
-                    tasks.abort_all();
+                    self.permits.close();
+                    drain(job_id, self.store, &mut tasks, &mut in_flight).await;
                     return Err(UploadError::Shutdown);
                 }
             }
         }
     }
+}
+
+/// At shutdown: lets the PUTs in flight finish (and commits them) for at most
+/// [`SHUTDOWN_DRAIN`], then abandons the rest (they are uploaded again after a restart).
+/// No new PUT starts: the caller closed the PUT permits.
+async fn drain(
+    job_id: Uuid,
+    store: &Store,
+    tasks: &mut JoinSet<(u32, Result<String, PutError>)>,
+    in_flight: &mut HashMap<u32, PartRecord>,
+) {
+    if tasks.is_empty() {
+        return;
+    }
+    info!(job_id = %job_id, parts = in_flight.len(), "Shutting down; letting parts in flight finish");
+    let finish = async {
+        while let Some(joined) = tasks.join_next().await {
+            let Ok((number, Ok(etag))) = joined else {
+                continue;
+            };
+            let Some(part) = in_flight.remove(&number) else {
+                continue;
+            };
+            let size = part.size;
+            match store
+                .call(move |c| store::commit_part(c, job_id, number, &etag))
+                .await
+            {
+                Ok(()) => {
+                    crate::metrics::part_uploaded(size);
+                    debug!(job_id = %job_id, part = number, "Part uploaded during shutdown");
+                }
+                Err(e) => warn!(job_id = %job_id, part = number, error = %e, "Part not committed"),
+            }
+        }
+    };
+    if tokio::time::timeout(SHUTDOWN_DRAIN, finish).await.is_err() {
+        warn!(job_id = %job_id, parts = tasks.len(), "Parts still in flight at shutdown abandoned; they are sent again after a restart");
+    }
+    tasks.abort_all();
 }
 
 #[cfg(test)]

@@ -418,6 +418,8 @@ fn config(dir: &Path, port: u16, device_key: &PrivateKey, cmd_key: &PrivateKey) 
         part_size_mib: 5,
         request_timeout_secs: 2,
         max_upload_bytes_per_sec: 0,
+        metrics_listen: None,
+        api_url: None,
         mqtt: MqttConfig {
             host: "127.0.0.1".into(),
             port,
