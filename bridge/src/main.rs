@@ -1,12 +1,16 @@
-//! `uplink-bridge [--config FILE] [run]` and `uplink-bridge check-config`.
+//! `uplink-bridge [--config FILE] [run | check-config | print-default-config]`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 use uplink_bridge::config::Config;
+
+/// The commented example configuration, printed by `print-default-config`.
+const DEFAULT_CONFIG: &str = include_str!("../../configs/bridge.toml");
 
 #[derive(Parser)]
 #[command(
@@ -28,33 +32,39 @@ enum Command {
     Run,
     /// Check the configuration and say what is wrong with it.
     CheckConfig,
+    /// Print the commented example configuration
+    /// (`uplink-bridge print-default-config > /etc/uplink/bridge.toml`).
+    PrintDefaultConfig,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(cli.config.as_deref()) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("configuration is not valid:\n{e}");
-            return ExitCode::FAILURE;
-        }
+    let load = || {
+        Config::load(cli.config.as_deref())
+            .map_err(|e| eprintln!("configuration is not valid:\n{e}"))
     };
     match cli.command.unwrap_or(Command::Run) {
-        Command::CheckConfig => {
-            println!("config ok");
+        Command::PrintDefaultConfig => {
+            print!("{DEFAULT_CONFIG}");
             ExitCode::SUCCESS
         }
-        Command::Run => run(config),
+        Command::CheckConfig => match load() {
+            Ok(_) => {
+                println!("config ok");
+                ExitCode::SUCCESS
+            }
+            Err(()) => ExitCode::FAILURE,
+        },
+        Command::Run => match load() {
+            Ok(config) => run(config),
+            Err(()) => ExitCode::FAILURE,
+        },
     }
 }
 
 fn run(config: Config) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn")),
-        )
-        .init();
+    let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
+    init_tracing(connected_tx);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -65,6 +75,13 @@ fn run(config: Config) -> ExitCode {
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(shutdown_on_signal(shutdown.clone()));
+        if let Some(notifier) = sd_notify::Notifier::from_env() {
+            tokio::spawn(notify_when_ready(
+                Arc::new(notifier),
+                connected_rx,
+                shutdown.clone(),
+            ));
+        }
         match uplink_bridge::run(config, shutdown).await {
             Ok(()) => {
                 info!("Bridge stopped");
@@ -76,6 +93,103 @@ fn run(config: Config) -> ExitCode {
             }
         }
     })
+}
+
+/// Logs to stderr (text, or JSON: see [`json_logs`]) through `RUST_LOG`'s filter, and
+/// fires `connected` the first time the bridge's MQTT client is connected (see
+/// [`ConnectedLayer`]), whatever `RUST_LOG` says.
+fn init_tracing(connected: tokio::sync::oneshot::Sender<()>) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
+    let fmt = if json_logs(|name| std::env::var_os(name)) {
+        tracing_subscriber::fmt::layer().json().boxed()
+    } else {
+        tracing_subscriber::fmt::layer().boxed()
+    };
+    let connected = ConnectedLayer(std::sync::Mutex::new(Some(connected))).with_filter(
+        tracing_subscriber::filter::Targets::new()
+            .with_target(ConnectedLayer::TARGET, tracing::Level::INFO),
+    );
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(connected)
+        .init();
+}
+
+/// JSON logs when `UPLINK_LOG_FORMAT=json`, or under systemd (`JOURNAL_STREAM` or
+/// `INVOCATION_ID` set) unless `UPLINK_LOG_FORMAT` says otherwise; text otherwise.
+fn json_logs(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> bool {
+    match env("UPLINK_LOG_FORMAT") {
+        Some(format) => format == "json",
+        None => env("JOURNAL_STREAM").is_some() || env("INVOCATION_ID").is_some(),
+    }
+}
+
+/// Readiness without a hook in the library: the bridge's MQTT event loop logs
+/// "Connected to broker" (target `uplink_bridge::mqtt`) on every CONNACK, i.e. once the
+/// broker (embedded or external) is up and has accepted the bridge. The first such event
+/// fires the sender. `scripts/check-units` fails if this message ever changes.
+struct ConnectedLayer(std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>);
+
+impl ConnectedLayer {
+    const TARGET: &'static str = "uplink_bridge::mqtt";
+    const MESSAGE: &'static str = "Connected to broker";
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ConnectedLayer {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if event.metadata().target() != Self::TARGET {
+            return;
+        }
+        let mut visitor = IsMessage(false);
+        event.record(&mut visitor);
+        if visitor.0 {
+            if let Some(tx) = self.0.lock().ok().and_then(|mut tx| tx.take()) {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+/// True when an event's message is [`ConnectedLayer::MESSAGE`].
+struct IsMessage(bool);
+
+impl tracing::field::Visit for IsMessage {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" && value == ConnectedLayer::MESSAGE {
+            self.0 = true;
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" && format!("{value:?}") == ConnectedLayer::MESSAGE {
+            self.0 = true;
+        }
+    }
+}
+
+/// Sends READY=1 once the bridge is connected to its broker, then keeps the watchdog fed
+/// and says STOPPING=1 at shutdown. If the broker never comes up no READY=1 is sent: the
+/// embedded broker fails the bridge within 10 s, and for an external broker systemd's
+/// start timeout fails the unit.
+async fn notify_when_ready(
+    notifier: Arc<sd_notify::Notifier>,
+    connected: tokio::sync::oneshot::Receiver<()>,
+    shutdown: CancellationToken,
+) {
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        r = connected => {
+            if r.is_ok() {
+                notifier.send("READY=1");
+                info!("Told systemd the bridge is ready");
+                sd_notify::supervise(notifier, shutdown);
+            }
+        }
+    }
 }
 
 /// Fires `shutdown` on Ctrl-C or SIGTERM.
@@ -105,4 +219,182 @@ async fn shutdown_on_signal(shutdown: CancellationToken) {
         () = term => info!("SIGTERM received; shutting down"),
     }
     shutdown.cancel();
+}
+
+/// systemd's service notification protocol (`sd_notify(3)`) without libsystemd: one datagram
+/// per message to the socket `NOTIFY_SOCKET` names. Every call is a no-op when the process
+/// was not started by systemd with `Type=notify`. (The same few lines live in the other
+/// service's `main.rs`; the wire contract is systemd's, not ours.)
+mod sd_notify {
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    use std::time::Duration;
+
+    pub struct Notifier {
+        socket: UnixDatagram,
+        addr: SocketAddr,
+    }
+
+    impl Notifier {
+        /// The notifier for `$NOTIFY_SOCKET`, or `None` outside systemd. A socket that
+        /// cannot be opened is logged and treated as absent: systemd then fails the start
+        /// on its own (no READY=1), which is louder than anything we could do here.
+        pub fn from_env() -> Option<Self> {
+            let path = std::env::var_os("NOTIFY_SOCKET")?;
+            match Self::open(&path) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    tracing::error!(error = %e, socket = ?path, "Cannot open NOTIFY_SOCKET");
+                    None
+                }
+            }
+        }
+
+        fn open(path: &std::ffi::OsStr) -> std::io::Result<Self> {
+            use std::os::unix::ffi::OsStrExt as _;
+            let bytes = path.as_bytes();
+            let addr = match bytes.split_first() {
+                // "@name" is a Linux abstract socket.
+                #[cfg(target_os = "linux")]
+                Some((b'@', name)) => {
+                    use std::os::linux::net::SocketAddrExt as _;
+                    SocketAddr::from_abstract_name(name)?
+                }
+                _ => SocketAddr::from_pathname(std::path::Path::new(path))?,
+            };
+            Ok(Self {
+                socket: UnixDatagram::unbound()?,
+                addr,
+            })
+        }
+
+        /// Sends one message (`READY=1`, `WATCHDOG=1`, `STOPPING=1`, `STATUS=…`).
+        pub fn send(&self, message: &str) {
+            if let Err(e) = self.socket.send_to_addr(message.as_bytes(), &self.addr) {
+                tracing::warn!(error = %e, message, "Could not notify systemd");
+            }
+        }
+    }
+
+    /// Half of `WATCHDOG_USEC` (systemd's advice), when the watchdog is on for this process.
+    pub fn watchdog_interval() -> Option<Duration> {
+        if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+            if pid.parse::<u32>().ok() != Some(std::process::id()) {
+                return None;
+            }
+        }
+        let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+        (usec > 0).then(|| Duration::from_micros(usec / 2))
+    }
+
+    /// Pings the watchdog every [`watchdog_interval`] from a runtime task (so a wedged
+    /// runtime stops the pings and systemd restarts the service), and sends `STOPPING=1`
+    /// when `shutdown` fires.
+    pub fn supervise(
+        notifier: std::sync::Arc<Notifier>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let interval = watchdog_interval();
+        tokio::spawn(async move {
+            let mut tick = interval.map(tokio::time::interval);
+            loop {
+                let next = async {
+                    match tick.as_mut() {
+                        Some(t) => {
+                            t.tick().await;
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                };
+                tokio::select! {
+                    () = shutdown.cancelled() => {
+                        notifier.send("STOPPING=1");
+                        return;
+                    }
+                    () = next => notifier.send("WATCHDOG=1"),
+                }
+            }
+        });
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn sends_datagrams_to_a_path_socket() {
+            let dir = std::env::temp_dir().join(format!("sd-notify-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("notify.sock");
+            let _ = std::fs::remove_file(&path);
+            let listener = UnixDatagram::bind(&path).unwrap();
+            let notifier = Notifier::open(path.as_os_str()).unwrap();
+            notifier.send("READY=1");
+            let mut buf = [0u8; 64];
+            let n = listener.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], b"READY=1");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+
+        #[cfg(target_os = "linux")]
+        #[test]
+        fn sends_datagrams_to_an_abstract_socket() {
+            use std::os::linux::net::SocketAddrExt as _;
+            let name = format!("uplink-sd-notify-test-{}", std::process::id());
+            let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+            let listener = UnixDatagram::bind_addr(&addr).unwrap();
+            let notifier = Notifier::open(std::ffi::OsStr::new(&format!("@{name}"))).unwrap();
+            notifier.send("WATCHDOG=1");
+            let mut buf = [0u8; 64];
+            let n = listener.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], b"WATCHDOG=1");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<std::ffi::OsString> + 'a {
+        move |name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.into())
+    }
+
+    #[test]
+    fn log_format_is_json_under_systemd_unless_told_otherwise() {
+        assert!(!json_logs(env(&[])));
+        assert!(json_logs(env(&[("UPLINK_LOG_FORMAT", "json")])));
+        assert!(json_logs(env(&[("JOURNAL_STREAM", "8:1234")])));
+        assert!(json_logs(env(&[("INVOCATION_ID", "abc")])));
+        assert!(!json_logs(env(&[
+            ("INVOCATION_ID", "abc"),
+            ("UPLINK_LOG_FORMAT", "text")
+        ])));
+    }
+
+    #[test]
+    fn connected_layer_fires_once_on_the_event_loop_connect_message() {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let subscriber =
+            tracing_subscriber::registry().with(ConnectedLayer(std::sync::Mutex::new(Some(tx))));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(target: "uplink_bridge::mqtt", "Subscribed to device topics");
+            tracing::info!(target: "uplink_bridge", "Connected to broker");
+            assert!(rx.try_recv().is_err(), "fired on the wrong event");
+            tracing::info!(
+                target: "uplink_bridge::mqtt",
+                session_present = false,
+                "Connected to broker"
+            );
+            tracing::info!(target: "uplink_bridge::mqtt", "Connected to broker");
+        });
+        assert!(rx.try_recv().is_ok());
+    }
+
+    #[test]
+    fn default_config_is_the_example_and_parses() {
+        use figment::providers::{Format as _, Toml};
+        let config = Config::from_figment(figment::Figment::from(Toml::string(DEFAULT_CONFIG)));
+        assert!(config.is_ok(), "{config:?}");
+    }
 }
