@@ -661,6 +661,119 @@ impl Stack {
         session
     }
 
+    /// Restarts Mosquitto (external-broker stacks only) on the same port.
+    pub async fn restart_mosquitto(&self) {
+        {
+            let mut m = lock(&self.mosquitto);
+            let m = m
+                .as_mut()
+                .expect("restart_mosquitto needs StackOptions::external_broker");
+            m.kill();
+            m.start();
+        }
+        self.wait_tcp("mosquitto", self.mqtt_port, Duration::from_secs(30))
+            .await;
+    }
+
+    /// Waits until at least `bytes` went from agents through the proxy towards storage.
+    /// Panics when the command ends first or nothing moves for `timeout`.
+    pub async fn wait_proxy_bytes(&self, command_id: &str, bytes: u64, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.proxy.bytes_sent() < bytes {
+            let cmd = self.command(command_id).await;
+            let state = cmd["state"].as_str().unwrap_or("");
+            assert!(
+                !matches!(state, "done" | "failed" | "rejected" | "expired"),
+                "the command ended ({cmd}) before {bytes} bytes went to storage"
+            );
+            self.assert_alive();
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of {bytes} bytes went to storage within {timeout:?}",
+                self.proxy.bytes_sent()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Result of `PRAGMA integrity_check` on the agent's `state_dir/agent.db` (opened
+    /// read-only; fine while the agent runs, the database is in WAL mode).
+    pub fn agent_db_integrity(&self, dev: &Device) -> String {
+        let path = dev.state_dir.join("agent.db");
+        let conn = rusqlite::Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        conn.busy_timeout(Duration::from_secs(10)).ok();
+        let rows: Vec<String> = conn
+            .prepare("PRAGMA integrity_check")
+            .and_then(|mut st| {
+                st.query_map([], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .unwrap_or_else(|e| panic!("PRAGMA integrity_check on {}: {e}", path.display()));
+        rows.join("\n")
+    }
+
+    /// Keys of the multipart uploads still open in the bucket under `prefix`
+    /// (S3 ListMultipartUploads, SigV4-signed with curl).
+    pub async fn s3_open_uploads(&self, prefix: &str) -> Vec<String> {
+        // Sorted, encoded and with `uploads=`: curl signs the query as written.
+        let url = format!(
+            "{}/{}?prefix={}&uploads=",
+            self.env.s3_endpoint,
+            self.env.s3_bucket,
+            prefix.replace('/', "%2F")
+        );
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", "--fail-with-body", "--max-time", "30", "--aws-sigv4"])
+            .arg(format!("aws:amz:{}:s3", self.env.s3_region))
+            .arg("--user")
+            .arg(format!(
+                "{}:{}",
+                self.env.s3_access_key, self.env.s3_secret_key
+            ))
+            .arg(&url)
+            .output()
+            .await
+            .expect("run curl");
+        let body = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success() && body.contains("ListMultipartUploadsResult"),
+            "GET {url}: {} {body}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        body.split("<Upload>")
+            .skip(1)
+            .filter_map(|u| {
+                let start = u.find("<Key>")? + "<Key>".len();
+                let end = u[start..].find("</Key>")? + start;
+                Some(u[start..end].to_string())
+            })
+            .collect()
+    }
+
+    /// The checks every fault test ends with: the command is `done` and the object
+    /// byte-identical ([`Stack::verify_upload`]), the device has exactly one session, no
+    /// multipart upload is left open under the device's prefix, and the agent's SQLite
+    /// database passes `PRAGMA integrity_check`. Returns the session.
+    pub async fn verify_fault_upload(&self, dev: &Device, file: &SourceFile, cmd: &Value) -> Value {
+        let session = self.verify_upload(file, cmd).await;
+        let sessions = self.sessions(&dev.id).await;
+        assert_eq!(
+            sessions.len(),
+            1,
+            "exactly one session for one upload: {}",
+            Value::Array(sessions.clone())
+        );
+        assert_eq!(sessions[0]["session_id"], session["session_id"]);
+        let open = self.s3_open_uploads(&format!("devices/{}/", dev.id)).await;
+        assert!(open.is_empty(), "multipart uploads left open: {open:?}");
+        assert_eq!(self.agent_db_integrity(dev), "ok", "agent.db integrity");
+        session
+    }
+
     /// Prints every process's log (tail) to stderr.
     pub fn dump_logs(&self) {
         let mut logs: Vec<(String, PathBuf)> = vec![
