@@ -29,9 +29,9 @@ use crate::store::{self, PartRecord, Store, StoreError};
 /// Chunk size of part bodies (no whole-part buffering).
 pub const CHUNK_BYTES: usize = 64 * 1024;
 /// A PUT that moves no bytes (and gets no answer) for this long is abandoned and retried.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+/// This is the only timeout on a PUT once connected: a part on a slow link may take hours.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-const READ_TIMEOUT: Duration = Duration::from_secs(120);
 /// Tries of one part against one URL before the error goes up to the job.
 const PUT_ATTEMPTS: usize = 5;
 /// Re-presigns of one part (after 403 / expiry) before the job gives up on this round.
@@ -56,6 +56,10 @@ pub enum PutError {
     Transient(String),
     #[error("storage refused the part: {0}")]
     Refused(String),
+    /// Storage received other bytes than the signed Content-MD5 (BadDigest): corrupted in
+    /// transit, or the file changed. The part is sent again; the job re-checks the file.
+    #[error("storage refused the bytes as corrupted: {0}")]
+    Corrupted(String),
     #[error("storage returned ETag {got}, expected {want}")]
     EtagMismatch { got: String, want: String },
     #[error("cannot read the file: {0}")]
@@ -64,7 +68,10 @@ pub enum PutError {
 
 impl PutError {
     fn retryable(&self) -> bool {
-        matches!(self, PutError::Transient(_) | PutError::EtagMismatch { .. })
+        matches!(
+            self,
+            PutError::Transient(_) | PutError::EtagMismatch { .. } | PutError::Corrupted(_)
+        )
     }
 }
 
@@ -175,7 +182,6 @@ impl Uploader {
         // Idle/read timeouts only: a slow link must be able to finish a large part.
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(READ_TIMEOUT)
             .tcp_keepalive(Duration::from_secs(30))
             .pool_idle_timeout(Duration::from_secs(30))
             .build()?;
@@ -286,6 +292,9 @@ impl Uploader {
         match code {
             403 => Err(PutError::Expired),
             408 | 429 | 500..=599 => Err(PutError::Transient(format!("status {code}: {snippet}"))),
+            400 if text.contains("BadDigest") || text.contains("InvalidDigest") => {
+                Err(PutError::Corrupted(format!("status {code}: {snippet}")))
+            }
             _ => Err(PutError::Refused(format!("status {code}: {snippet}"))),
         }
     }
@@ -768,7 +777,13 @@ mod tests {
         let (url, _s) =
             serve_once("HTTP/1.1 400 Bad Request\r\nContent-Length: 9\r\n\r\nBadDigest").await;
         match up.put_once(&path, &p, &presigned(url), &sent).await {
-            Err(PutError::Refused(m)) => assert!(m.contains("BadDigest")),
+            Err(e @ PutError::Corrupted(_)) => assert!(e.retryable(), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        let (url, _s) =
+            serve_once("HTTP/1.1 400 Bad Request\r\nContent-Length: 10\r\n\r\nBadRequest").await;
+        match up.put_once(&path, &p, &presigned(url), &sent).await {
+            Err(e @ PutError::Refused(_)) => assert!(!e.retryable(), "{e}"),
             other => panic!("{other:?}"),
         }
         // Connection refused: transient, and the message carries no query string.
