@@ -93,6 +93,16 @@ async fn not_found() -> ApiError {
     ApiError::NotFound("not_found", "no such endpoint".into())
 }
 
+/// Every log line of a request carries its id: the bridge's `X-Request-Id`
+/// (`device:request_id`), else the `Idempotency-Key`. Only the path is logged, never a query.
+fn request_span(req: &Request) -> tracing::Span {
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let request_id = header("x-request-id")
+        .or_else(|| header("idempotency-key"))
+        .unwrap_or("-");
+    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), %request_id)
+}
+
 pub fn router(state: AppState) -> Router {
     let operator = Router::new()
         .route(
@@ -143,6 +153,6 @@ pub fn router(state: AppState) -> Router {
         .merge(bridge)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_PAYLOAD_BYTES))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)
 }
