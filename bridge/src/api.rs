@@ -1,6 +1,8 @@
 //! HTTP client for the control API: the device API (forwarded requests) and the bridge API
 //! (MQTT auth, presence, due commands).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,6 +18,8 @@ use crate::config::Secret;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connect timeout for the control API.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long `GET /healthz` of the control API may take during a readiness check.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -80,6 +84,8 @@ pub struct ApiClient {
     http: reqwest::Client,
     base: String,
     token: Secret,
+    /// Whether the last call got an answer below 500 (shared by all clones).
+    last_ok: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for ApiClient {
@@ -100,7 +106,38 @@ impl ApiClient {
             .user_agent(concat!("uplink-bridge/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(ApiError::Client)?;
-        Ok(ApiClient { http, base, token })
+        Ok(ApiClient {
+            http,
+            base,
+            token,
+            last_ok: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Whether the last call to the control API got an answer below 500.
+    pub fn last_call_ok(&self) -> bool {
+        self.last_ok.load(Ordering::Relaxed)
+    }
+
+    /// Sends `req`, remembering whether the API answered (below 500).
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ApiError> {
+        let result = req.send().await;
+        let ok = result
+            .as_ref()
+            .is_ok_and(|res| !res.status().is_server_error());
+        self.last_ok.store(ok, Ordering::Relaxed);
+        result.map_err(ApiError::Unreachable)
+    }
+
+    /// Whether `GET /healthz` of the control API answers 2xx within [`HEALTH_TIMEOUT`].
+    pub async fn healthz(&self) -> bool {
+        let req = self
+            .http
+            .get(format!("{}/healthz", self.base))
+            .timeout(HEALTH_TIMEOUT);
+        let ok = req.send().await.is_ok_and(|res| res.status().is_success());
+        self.last_ok.store(ok, Ordering::Relaxed);
+        ok
     }
 
     fn bridge_request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -122,7 +159,7 @@ impl ApiClient {
             let value = HeaderValue::from_str(value).map_err(|_| ApiError::BadHeader { name })?;
             req = req.header(HeaderName::from_static(name), value);
         }
-        let res = req.body(body).send().await.map_err(ApiError::Unreachable)?;
+        let res = self.send(req.body(body)).await?;
         let status = res.status().as_u16();
         let content_type = res
             .headers()
@@ -145,16 +182,14 @@ impl ApiClient {
         password: &str,
     ) -> Result<bool, ApiError> {
         const WHAT: &str = "mqtt-auth";
-        let res = self
+        let req = self
             .bridge_request(reqwest::Method::POST, "/v1/bridge/mqtt-auth")
             .json(&MqttAuthRequest {
                 client_id,
                 username,
                 password,
-            })
-            .send()
-            .await
-            .map_err(ApiError::Unreachable)?;
+            });
+        let res = self.send(req).await?;
         let res = check(WHAT, res).await?;
         let answer: MqttAuthAnswer = res.json().await.map_err(|e| ApiError::Decode {
             what: WHAT,
@@ -165,29 +200,24 @@ impl ApiClient {
 
     /// `PUT /v1/bridge/devices/{device_id}/presence`.
     pub async fn put_presence(&self, device_id: &str, status: &Status) -> Result<(), ApiError> {
-        let res = self
+        let req = self
             .bridge_request(
                 reqwest::Method::PUT,
                 &format!("/v1/bridge/devices/{device_id}/presence"),
             )
-            .json(status)
-            .send()
-            .await
-            .map_err(ApiError::Unreachable)?;
+            .json(status);
+        let res = self.send(req).await?;
         check("presence", res).await.map(drop)
     }
 
     /// `GET /v1/bridge/commands/due?limit=N`.
     pub async fn commands_due(&self, limit: usize) -> Result<Vec<DueCommand>, ApiError> {
         const WHAT: &str = "commands/due";
-        let res = self
-            .bridge_request(
-                reqwest::Method::GET,
-                &format!("/v1/bridge/commands/due?limit={limit}"),
-            )
-            .send()
-            .await
-            .map_err(ApiError::Unreachable)?;
+        let req = self.bridge_request(
+            reqwest::Method::GET,
+            &format!("/v1/bridge/commands/due?limit={limit}"),
+        );
+        let res = self.send(req).await?;
         let res = check(WHAT, res).await?;
         res.json().await.map_err(|e| ApiError::Decode {
             what: WHAT,
@@ -197,14 +227,11 @@ impl ApiClient {
 
     /// `POST /v1/bridge/commands/{command_id}/published`.
     pub async fn mark_published(&self, command_id: Uuid) -> Result<(), ApiError> {
-        let res = self
-            .bridge_request(
-                reqwest::Method::POST,
-                &format!("/v1/bridge/commands/{command_id}/published"),
-            )
-            .send()
-            .await
-            .map_err(ApiError::Unreachable)?;
+        let req = self.bridge_request(
+            reqwest::Method::POST,
+            &format!("/v1/bridge/commands/{command_id}/published"),
+        );
+        let res = self.send(req).await?;
         check("commands/published", res).await.map(drop)
     }
 }

@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 use uplink_protocol::topics::{self, Channel};
 
 use crate::api::{ApiClient, DueCommand};
+use crate::metrics::Metrics;
 
 /// Most commands fetched per pass.
 pub const BATCH: usize = 100;
@@ -38,6 +39,7 @@ pub struct Pump {
     /// Wakes the pump before the next tick.
     pub wake: Arc<Notify>,
     pub interval: Duration,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Pump {
@@ -110,6 +112,7 @@ impl Pump {
                     payload,
                 )
                 .await?;
+            self.metrics.command_published();
             match self.api.mark_published(cmd.command_id).await {
                 Ok(()) => {
                     marked += 1;

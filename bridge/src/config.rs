@@ -96,6 +96,9 @@ pub struct Config {
     /// How often due commands are fetched and published.
     #[serde(default = "default_poll_interval_ms")]
     pub poll_interval_ms: u64,
+    /// Where to serve `/healthz`, `/readyz` and `/metrics` over HTTP; off when unset.
+    #[serde(default)]
+    pub http_listen: Option<SocketAddr>,
     #[serde(default)]
     pub broker: BrokerConfig,
 }
@@ -255,6 +258,7 @@ mod tests {
             "#,
         )
         .unwrap();
+        assert_eq!(c.http_listen, None);
         assert_eq!(c.broker.mode, BrokerMode::Embedded);
         assert_eq!(c.api_base(), "http://127.0.0.1:8080");
         assert_eq!(format!("{:?}", c.api_token), "[REDACTED]");
@@ -269,6 +273,8 @@ mod tests {
         assert!(err.to_string().contains("mod"), "{err}");
         let err = from_toml("api_token = \"t\"\n[broker]\nmode = \"sideways\"").unwrap_err();
         assert!(err.to_string().contains("mode"), "{err}");
+        let err = from_toml("api_token = \"t\"\nhttp_listen = \"nowhere\"").unwrap_err();
+        assert!(err.to_string().contains("http_listen"), "{err}");
     }
 
     #[test]
@@ -293,7 +299,12 @@ mod tests {
             jail.set_env("UPLINK_BRIDGE_BROKER__MODE", "external");
             jail.set_env("UPLINK_BRIDGE_BROKER__PORT", "1884");
             jail.set_env("UPLINK_BRIDGE_BROKER__SHARED_SUBSCRIPTIONS", "true");
+            jail.set_env("UPLINK_BRIDGE_HTTP_LISTEN", "127.0.0.1:9465");
             let c = Config::load(Some(Path::new("bridge.toml"))).unwrap();
+            assert_eq!(
+                c.http_listen,
+                Some(SocketAddr::from(([127, 0, 0, 1], 9465)))
+            );
             assert_eq!(c.api_token.expose(), "1234");
             assert_eq!(c.broker.mode, BrokerMode::External);
             assert_eq!(c.broker.port, 1884);

@@ -4,7 +4,8 @@
 //! The pure pieces (payload classification, header mapping, answer mapping) are plain
 //! functions; [`handle`] is the I/O around them.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use rumqttc::{AsyncClient, QoS};
@@ -17,6 +18,7 @@ use uplink_protocol::topics::{self, Channel};
 use uplink_protocol::{valid_request_id, VERSION};
 
 use crate::api::{ApiClient, ApiError, HttpAnswer};
+use crate::metrics::{Metrics, Outcome};
 
 pub const HEADER_DEVICE: &str = "x-uplink-device";
 pub const HEADER_IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -195,6 +197,7 @@ pub fn response_from_api(request_id: &str, answer: &HttpAnswer) -> ResponseEnvel
 pub struct Forwarder {
     pub api: ApiClient,
     pub mqtt: AsyncClient,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Forwarder {
@@ -236,8 +239,12 @@ impl Forwarder {
         match (channel, request_id) {
             (Channel::Req, Some(request_id)) => {
                 info!(device_id, %request_id, code = %problem.code, "Request refused");
-                self.respond(device_id, ResponseEnvelope::problem(&request_id, problem))
-                    .await;
+                if self
+                    .respond(device_id, ResponseEnvelope::problem(&request_id, problem))
+                    .await
+                {
+                    self.metrics.problem_published();
+                }
             }
             (_, request_id) => warn!(
                 device_id,
@@ -254,6 +261,7 @@ impl Forwarder {
         let headers = device_headers(device_id, &envelope);
         let path = op.http_path();
         let call = || self.api.device_call(&path, &headers, envelope.body.clone());
+        let started = Instant::now();
         let result = match channel {
             // Acks matter and are idempotent (same request id): retry a little here; the
             // agent does not expect an answer to them.
@@ -270,6 +278,11 @@ impl Forwarder {
             }
             _ => call().await,
         };
+        let outcome = match &result {
+            Ok(answer) => Outcome::of_status(answer.status),
+            Err(_) => Outcome::Failed,
+        };
+        self.metrics.forwarded(outcome, started.elapsed());
         match (channel, result) {
             (Channel::Req, Ok(answer)) => {
                 let response = response_from_api(&envelope.request_id, &answer);
@@ -299,12 +312,13 @@ impl Forwarder {
         }
     }
 
-    async fn respond(&self, device_id: &str, response: ResponseEnvelope) {
+    /// Publishes `response` on the device's `res` topic; `false` when that failed.
+    async fn respond(&self, device_id: &str, response: ResponseEnvelope) -> bool {
         let payload = match serde_json::to_vec(&response) {
             Ok(p) => p,
             Err(e) => {
                 warn!(device_id, error = %e, "Could not serialise a response");
-                return;
+                return false;
             }
         };
         if payload.len() > MAX_PAYLOAD_BYTES {
@@ -321,7 +335,9 @@ impl Forwarder {
             .await
         {
             warn!(device_id, error = %e, "Could not publish a response");
+            return false;
         }
+        true
     }
 }
 

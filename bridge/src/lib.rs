@@ -13,6 +13,8 @@
 //!   classification and answer mapping are pure functions.
 //! - [`presence`]: `status` → presence updates, newest per device.
 //! - [`commands`]: the pump that publishes due commands on `cmd`.
+//! - [`metrics`]: the shared counters and their Prometheus text rendering.
+//! - [`http`]: the optional `http_listen` server: `/healthz`, `/readyz`, `/metrics`.
 //!
 //! [`run`] wires them together and returns when its shutdown token fires.
 
@@ -21,6 +23,8 @@ pub mod broker;
 pub mod commands;
 pub mod config;
 pub mod forward;
+pub mod http;
+pub mod metrics;
 pub mod mqtt;
 pub mod presence;
 
@@ -50,6 +54,12 @@ pub enum BridgeError {
     Broker(#[from] BrokerError),
     #[error("embedded broker on {0} did not accept the bridge's connection in time")]
     BrokerNotReady(std::net::SocketAddr),
+    #[error("could not listen on http_listen {addr}: {source}")]
+    HttpListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("task {0} ended before shutdown")]
     TaskEnded(&'static str),
     #[error("task {name} panicked: {reason}")]
@@ -59,6 +69,15 @@ pub enum BridgeError {
 /// Runs the bridge until `shutdown` fires (or a task ends on its own, which is an error).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), BridgeError> {
     let api = ApiClient::new(config.api_base(), config.api_token.clone())?;
+    let http_listener = match config.http_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| BridgeError::HttpListen { addr, source })?,
+        ),
+        None => None,
+    };
+    let metrics = Arc::new(metrics::Metrics::default());
     let b = &config.broker;
 
     let (connection, embedded) = match b.mode {
@@ -113,8 +132,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Brid
         forward::Forwarder {
             api: api.clone(),
             mqtt: client.clone(),
+            metrics: metrics.clone(),
         },
         presence_queue.clone(),
+        metrics.clone(),
     );
     let handle = tasks.spawn(mqtt::run_event_loop(
         eventloop,
@@ -133,8 +154,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Brid
         tasks_stop.clone(),
     ));
     names.insert(handle.id(), "presence");
+    if let Some(listener) = http_listener {
+        let state = http::HttpState {
+            metrics: metrics.clone(),
+            connected: connected_rx.clone(),
+            api: api.clone(),
+        };
+        let handle = tasks.spawn(http::serve(listener, state, tasks_stop.clone()));
+        names.insert(handle.id(), "http");
+    }
     let pump = commands::Pump {
         api,
+        metrics,
         mqtt: client,
         connected: connected_rx.clone(),
         wake: wake_pump,

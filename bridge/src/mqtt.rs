@@ -14,6 +14,7 @@ use uplink_protocol::topics::{self, Channel};
 
 use crate::broker::PACKET_HEADROOM;
 use crate::forward::Forwarder;
+use crate::metrics::Metrics;
 use crate::presence::{self, PresenceQueue};
 
 /// Channels the bridge listens to.
@@ -77,11 +78,13 @@ pub struct Dispatch {
     pub presence: Arc<PresenceQueue>,
     pub concurrency: Arc<Semaphore>,
     pub admission: Arc<Semaphore>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Dispatch {
-    pub fn new(forwarder: Forwarder, presence: Arc<PresenceQueue>) -> Self {
+    pub fn new(forwarder: Forwarder, presence: Arc<PresenceQueue>, metrics: Arc<Metrics>) -> Self {
         Dispatch {
+            metrics,
             forwarder,
             presence,
             concurrency: Arc::new(Semaphore::new(MAX_CONCURRENT)),
@@ -94,6 +97,7 @@ impl Dispatch {
             debug!(topic = %publish.topic, "Message on a foreign topic; ignored");
             return;
         };
+        self.metrics.message(channel);
         match channel {
             Channel::Status => {
                 if let Some(status) = presence::parse_status(device, &publish.payload) {
@@ -102,6 +106,7 @@ impl Dispatch {
             }
             Channel::Req | Channel::CmdAck | Channel::Progress => {
                 let Ok(admitted) = self.admission.clone().try_acquire_owned() else {
+                    self.metrics.dropped();
                     warn!(
                         device_id = device,
                         channel = channel.suffix(),

@@ -31,6 +31,7 @@ async fn bridge_with_embedded_broker() {
         api_token: Secret::new(TOKEN),
         // Long, so only start-up, connection and presence wake the pump.
         poll_interval_ms: 60_000,
+        http_listen: None,
         broker: BrokerConfig {
             mode: BrokerMode::Embedded,
             listen: SocketAddr::from(([127, 0, 0, 1], port)),

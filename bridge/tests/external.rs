@@ -74,6 +74,7 @@ async fn bridge_with_external_broker_and_shared_subscriptions() {
         api_url: format!("http://{api_addr}"),
         api_token: Secret::new(TOKEN),
         poll_interval_ms: 200,
+        http_listen: None,
         broker: BrokerConfig {
             mode: BrokerMode::External,
             host: "127.0.0.1".into(),

@@ -13,6 +13,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use uplink_protocol::envelope::{RequestEnvelope, ResponseEnvelope};
 use uplink_protocol::problem::Problem;
 use uplink_protocol::sign::{PrivateKey, PublicKey, RequestToSign};
@@ -183,12 +184,21 @@ pub async fn published(
 }
 
 pub async fn start_mock(device_key: PublicKey) -> (SocketAddr, Arc<Mutex<Mock>>) {
+    let (addr, mock, _stop) = start_stoppable_mock(device_key).await;
+    (addr, mock)
+}
+
+/// Like [`start_mock`]; cancelling the token stops the mock (idle connections close).
+pub async fn start_stoppable_mock(
+    device_key: PublicKey,
+) -> (SocketAddr, Arc<Mutex<Mock>>, CancellationToken) {
     let mock = Arc::new(Mutex::new(Mock::default()));
     let state = MockState {
         mock: mock.clone(),
         device_key,
     };
     let app = Router::new()
+        .route("/healthz", get(|| async { StatusCode::OK }))
         .route("/v1/bridge/mqtt-auth", post(mqtt_auth))
         .route("/v1/device/{op}", post(device_op))
         .route("/v1/bridge/devices/{device}/presence", put(presence))
@@ -197,8 +207,15 @@ pub async fn start_mock(device_key: PublicKey) -> (SocketAddr, Arc<Mutex<Mock>>)
         .with_state(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (addr, mock)
+    let stop = CancellationToken::new();
+    let stopped = stop.clone().cancelled_owned();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stopped)
+            .await
+            .unwrap()
+    });
+    (addr, mock, stop)
 }
 
 // ---------- device side ----------
