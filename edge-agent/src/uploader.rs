@@ -32,6 +32,11 @@ pub const CHUNK_BYTES: usize = 64 * 1024;
 /// This is the only timeout on a PUT once connected: a part on a slow link may take hours.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Once the whole body is handed to the kernel, up to this much of it may still sit in
+/// socket buffers and drain at the link's pace before storage can answer.
+const BUFFERED_BYTES: u64 = 8 << 20;
+/// The slowest drain of those buffers waited for (bytes per second) on top of the idle timeout.
+const DRAIN_FLOOR_BPS: f64 = 64.0 * 1024.0;
 /// Tries of one part against one URL before the error goes up to the job.
 const PUT_ATTEMPTS: usize = 5;
 /// Re-presigns of one part (after 403 / expiry) before the job gives up on this round.
@@ -169,6 +174,18 @@ impl RateLimiter {
     }
 }
 
+/// How long a PUT may go without pulling a byte of its body before it is abandoned. While
+/// the body is being read that is [`IDLE_TIMEOUT`]; once all of it is handed off, the bytes
+/// may still be draining from socket buffers at the link's pace, so the wait for the answer
+/// also allows twice the time the body took, and the buffered bytes at [`DRAIN_FLOOR_BPS`].
+fn idle_limit(handed_off: bool, body_time: Duration, size: u64) -> Duration {
+    if !handed_off {
+        return IDLE_TIMEOUT;
+    }
+    let drain = Duration::from_secs_f64(size.min(BUFFERED_BYTES) as f64 / DRAIN_FLOOR_BPS);
+    IDLE_TIMEOUT.max(body_time * 2) + drain
+}
+
 /// HTTP side of the uploads, shared by all jobs.
 #[derive(Clone)]
 pub struct Uploader {
@@ -219,6 +236,7 @@ impl Uploader {
             .map_err(|_| PutError::Refused(format!("bad method {}", url.method)))?;
 
         let activity = Arc::new(AtomicU64::new(0));
+        let pulled = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
         let body = if part.size == 0 {
             reqwest::Body::from(Vec::new())
@@ -232,17 +250,20 @@ impl Uploader {
             let limiter = self.limiter.clone();
             let sent = sent.clone();
             let act = activity.clone();
+            let pulled = pulled.clone();
             let stream =
                 ReaderStream::with_capacity(file.take(part.size), self.chunk).then(move |chunk| {
                     let limiter = limiter.clone();
                     let sent = sent.clone();
                     let act = act.clone();
+                    let pulled = pulled.clone();
                     async move {
                         if let Ok(bytes) = &chunk {
                             if let Some(l) = &limiter {
                                 l.acquire(bytes.len()).await;
                             }
                             sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                            pulled.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                             act.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
                         }
                         chunk
@@ -261,7 +282,9 @@ impl Uploader {
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-                if started.elapsed().saturating_sub(last) > IDLE_TIMEOUT {
+                let handed_off = pulled.load(Ordering::Relaxed) >= part.size;
+                if started.elapsed().saturating_sub(last) > idle_limit(handed_off, last, part.size)
+                {
                     break;
                 }
             }
@@ -606,6 +629,22 @@ async fn drain(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_limit_waits_for_buffered_bytes_to_drain() {
+        // While the body is being read: the plain idle timeout.
+        assert_eq!(
+            idle_limit(false, Duration::from_secs(500), 6 << 20),
+            IDLE_TIMEOUT
+        );
+        // A 6 MiB body handed off after 55 s on a 50 kB/s link needs ~71 s more to drain.
+        let limit = idle_limit(true, Duration::from_secs(55), 6 << 20);
+        assert!(limit >= Duration::from_secs(110 + 90), "{limit:?}");
+        // A black hole that swallows the body at once is given up after about 2 minutes.
+        let limit = idle_limit(true, Duration::ZERO, 5 << 20);
+        assert!(limit <= Duration::from_secs(150), "{limit:?}");
+        assert_eq!(idle_limit(true, Duration::ZERO, 0), IDLE_TIMEOUT);
+    }
 
     #[test]
     fn redacts_query_and_credentials() {
