@@ -1,8 +1,9 @@
 //! Service faults during an upload: the bridge (with its embedded broker) restarted, the
 //! control API restarted, Mosquitto restarted (external-broker mode), and the source file
-//! changed while it is being sent.
+//! changed while it is being sent (appended; rewritten in place at the same size, which
+//! storage refuses as BadDigest until the job re-checks the file).
 
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::time::Duration;
 
 use uplink_e2e::{AgentOptions, Stack, StackOptions, MIB};
@@ -119,6 +120,21 @@ async fn source_file_appended_during_upload_fails_the_job() {
             .open(path)
             .expect("open source for append");
         f.write_all(&[0x42; 4096]).expect("append");
+        f.sync_all().expect("sync");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_file_rewritten_during_upload_fails_the_job() {
+    change_during_upload("rewritten", |path| {
+        // Same size, different bytes near the end (not sent yet).
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .expect("open source for writing");
+        f.seek(SeekFrom::Start(15 * MIB)).expect("seek");
+        f.write_all(&[0x42; 4096]).expect("rewrite");
         f.sync_all().expect("sync");
     })
     .await;
