@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use uplink_service::sd_notify;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -165,136 +166,6 @@ async fn shutdown_signal() {
         _ = term.recv() => {},
     }
     tracing::info!("Shutdown requested");
-}
-
-/// systemd's service notification protocol (`sd_notify(3)`) without libsystemd: one datagram
-/// per message to the socket `NOTIFY_SOCKET` names. Every call is a no-op when the process
-/// was not started by systemd with `Type=notify`. (The same few lines live in the other
-/// service's `main.rs`; the wire contract is systemd's, not ours.)
-mod sd_notify {
-    use std::os::unix::net::{SocketAddr, UnixDatagram};
-    use std::time::Duration;
-
-    pub struct Notifier {
-        socket: UnixDatagram,
-        addr: SocketAddr,
-    }
-
-    impl Notifier {
-        /// The notifier for `$NOTIFY_SOCKET`, or `None` outside systemd. A socket that
-        /// cannot be opened is logged and treated as absent: systemd then fails the start
-        /// on its own (no READY=1), which is louder than anything we could do here.
-        pub fn from_env() -> Option<Self> {
-            let path = std::env::var_os("NOTIFY_SOCKET")?;
-            match Self::open(&path) {
-                Ok(n) => Some(n),
-                Err(e) => {
-                    tracing::error!(error = %e, socket = ?path, "Cannot open NOTIFY_SOCKET");
-                    None
-                }
-            }
-        }
-
-        fn open(path: &std::ffi::OsStr) -> std::io::Result<Self> {
-            use std::os::unix::ffi::OsStrExt as _;
-            let bytes = path.as_bytes();
-            let addr = match bytes.split_first() {
-                // "@name" is a Linux abstract socket.
-                #[cfg(target_os = "linux")]
-                Some((b'@', name)) => {
-                    use std::os::linux::net::SocketAddrExt as _;
-                    SocketAddr::from_abstract_name(name)?
-                }
-                _ => SocketAddr::from_pathname(std::path::Path::new(path))?,
-            };
-            Ok(Self {
-                socket: UnixDatagram::unbound()?,
-                addr,
-            })
-        }
-
-        /// Sends one message (`READY=1`, `WATCHDOG=1`, `STOPPING=1`, `STATUS=…`).
-        pub fn send(&self, message: &str) {
-            if let Err(e) = self.socket.send_to_addr(message.as_bytes(), &self.addr) {
-                tracing::warn!(error = %e, message, "Could not notify systemd");
-            }
-        }
-    }
-
-    /// Half of `WATCHDOG_USEC` (systemd's advice), when the watchdog is on for this process.
-    pub fn watchdog_interval() -> Option<Duration> {
-        if let Ok(pid) = std::env::var("WATCHDOG_PID") {
-            if pid.parse::<u32>().ok() != Some(std::process::id()) {
-                return None;
-            }
-        }
-        let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-        (usec > 0).then(|| Duration::from_micros(usec / 2))
-    }
-
-    /// Pings the watchdog every [`watchdog_interval`] from a runtime task (so a wedged
-    /// runtime stops the pings and systemd restarts the service), and sends `STOPPING=1`
-    /// when `shutdown` fires.
-    pub fn supervise(
-        notifier: std::sync::Arc<Notifier>,
-        shutdown: tokio_util::sync::CancellationToken,
-    ) {
-        let interval = watchdog_interval();
-        tokio::spawn(async move {
-            let mut tick = interval.map(tokio::time::interval);
-            loop {
-                let next = async {
-                    match tick.as_mut() {
-                        Some(t) => {
-                            t.tick().await;
-                        }
-                        None => std::future::pending::<()>().await,
-                    }
-                };
-                tokio::select! {
-                    () = shutdown.cancelled() => {
-                        notifier.send("STOPPING=1");
-                        return;
-                    }
-                    () = next => notifier.send("WATCHDOG=1"),
-                }
-            }
-        });
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn sends_datagrams_to_a_path_socket() {
-            let dir = std::env::temp_dir().join(format!("sd-notify-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let path = dir.join("notify.sock");
-            let _ = std::fs::remove_file(&path);
-            let listener = UnixDatagram::bind(&path).unwrap();
-            let notifier = Notifier::open(path.as_os_str()).unwrap();
-            notifier.send("READY=1");
-            let mut buf = [0u8; 64];
-            let n = listener.recv(&mut buf).unwrap();
-            assert_eq!(&buf[..n], b"READY=1");
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-
-        #[cfg(target_os = "linux")]
-        #[test]
-        fn sends_datagrams_to_an_abstract_socket() {
-            use std::os::linux::net::SocketAddrExt as _;
-            let name = format!("uplink-sd-notify-test-{}", std::process::id());
-            let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
-            let listener = UnixDatagram::bind_addr(&addr).unwrap();
-            let notifier = Notifier::open(std::ffi::OsStr::new(&format!("@{name}"))).unwrap();
-            notifier.send("WATCHDOG=1");
-            let mut buf = [0u8; 64];
-            let n = listener.recv(&mut buf).unwrap();
-            assert_eq!(&buf[..n], b"WATCHDOG=1");
-        }
-    }
 }
 
 #[cfg(test)]
