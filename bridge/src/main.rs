@@ -96,7 +96,7 @@ fn run(config: Config) -> ExitCode {
     })
 }
 
-/// Logs to stderr (text, or JSON: see [`json_logs`]) through `RUST_LOG`'s filter, and
+/// Logs to stderr (text, or JSON: see [`uplink_service::json_logs`]) through `RUST_LOG`'s filter, and
 /// fires `connected` the first time the bridge's MQTT client is connected (see
 /// [`ConnectedLayer`]), whatever `RUST_LOG` says.
 fn init_tracing(connected: tokio::sync::oneshot::Sender<()>) {
@@ -105,7 +105,7 @@ fn init_tracing(connected: tokio::sync::oneshot::Sender<()>) {
     use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
-    let fmt = if json_logs(|name| std::env::var_os(name)) {
+    let fmt = if uplink_service::json_logs(|name| std::env::var_os(name)) {
         tracing_subscriber::fmt::layer().json().boxed()
     } else {
         tracing_subscriber::fmt::layer().boxed()
@@ -118,15 +118,6 @@ fn init_tracing(connected: tokio::sync::oneshot::Sender<()>) {
         .with(fmt.with_filter(filter))
         .with(connected)
         .init();
-}
-
-/// JSON logs when `UPLINK_LOG_FORMAT=json`, or under systemd (`JOURNAL_STREAM` or
-/// `INVOCATION_ID` set) unless `UPLINK_LOG_FORMAT` says otherwise; text otherwise.
-fn json_logs(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> bool {
-    match env("UPLINK_LOG_FORMAT") {
-        Some(format) => format == "json",
-        None => env("JOURNAL_STREAM").is_some() || env("INVOCATION_ID").is_some(),
-    }
 }
 
 /// Readiness without a hook in the library: the bridge's MQTT event loop logs
@@ -225,22 +216,6 @@ async fn shutdown_on_signal(shutdown: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<std::ffi::OsString> + 'a {
-        move |name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.into())
-    }
-
-    #[test]
-    fn log_format_is_json_under_systemd_unless_told_otherwise() {
-        assert!(!json_logs(env(&[])));
-        assert!(json_logs(env(&[("UPLINK_LOG_FORMAT", "json")])));
-        assert!(json_logs(env(&[("JOURNAL_STREAM", "8:1234")])));
-        assert!(json_logs(env(&[("INVOCATION_ID", "abc")])));
-        assert!(!json_logs(env(&[
-            ("INVOCATION_ID", "abc"),
-            ("UPLINK_LOG_FORMAT", "text")
-        ])));
-    }
 
     #[test]
     fn connected_layer_fires_once_on_the_event_loop_connect_message() {

@@ -117,19 +117,10 @@ fn init_tracing() {
         tracing_subscriber::EnvFilter::new("info,sqlx=warn,aws=warn,tower_http=warn")
     });
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if json_logs(|name| std::env::var_os(name)) {
+    if uplink_service::json_logs(|name| std::env::var_os(name)) {
         builder.json().init();
     } else {
         builder.init();
-    }
-}
-
-/// JSON logs when `UPLINK_LOG_FORMAT=json`, or under systemd (`JOURNAL_STREAM` or
-/// `INVOCATION_ID` set) unless `UPLINK_LOG_FORMAT` says otherwise; text otherwise.
-fn json_logs(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> bool {
-    match env("UPLINK_LOG_FORMAT") {
-        Some(format) => format == "json",
-        None => env("JOURNAL_STREAM").is_some() || env("INVOCATION_ID").is_some(),
     }
 }
 
@@ -171,22 +162,6 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<std::ffi::OsString> + 'a {
-        move |name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.into())
-    }
-
-    #[test]
-    fn log_format_is_json_under_systemd_unless_told_otherwise() {
-        assert!(!json_logs(env(&[])));
-        assert!(json_logs(env(&[("UPLINK_LOG_FORMAT", "json")])));
-        assert!(json_logs(env(&[("JOURNAL_STREAM", "8:1234")])));
-        assert!(json_logs(env(&[("INVOCATION_ID", "abc")])));
-        assert!(!json_logs(env(&[
-            ("INVOCATION_ID", "abc"),
-            ("UPLINK_LOG_FORMAT", "text")
-        ])));
-    }
 
     #[test]
     fn default_config_is_the_example_and_parses() {

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`sd_notify`]: systemd's service notification protocol (READY, WATCHDOG, STOPPING).
+//! - [`json_logs`]: whether logs are JSON or text.
 
 /// systemd's service notification protocol (`sd_notify(3)`) without libsystemd: one datagram
 /// per message to the socket `NOTIFY_SOCKET` names. Every call is a no-op when the process
@@ -129,5 +130,35 @@ pub mod sd_notify {
             let n = listener.recv(&mut buf).unwrap();
             assert_eq!(&buf[..n], b"WATCHDOG=1");
         }
+    }
+}
+
+/// JSON logs when `UPLINK_LOG_FORMAT=json`, or under systemd (`JOURNAL_STREAM` or
+/// `INVOCATION_ID` set) unless `UPLINK_LOG_FORMAT` says otherwise; text otherwise.
+pub fn json_logs(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> bool {
+    match env("UPLINK_LOG_FORMAT") {
+        Some(format) => format == "json",
+        None => env("JOURNAL_STREAM").is_some() || env("INVOCATION_ID").is_some(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_logs;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<std::ffi::OsString> + 'a {
+        move |name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.into())
+    }
+
+    #[test]
+    fn log_format_is_json_under_systemd_unless_told_otherwise() {
+        assert!(!json_logs(env(&[])));
+        assert!(json_logs(env(&[("UPLINK_LOG_FORMAT", "json")])));
+        assert!(json_logs(env(&[("JOURNAL_STREAM", "8:1234")])));
+        assert!(json_logs(env(&[("INVOCATION_ID", "abc")])));
+        assert!(!json_logs(env(&[
+            ("INVOCATION_ID", "abc"),
+            ("UPLINK_LOG_FORMAT", "text")
+        ])));
     }
 }
