@@ -397,24 +397,18 @@ pub fn accept_upload(conn: &mut Connection, job: &NewJob, now: i64) -> Result<()
         &job.action,
         &StoredAck::new(AckState::Accepted),
     )?;
-    tx.execute(
-        "INSERT INTO jobs (id, path, file_name, create_request_id, state, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-        params![
-            job.id.to_string(),
-            job.path.to_string_lossy(),
-            job.file_name,
-            job.create_request_id,
-            JobState::Queued.as_str(),
-            now
-        ],
-    )?;
+    insert_queued_job(&tx, job, now)?;
     tx.commit()?;
     Ok(())
 }
 
 /// Records a job queued on the gateway itself (no command, no ack): `queued`.
 pub fn queue_local_upload(conn: &mut Connection, job: &NewJob, now: i64) -> Result<(), StoreError> {
+    insert_queued_job(conn, job, now)
+}
+
+/// The job row of a new upload, `queued`; command-started and local jobs alike.
+fn insert_queued_job(conn: &Connection, job: &NewJob, now: i64) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO jobs (id, path, file_name, create_request_id, state, created_at, updated_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
