@@ -314,7 +314,14 @@ impl Uploader {
         let snippet: String = text.chars().take(300).collect();
         match code {
             403 => Err(PutError::Expired),
-            408 | 429 | 500..=599 => Err(PutError::Transient(format!("status {code}: {snippet}"))),
+            // 499 ClientDisconnected, and S3's 400 RequestTimeout / IncompleteBody: the
+            // connection broke mid-body, so the part is simply sent again.
+            408 | 429 | 499 | 500..=599 => {
+                Err(PutError::Transient(format!("status {code}: {snippet}")))
+            }
+            400 if text.contains("RequestTimeout") || text.contains("IncompleteBody") => {
+                Err(PutError::Transient(format!("status {code}: {snippet}")))
+            }
             400 if text.contains("BadDigest") || text.contains("InvalidDigest") => {
                 Err(PutError::Corrupted(format!("status {code}: {snippet}")))
             }
@@ -818,6 +825,16 @@ mod tests {
         match up.put_once(&path, &p, &presigned(url), &sent).await {
             Err(e @ PutError::Corrupted(_)) => assert!(e.retryable(), "{e}"),
             other => panic!("{other:?}"),
+        }
+        for answer in [
+            "HTTP/1.1 499 Client Closed\r\nContent-Length: 18\r\n\r\nClientDisconnected",
+            "HTTP/1.1 400 Bad Request\r\nContent-Length: 14\r\n\r\nIncompleteBody",
+        ] {
+            let (url, _s) = serve_once(answer).await;
+            match up.put_once(&path, &p, &presigned(url), &sent).await {
+                Err(e @ PutError::Transient(_)) => assert!(e.retryable(), "{e}"),
+                other => panic!("{answer}: {other:?}"),
+            }
         }
         let (url, _s) =
             serve_once("HTTP/1.1 400 Bad Request\r\nContent-Length: 10\r\n\r\nBadRequest").await;
