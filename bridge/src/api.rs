@@ -159,6 +159,10 @@ impl ApiClient {
             let value = HeaderValue::from_str(value).map_err(|_| ApiError::BadHeader { name })?;
             req = req.header(HeaderName::from_static(name), value);
         }
+        // The API's span joins this request's trace when spans are exported.
+        for (name, value) in uplink_service::otel::inject() {
+            req = req.header(name, value);
+        }
         let res = self.send(req.body(body)).await?;
         let status = res.status().as_u16();
         let content_type = res

@@ -65,7 +65,13 @@ fn main() -> ExitCode {
 
 fn run(config: Config) -> ExitCode {
     let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
-    init_tracing(connected_tx);
+    let _otel = match init_tracing(connected_tx) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("uplink-bridge: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -96,28 +102,22 @@ fn run(config: Config) -> ExitCode {
     })
 }
 
-/// Logs to stderr (text, or JSON: see [`uplink_service::json_logs`]) through `RUST_LOG`'s filter, and
+/// Logs and optional trace export (see [`uplink_service::init_logs`]), plus a layer that
 /// fires `connected` the first time the bridge's MQTT client is connected (see
 /// [`ConnectedLayer`]), whatever `RUST_LOG` says.
-fn init_tracing(connected: tokio::sync::oneshot::Sender<()>) {
-    use tracing_subscriber::layer::SubscriberExt as _;
-    use tracing_subscriber::util::SubscriberInitExt as _;
+fn init_tracing(
+    connected: tokio::sync::oneshot::Sender<()>,
+) -> Result<Option<uplink_service::otel::Guard>, String> {
     use tracing_subscriber::Layer as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
-    let fmt = if uplink_service::json_logs(|name| std::env::var_os(name)) {
-        tracing_subscriber::fmt::layer().json().boxed()
-    } else {
-        tracing_subscriber::fmt::layer().boxed()
-    };
     let connected = ConnectedLayer(std::sync::Mutex::new(Some(connected))).with_filter(
         tracing_subscriber::filter::Targets::new()
             .with_target(ConnectedLayer::TARGET, tracing::Level::INFO),
     );
-    tracing_subscriber::registry()
-        .with(fmt.with_filter(filter))
-        .with(connected)
-        .init();
+    uplink_service::init_logs(
+        "uplink-bridge",
+        "info,rumqttd=warn",
+        vec![connected.boxed()],
+    )
 }
 
 /// Readiness without a hook in the library: the bridge's MQTT event loop logs

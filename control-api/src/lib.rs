@@ -20,6 +20,7 @@ pub mod sessions;
 pub mod storage;
 pub mod store;
 
+use std::future::IntoFuture as _;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -95,9 +96,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     serve(state, listener, shutdown).await
 }
 
+/// How long requests in flight at shutdown may take to finish.
+pub const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Serves the API on `listener` and runs the cleanup worker until `shutdown` is cancelled,
-/// then drains in-flight requests. [`run`] is [`build_state`] + bind + `serve`; a caller
-/// that must act between bind and serve (systemd readiness) calls the three itself.
+/// then drains in-flight requests (at most [`DRAIN_LIMIT`]). [`run`] is [`build_state`] +
+/// bind + `serve`; a caller that must act between bind and serve (systemd readiness) calls
+/// the three itself.
 pub async fn serve(
     state: AppState,
     listener: tokio::net::TcpListener,
@@ -106,7 +111,23 @@ pub async fn serve(
     let cleanup = tokio::spawn(cleanup::run(state.clone(), shutdown.clone()));
     let served = axum::serve(listener, http::router(state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
+        .into_future();
+    // After the signal no connection is accepted; requests in flight get DRAIN_LIMIT to
+    // finish (systemd's TimeoutStopSec is 30 s), then their connections are dropped.
+    let limit = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(DRAIN_LIMIT).await;
+    };
+    let served = tokio::select! {
+        served = served => served,
+        () = limit => {
+            tracing::warn!(
+                limit_secs = DRAIN_LIMIT.as_secs(),
+                "Requests still in flight at the drain limit; closing their connections"
+            );
+            Ok(())
+        }
+    };
     shutdown.cancel();
     match cleanup.await {
         Ok(()) => tracing::info!(task = "cleanup", "Task stopped"),

@@ -66,7 +66,14 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(anyhow::anyhow!("invalid configuration: {e}")),
             };
-            init_tracing();
+            let _otel = match uplink_service::init_logs(
+                "uplink-api",
+                "info,sqlx=warn,aws=warn,tower_http=warn",
+                Vec::new(),
+            ) {
+                Ok(guard) => guard,
+                Err(e) => return fail(anyhow::anyhow!(e)),
+            };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => return fail(e.into()),
@@ -110,18 +117,6 @@ async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()
 fn fail(e: anyhow::Error) -> ExitCode {
     eprintln!("uplink-api: {e:#}");
     ExitCode::FAILURE
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,sqlx=warn,aws=warn,tower_http=warn")
-    });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if uplink_service::json_logs(|name| std::env::var_os(name)) {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 fn write_key(out: &std::path::Path) -> anyhow::Result<String> {

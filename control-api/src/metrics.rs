@@ -21,11 +21,39 @@ pub struct Counters {
     pub sessions_completed: AtomicU64,
     pub bytes_completed: AtomicU64,
     pub commands_issued: AtomicU64,
+    /// Time from issue to the `accepted` ack, and to the final ack (microseconds).
+    pub ack_accepted: Summary,
+    pub ack_final: Summary,
+}
+
+/// A Prometheus summary without quantiles: a sum and a count.
+#[derive(Debug, Default)]
+pub struct Summary {
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Summary {
+    pub fn observe(&self, seconds: f64) {
+        // `as` saturates: negative (clock step) counts as 0, huge as u64::MAX.
+        let micros = (seconds * 1e6) as u64;
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Counters {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Records how long a command took to reach an ack (`final_ack`: done, failed, rejected).
+    pub fn command_acked(&self, final_ack: bool, seconds: f64) {
+        if final_ack {
+            self.ack_final.observe(seconds);
+        } else {
+            self.ack_accepted.observe(seconds);
+        }
     }
 
     /// Counts a device request by its HTTP status.
@@ -95,6 +123,17 @@ pub async fn render(State(st): State<AppState>) -> Result<impl IntoResponse, Api
         "Commands signed and stored by this instance.",
         &[(String::new(), get(&c.commands_issued))],
     );
+
+    let name = "uplink_command_ack_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time from a command's issue to its accepted and its final ack.\n# TYPE {name} summary"
+    );
+    for (ack, summary) in [("accepted", &c.ack_accepted), ("final", &c.ack_final)] {
+        let sum = get(&summary.sum_micros) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{ack=\"{ack}\"}} {sum}");
+        let _ = writeln!(out, "{name}_count{{ack=\"{ack}\"}} {}", get(&summary.count));
+    }
 
     let sessions: Vec<(String, i64)> =
         sqlx::query_as("SELECT state, count(*) FROM sessions GROUP BY state ORDER BY state")

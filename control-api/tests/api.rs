@@ -30,6 +30,18 @@ struct TestApp {
 }
 
 impl TestApp {
+    /// `GET /metrics` as text.
+    async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+
     async fn spawn() -> TestApp {
         Self::spawn_with(900).await
     }
@@ -332,15 +344,7 @@ async fn multipart_upload_completes_and_verifies() {
     assert_eq!(status, 200);
     assert_eq!(view["state"], "completed");
     assert_eq!(view["bytes_done"], data.len());
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("uplink_sessions{state=\"completed\"} 1"),
         "{metrics}"
@@ -826,6 +830,12 @@ async fn commands_flow_through_the_bridge_api() {
         .bridge(reqwest::Method::GET, "/v1/bridge/commands/due", None)
         .await;
     assert!(due.as_array().expect("list").is_empty());
+    // One accepted and one final ack moved the command on; the late one did not.
+    let metrics = app.metrics().await;
+    for ack in ["accepted", "final"] {
+        let count = format!("uplink_command_ack_seconds_count{{ack=\"{ack}\"}} 1");
+        assert!(metrics.contains(&count), "{count} missing in:\n{metrics}");
+    }
 }
 
 #[tokio::test]

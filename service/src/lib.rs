@@ -3,6 +3,9 @@
 //! # Layout
 //! - [`sd_notify`]: systemd's service notification protocol (READY, WATCHDOG, STOPPING).
 //! - [`json_logs`]: whether logs are JSON or text.
+//! - [`otel`]: optional OpenTelemetry trace export and trace-context propagation.
+
+pub mod otel;
 
 /// systemd's service notification protocol (`sd_notify(3)`) without libsystemd: one datagram
 /// per message to the socket `NOTIFY_SOCKET` names. Every call is a no-op when the process
@@ -140,6 +143,44 @@ pub fn json_logs(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> bool {
         Some(format) => format == "json",
         None => env("JOURNAL_STREAM").is_some() || env("INVOCATION_ID").is_some(),
     }
+}
+
+/// A layer over the plain registry, for [`init_logs`]' extra layers.
+pub type BoxedLayer =
+    Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync + 'static>;
+
+/// Installs the global subscriber: logs on stderr (text or JSON, see [`json_logs`]) filtered
+/// by `RUST_LOG` (else `default_filter`), spans to an OpenTelemetry collector when the
+/// environment asks for it (see [`otel`]), and `extra` layers. Keep the returned guard until
+/// exit: dropping it flushes the spans still batched.
+pub fn init_logs(
+    service: &'static str,
+    default_filter: &str,
+    extra: Vec<BoxedLayer>,
+) -> Result<Option<otel::Guard>, String> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter))
+    };
+    let fmt = if json_logs(|name| std::env::var_os(name)) {
+        tracing_subscriber::fmt::layer().json().boxed()
+    } else {
+        tracing_subscriber::fmt::layer().boxed()
+    };
+    let mut layers: Vec<BoxedLayer> = vec![fmt.with_filter(filter()).boxed()];
+    let guard = match otel::layer(service)? {
+        Some((layer, guard)) => {
+            layers.push(layer.with_filter(filter()).boxed());
+            Some(guard)
+        }
+        None => None,
+    };
+    layers.extend(extra);
+    tracing_subscriber::registry().with(layers).init();
+    Ok(guard)
 }
 
 #[cfg(test)]

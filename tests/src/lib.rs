@@ -29,7 +29,7 @@ pub mod stack;
 
 pub use device::{DeviceHttp, MqttDevice, Reply};
 pub use files::SourceFile;
-pub use stack::{AgentOptions, Device, Stack, StackOptions};
+pub use stack::{AgentOptions, Device, Service, Stack, StackOptions};
 
 pub const MIB: u64 = 1 << 20;
 

@@ -87,6 +87,18 @@ impl Process {
         }
     }
 
+    /// Sends SIGTERM (the process is then expected to exit on its own: see [`Process::exited`]).
+    pub fn terminate(&self) {
+        let pid = self
+            .pid()
+            .unwrap_or_else(|| panic!("{} is not running", self.name));
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM {pid} ({})", self.name);
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }

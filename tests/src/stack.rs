@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -28,6 +29,8 @@ pub struct StackOptions {
     pub external_broker: bool,
     /// Presigned URLs point straight at S3 instead of the counting proxy (benchmarks).
     pub direct_s3: bool,
+    /// Extra environment variables for the API and the bridge.
+    pub service_env: Vec<(String, String)>,
 }
 
 impl Default for StackOptions {
@@ -38,8 +41,16 @@ impl Default for StackOptions {
             api_extra_toml: String::new(),
             external_broker: false,
             direct_s3: false,
+            service_env: Vec::new(),
         }
     }
+}
+
+/// The stack's own services (agents are per device).
+#[derive(Debug, Clone, Copy)]
+pub enum Service {
+    Api,
+    Bridge,
 }
 
 /// How to configure an agent.
@@ -220,6 +231,9 @@ impl Stack {
             &["--config", path_str(&api_config), "run"],
             dir.path().join("api.log"),
         );
+        for (k, v) in &opts.service_env {
+            api = api.env(k, v);
+        }
         api.start();
 
         // --- broker and bridge
@@ -262,12 +276,15 @@ impl Stack {
             ),
         )
         .expect("write bridge.toml");
-        let bridge = Process::new(
+        let mut bridge = Process::new(
             "uplink-bridge",
             &env.bin("uplink-bridge"),
             &["--config", path_str(&bridge_config), "run"],
             dir.path().join("bridge.log"),
         );
+        for (k, v) in &opts.service_env {
+            bridge = bridge.env(k, v);
+        }
 
         let stack = Stack {
             env,
@@ -500,6 +517,33 @@ impl Stack {
         let agent = agents.get_mut(&dev.id).expect("agent started");
         agent.kill();
         agent.start();
+    }
+
+    /// Sends SIGTERM to the API or the bridge.
+    pub fn terminate(&self, which: Service) {
+        lock(self.service(which)).terminate();
+    }
+
+    /// Waits until the API or the bridge has exited on its own: its status, or `None` if it
+    /// is still running after `timeout`.
+    pub async fn wait_exit(&self, which: Service, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = lock(self.service(which)).exited() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn service(&self, which: Service) -> &Mutex<Process> {
+        match which {
+            Service::Api => &self.api,
+            Service::Bridge => &self.bridge,
+        }
     }
 
     pub fn kill_api(&self) {

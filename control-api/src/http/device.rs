@@ -297,18 +297,21 @@ async fn command_ack(
             format!("no command {} for this device", ack.command_id),
         ));
     }
-    let updated = sqlx::query(
+    // Seconds since the command was issued, when this ack moved it on.
+    let age: Option<f64> = sqlx::query_scalar(
         "UPDATE commands SET state = $2, reason = COALESCE($3, reason), session_id = COALESCE($4, session_id), updated_at = now()
-         WHERE command_id = $1 AND state = ANY($5)",
+         WHERE command_id = $1 AND state = ANY($5)
+         RETURNING EXTRACT(EPOCH FROM now() - created_at)::float8",
     )
     .bind(ack.command_id)
     .bind(ack.state.as_str())
     .bind(&ack.reason)
     .bind(ack.session_id)
     .bind(allowed_from)
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
-    if updated.rows_affected() == 1 {
+    if let Some(age) = age {
+        st.counters.command_acked(ack.state.is_final(), age);
         crate::store::audit(
             &mut tx,
             actor,

@@ -95,12 +95,15 @@ async fn not_found() -> ApiError {
 
 /// Every log line of a request carries its id: the bridge's `X-Request-Id`
 /// (`device:request_id`), else the `Idempotency-Key`. Only the path is logged, never a query.
+/// With trace export on, the span joins the caller's trace (`traceparent`).
 fn request_span(req: &Request) -> tracing::Span {
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
     let request_id = header("x-request-id")
         .or_else(|| header("idempotency-key"))
         .unwrap_or("-");
-    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), %request_id)
+    let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), %request_id);
+    uplink_service::otel::extract(&span, |name| header(name).map(str::to_owned));
+    span
 }
 
 pub fn router(state: AppState) -> Router {
