@@ -68,6 +68,8 @@ ensure_deps() {
     command -v curl >/dev/null 2>&1 || apt_pkgs+=(curl)
     command -v python3 >/dev/null 2>&1 || apt_pkgs+=(python3 python3-pip)
     command -v runuser >/dev/null 2>&1 || apt_pkgs+=(util-linux)
+    # fiu-run / fiu-ctrl (libfiu): disk errors under the agent's database (faults_disk).
+    command -v fiu-run >/dev/null 2>&1 || apt_pkgs+=(fiu-utils)
 
     if ((${#apt_pkgs[@]})); then
         if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then

@@ -862,6 +862,7 @@ impl Agent {
         for _ in 0..60 {
             match info.state {
                 SessionState::Completed => {
+                    crate::failpoint::hit(crate::failpoint::COMPLETE_BEFORE_DONE);
                     return self.finish_done(rec, &info).await;
                 }
                 SessionState::Aborted | SessionState::Expired | SessionState::Failed => {

@@ -14,12 +14,14 @@
 //! - [`agent`]: [`run`]: command handling, job runners, resume after restart, shutdown.
 //! - [`metrics`]: counters and the optional Prometheus `/metrics` responder.
 //! - [`notify`]: systemd readiness, watchdog and stopping notifications.
+//! - [`failpoint`]: named crash points for the fault tests (cargo feature `failpoints` only).
 //! - [`cli`]: the operator commands on the gateway: `status`, `upload`, `doctor`,
 //!   `print-default-config`.
 
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod failpoint;
 pub mod hasher;
 pub mod job;
 pub mod metrics;

@@ -153,6 +153,7 @@ fn run(file: Option<&Path>) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    uplink_agent::failpoint::announce();
     // A small runtime keeps memory flat on small gateways.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -543,6 +543,7 @@ impl Pass<'_> {
                         Ok(etag) => {
                             let size = part.size;
                             let etag_db = etag.clone();
+                            crate::failpoint::hit(crate::failpoint::PART_BEFORE_COMMIT);
                             self.store
                                 .call(move |c| store::commit_part(c, job_id, number, &etag_db))
                                 .await?;

@@ -8,8 +8,9 @@
 //! - [`env`]: the variables `scripts/test` exports (database, S3, binaries).
 //! - [`db`]: a fresh PostgreSQL database per test, dropped at the end.
 //! - [`process`]: a child process with its output in a log file, killed on drop.
-//! - [`proxy`]: an in-process TCP proxy between the agent and S3 that counts the bytes the
-//!   agent sends and can slow them down.
+//! - [`proxy`]: an in-process TCP fault proxy between the agent and S3 that counts the
+//!   bytes the agent sends, slows, cuts, resets, black-holes, stalls or corrupts them; also
+//!   usable between the bridge and the API and between agents and the broker.
 //! - [`stack`]: one test's services: API, bridge, devices and their agents, and the
 //!   operator-API helpers (commands, sessions, waiting for final states).
 //! - [`device`]: acting as a device without the agent: the signed device HTTP API and an

@@ -11,7 +11,14 @@
 //!   `SO_LINGER` 0), on every connection, every k-th one, or a limited number of times;
 //! - **black hole**: a seeded-random fraction of connections is accepted and read but never
 //!   answered and never forwarded;
-//! - **corrupt**: flip one byte at offset N of the k-th connection's client → storage stream.
+//! - **corrupt**: flip one byte at offset N of the k-th connection's client → storage stream;
+//! - **stall** ([`CountingProxy::set_stalled`]): every connection, open or new, stops
+//!   forwarding in both directions (a black hole for a while; what was read is delivered
+//!   once the stall ends, as TCP would after a partition heals).
+//!
+//! The same proxy also sits between the bridge and the control API and between agents and
+//! the broker when a test asks for it (`StackOptions::api_proxy`, `mqtt_proxy`); "client"
+//! and "storage" then mean the bridge and the API, or the agent and the broker.
 //!
 //! Connections are numbered from 1 in the order they are accepted.
 
@@ -122,6 +129,8 @@ struct Shared {
     faults: Mutex<FaultState>,
     /// Bumped by [`CountingProxy::drop_connections`]: open connections close (RST).
     generation: watch::Sender<u64>,
+    /// True while every connection is stalled ([`CountingProxy::set_stalled`]).
+    stalled: watch::Sender<bool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -190,6 +199,7 @@ impl CountingProxy {
                 counts: FaultCounts::default(),
             }),
             generation: watch::channel(0).0,
+            stalled: watch::channel(false).0,
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -256,6 +266,12 @@ impl CountingProxy {
     /// The faults applied so far (cuts and resets count when they happen).
     pub fn fault_counts(&self) -> FaultCounts {
         lock(&self.shared.faults).counts
+    }
+
+    /// Stops (true) or resumes (false) forwarding on every connection, open or new, in both
+    /// directions. Bytes read meanwhile are held and delivered when the stall ends.
+    pub fn set_stalled(&self, stalled: bool) {
+        self.shared.stalled.send_replace(stalled);
     }
 
     /// Closes every open connection with RST (the link drops under the client).
@@ -361,6 +377,11 @@ async fn relay(client: TcpStream, shared: Arc<Shared>, plan: Plan) {
                     up_shared.count(|c| c.corrupted += 1);
                 }
             }
+            let mut stall = up_shared.stalled.subscribe();
+            tokio::select! {
+                _ = stall.wait_for(|s| !*s) => {}
+                _ = gen.changed() => break UpEnd::Cut(true),
+            }
             pace(&up_shared, forward).await;
             if sw.write_all(&buf[..forward]).await.is_err() {
                 break UpEnd::Eof;
@@ -411,6 +432,12 @@ async fn relay(client: TcpStream, shared: Arc<Shared>, plan: Plan) {
                 }
             };
             down_shared.received.fetch_add(n as u64, Ordering::Relaxed);
+            let mut stall = down_shared.stalled.subscribe();
+            tokio::select! {
+                _ = stall.wait_for(|s| !*s) => {}
+                // Handled (FIN or RST) at the top of the loop.
+                _ = cut_rx.wait_for(|c| c.is_some()) => continue,
+            }
             if cw.write_all(&buf[..n]).await.is_err() {
                 break;
             }
@@ -511,6 +538,27 @@ mod tests {
         assert_eq!(reset, 2);
         assert_eq!(proxy.fault_counts().resets, 2);
         assert_eq!(proxy.connections(), 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stall_holds_an_open_connection_until_it_ends() {
+        let proxy = CountingProxy::start(&echo_server().await.to_string()).await;
+        let mut conn = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+        let mut buf = [0u8; 5];
+        conn.write_all(b"hello").await.unwrap();
+        conn.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hello");
+        proxy.set_stalled(true);
+        conn.write_all(b"again").await.unwrap();
+        let silent =
+            tokio::time::timeout(Duration::from_millis(500), conn.read_exact(&mut buf)).await;
+        assert!(silent.is_err(), "nothing comes back while stalled");
+        proxy.set_stalled(false);
+        tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut buf))
+            .await
+            .expect("the held bytes arrive once the stall ends")
+            .unwrap();
+        assert_eq!(&buf, b"again");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

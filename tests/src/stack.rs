@@ -31,6 +31,10 @@ pub struct StackOptions {
     pub direct_s3: bool,
     /// Extra environment variables for the API and the bridge.
     pub service_env: Vec<(String, String)>,
+    /// The bridge reaches the control API through a fault proxy ([`Stack::api_proxy`]).
+    pub api_proxy: bool,
+    /// Agents reach the broker through a fault proxy ([`Stack::mqtt_proxy`]).
+    pub mqtt_proxy: bool,
 }
 
 impl Default for StackOptions {
@@ -42,6 +46,8 @@ impl Default for StackOptions {
             external_broker: false,
             direct_s3: false,
             service_env: Vec::new(),
+            api_proxy: false,
+            mqtt_proxy: false,
         }
     }
 }
@@ -61,6 +67,11 @@ pub struct AgentOptions {
     pub request_timeout_secs: u64,
     /// Extra top-level TOML lines (before the `[mqtt]` table).
     pub extra_toml: String,
+    /// Extra environment variables for the agent (e.g. `UPLINK_FAILPOINTS`).
+    pub env: Vec<(String, String)>,
+    /// Runs the agent under this command (program and its arguments, the agent's command
+    /// line follows), e.g. `fiu-run -x -c …`.
+    pub wrapper: Vec<String>,
 }
 
 impl Default for AgentOptions {
@@ -70,6 +81,8 @@ impl Default for AgentOptions {
             part_size_mib: 5,
             request_timeout_secs: 5,
             extra_toml: String::new(),
+            env: Vec::new(),
+            wrapper: Vec::new(),
         }
     }
 }
@@ -115,6 +128,10 @@ pub struct Stack {
     pub command_public_key: String,
     /// Between agents and S3: every presigned URL points here.
     pub proxy: CountingProxy,
+    /// Between the bridge and the control API ([`StackOptions::api_proxy`]).
+    pub api_proxy: Option<CountingProxy>,
+    /// Between agents and the broker ([`StackOptions::mqtt_proxy`]).
+    pub mqtt_proxy: Option<CountingProxy>,
     pub device_http: DeviceHttp,
     http: reqwest::Client,
     api: Mutex<Process>,
@@ -167,6 +184,11 @@ impl Stack {
         // --- control API
         let api_port = free_port();
         let api_url = format!("http://127.0.0.1:{api_port}");
+        let api_proxy = if opts.api_proxy {
+            Some(CountingProxy::start(&format!("127.0.0.1:{api_port}")).await)
+        } else {
+            None
+        };
         let operator_token = format!("operator-{}", uuid::Uuid::new_v4().simple());
         let bridge_token = format!("bridge-{}", uuid::Uuid::new_v4().simple());
         let key_file = dir.path().join("command.key");
@@ -238,6 +260,11 @@ impl Stack {
 
         // --- broker and bridge
         let mqtt_port = free_port();
+        let mqtt_proxy = if opts.mqtt_proxy {
+            Some(CountingProxy::start(&format!("127.0.0.1:{mqtt_port}")).await)
+        } else {
+            None
+        };
         let mut mosquitto = None;
         let broker_toml = if opts.external_broker {
             let conf = dir.path().join("mosquitto.conf");
@@ -270,7 +297,7 @@ impl Stack {
             format!(
                 "api_url = {api}\napi_token = {tok}\npoll_interval_ms = 200\n\n\
                  [broker]\n{broker_toml}client_id = {cid}\n",
-                api = toml_str(&api_url),
+                api = toml_str(&api_proxy.as_ref().map_or(api_url.clone(), |p| p.url())),
                 tok = toml_str(&bridge_token),
                 cid = toml_str(&crate::unique("uplink-bridge")),
             ),
@@ -296,6 +323,8 @@ impl Stack {
             bridge_token,
             command_public_key,
             proxy,
+            api_proxy,
+            mqtt_proxy,
             device_http: DeviceHttp::new(&api_url),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
@@ -452,8 +481,14 @@ impl Stack {
         }
     }
 
-    /// Writes the agent's config and starts it.
+    /// Writes the agent's config and starts it (after killing the device's previous agent,
+    /// if any).
     pub fn start_agent(&self, dev: &Device, opts: &AgentOptions) {
+        // Never two agents on one state directory: a previous one is killed first.
+        let previous = lock(&self.agents).remove(&dev.id);
+        if let Some(mut previous) = previous {
+            previous.kill();
+        }
         let config = dev.dir.join("agent.toml");
         std::fs::write(
             &config,
@@ -477,16 +512,21 @@ impl Stack {
                 part = opts.part_size_mib,
                 rto = opts.request_timeout_secs,
                 extra = opts.extra_toml,
-                port = self.mqtt_port,
+                port = self.mqtt_proxy.as_ref().map_or(self.mqtt_port, |p| p.port),
             ),
         )
         .expect("write agent.toml");
-        let mut agent = Process::new(
-            "uplink-agent",
-            &self.env.bin("uplink-agent"),
-            &["--config", path_str(&config), "run"],
-            dev.dir.join("agent.log"),
-        );
+        let bin = self.env.bin("uplink-agent");
+        let mut args: Vec<&str> = opts.wrapper.iter().skip(1).map(String::as_str).collect();
+        if !opts.wrapper.is_empty() {
+            args.push(path_str(&bin));
+        }
+        args.extend(["--config", path_str(&config), "run"]);
+        let program = opts.wrapper.first().map_or(bin.clone(), PathBuf::from);
+        let mut agent = Process::new("uplink-agent", &program, &args, dev.dir.join("agent.log"));
+        for (k, v) in &opts.env {
+            agent = agent.env(k, v);
+        }
         agent.start();
         lock(&self.agents).insert(dev.id.clone(), agent);
     }
@@ -496,6 +536,73 @@ impl Stack {
         let dev = self.register_device().await;
         self.start_agent(&dev, opts);
         dev
+    }
+
+    /// `Some(status)` once the device's agent has exited on its own.
+    pub fn agent_exited(&self, dev: &Device) -> Option<ExitStatus> {
+        lock(&self.agents).get_mut(&dev.id)?.exited()
+    }
+
+    /// Waits until the device's agent exits on its own (a failpoint, a fatal error) and
+    /// returns how it ended; panics after `timeout` or when another service died.
+    pub async fn wait_agent_exit(&self, dev: &Device, timeout: Duration) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = lock(&self.agents)
+                .get_mut(&dev.id)
+                .expect("agent started")
+                .exited()
+            {
+                return status;
+            }
+            if let Some(status) = lock(&self.api).exited() {
+                panic!("uplink-api exited unexpectedly ({status})");
+            }
+            if let Some(status) = lock(&self.bridge).exited() {
+                panic!("uplink-bridge exited unexpectedly ({status})");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the agent of {} did not exit within {timeout:?}",
+                dev.id
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the device's agent log holds `needle`; panics with `why` after `timeout`.
+    pub async fn wait_agent_log(&self, dev: &Device, needle: &str, timeout: Duration, why: &str) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let log = dev.dir.join("agent.log");
+        loop {
+            if std::fs::read_to_string(&log).is_ok_and(|t| t.contains(needle)) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no `{needle}` in {} within {timeout:?}: {why}",
+                log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `GET /v1/audit?subject=` as a list (oldest first).
+    pub async fn audit(&self, subject: &str) -> Vec<Value> {
+        let reply = self
+            .get_json(&format!("/v1/audit?subject={subject}&limit=1000"))
+            .await;
+        assert_eq!(reply.status, 200, "GET /v1/audit: {reply}");
+        as_list(&reply.body).unwrap_or_else(|| panic!("GET /v1/audit is not a list: {reply}"))
+    }
+
+    /// How many times the API recorded the command's ack moving it to `state`.
+    pub async fn acks_recorded(&self, command_id: &str, state: &str) -> usize {
+        self.audit(command_id)
+            .await
+            .iter()
+            .filter(|e| e["action"] == "command.ack" && e["detail"]["state"] == state)
+            .count()
     }
 
     /// Process id of the device's running agent.

@@ -236,7 +236,7 @@ async fn main() {
         concurrency,
         part_size_mib: part_mib,
         request_timeout_secs: 10,
-        extra_toml: String::new(),
+        ..AgentOptions::default()
     };
     println!(
         "uplink-bench: parts of {part_mib} MiB, {concurrency} at a time, S3 at {}",
