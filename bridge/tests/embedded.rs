@@ -158,6 +158,7 @@ async fn bridge_with_embedded_broker() {
         expires_at: uplink_protocol::unix_now() + 3600,
         action: Action::Upload {
             path: "/data/rec/run-042.mcap".into(),
+            priority: None,
         },
     };
     let envelope = CommandEnvelope::sign(&command_key, &command);

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use uplink_protocol::command::{AckState, Action, Command, CommandAck};
 use uplink_protocol::envelope::{CommandEnvelope, CommandError, MAX_PAYLOAD_BYTES};
+use uplink_protocol::flow::{self as flow_wire, FlowConfig, DEFAULT_PRIORITY};
 use uplink_protocol::ops::{CreateSession, Op, SessionInfo, SessionRef, SessionState};
 use uplink_protocol::plan::{self, MIB};
 use uplink_protocol::sign::PublicKey;
@@ -24,6 +25,7 @@ use uplink_protocol::unix_now;
 use uuid::Uuid;
 
 use crate::config::Loaded;
+use crate::flow::{self, Flow};
 use crate::hasher::{self, FileIdentity, HashError};
 use crate::job::{self, NextStep};
 use crate::rpc::{Link, LinkSettings, RetryPolicy, RpcError};
@@ -116,11 +118,11 @@ struct Agent {
     command_key: PublicKey,
     roots: Vec<PathBuf>,
     part_size_hint: u64,
-    concurrency: usize,
     store: Store,
     link: Arc<Link>,
     uploader: Uploader,
-    put_permits: Arc<Semaphore>,
+    /// PUT slots (windows, priorities, concurrency) and the bandwidth cap.
+    flow: Arc<Flow>,
     hash_permits: Arc<Semaphore>,
     jobs: Mutex<HashMap<Uuid, watch::Sender<Control>>>,
     progress_throttle: Mutex<ProgressThrottle>,
@@ -136,6 +138,15 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
         .await
         .map_err(|e| AgentError::Task(e.to_string()))??;
     let store = Store::new(conn);
+    let overrides = store
+        .call(|c| store::flow_overrides(c))
+        .await?
+        .unwrap_or_default();
+    let flow = Flow::new(flow::Settings::from_config(&cfg), &overrides);
+    {
+        let s = flow.settings();
+        info!(max_upload_bytes_per_sec = s.max_upload_bytes_per_sec, upload_windows = %s.windows_text(), concurrency = s.concurrency, per_job_concurrency = s.per_job(), overridden = !overrides.is_empty(), "Flow control");
+    }
     let metrics_listener = match cfg.metrics_listen {
         Some(addr) => Some(
             metrics::bind(addr)
@@ -144,7 +155,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
         ),
         None => None,
     };
-    let uploader = Uploader::new(cfg.max_upload_bytes_per_sec)?;
+    let uploader = Uploader::new(flow.limiter())?;
     let link_parts = Link::start(
         LinkSettings {
             device_id: cfg.device_id.clone(),
@@ -162,11 +173,10 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
         command_key: loaded.command_key,
         roots: loaded.roots,
         part_size_hint: cfg.part_size_mib.saturating_mul(MIB),
-        concurrency: cfg.concurrency,
         store,
         link: link_parts.link,
         uploader,
-        put_permits: Arc::new(Semaphore::new(cfg.concurrency)),
+        flow: flow.clone(),
         hash_permits: Arc::new(Semaphore::new(1)),
         jobs: Mutex::new(HashMap::new()),
         progress_throttle: Mutex::new(ProgressThrottle::default()),
@@ -179,6 +189,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
     let commands = tokio::spawn(agent.clone().command_loop(link_parts.commands));
     let connections = tokio::spawn(agent.clone().connection_loop(link_parts.connected));
     let local_jobs = tokio::spawn(agent.clone().local_job_loop());
+    let clock = tokio::spawn(flow.clone().clock(shutdown.clone()));
     let metrics_task = metrics_listener
         .map(|l| tokio::spawn(metrics::serve(l, agent.store.clone(), shutdown.clone())));
     agent.resume_jobs().await;
@@ -198,6 +209,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
         ("commands", commands),
         ("connections", connections),
         ("local jobs", local_jobs),
+        ("flow clock", clock),
         ("mqtt", link_parts.task),
     ];
     if let Some(t) = metrics_task {
@@ -291,7 +303,10 @@ impl Agent {
         let action_json = serde_json::to_string(&cmd.action).unwrap_or_default();
         info!(command_id = %id, kind = cmd.action.kind(), "Command received");
         match cmd.action {
-            Action::Upload { path } => self.accept_upload(id, path, action_json).await,
+            Action::Upload { path, priority } => {
+                self.accept_upload(id, path, priority, action_json).await
+            }
+            Action::Config(change) => self.apply_config(id, change, action_json).await,
             Action::Pause { job_id } => {
                 self.control_command(id, job_id, action_json, |c| c.pause = true)
                     .await
@@ -307,7 +322,21 @@ impl Agent {
         }
     }
 
-    async fn accept_upload(self: &Arc<Self>, id: Uuid, path: String, action: String) {
+    async fn accept_upload(
+        self: &Arc<Self>,
+        id: Uuid,
+        path: String,
+        priority: Option<u8>,
+        action: String,
+    ) {
+        let priority = match flow_wire::check_priority(priority.unwrap_or(DEFAULT_PRIORITY)) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(command_id = %id, reason = %e, "Upload refused");
+                let ack = StoredAck::with_reason(AckState::Rejected, e);
+                return self.record_and_ack(id, action, ack).await;
+            }
+        };
         let roots = self.roots.clone();
         let requested = path.clone();
         let checked = tokio::task::spawn_blocking(move || policy::check(&requested, &roots)).await;
@@ -334,6 +363,7 @@ impl Agent {
             path: canonical,
             file_name,
             create_request_id: format!("create-{}", Uuid::new_v4().simple()),
+            priority,
         };
         let now = unix_now();
         if let Err(e) = self
@@ -344,7 +374,7 @@ impl Agent {
             warn!(command_id = %id, error = %e, "Cannot record upload job; command dropped (the cloud re-sends it)");
             return;
         }
-        info!(job_id = %id, %path, "Upload accepted");
+        info!(job_id = %id, %path, priority, "Upload accepted");
         self.send_ack(id, &StoredAck::new(AckState::Accepted)).await;
         self.refresh_queue_depth().await;
         self.control_job(id, Control::default(), |_| {}, true);
@@ -403,6 +433,37 @@ impl Agent {
         let spawn = !pause || cancel;
         self.control_job(job_id, wanted, change, spawn);
         self.send_ack(id, &ack).await;
+    }
+
+    /// A `config` command: validated as a whole (any bad field rejects it and changes
+    /// nothing), merged into the stored overrides, stored with its `done` ack, applied.
+    async fn apply_config(&self, id: Uuid, change: FlowConfig, action: String) {
+        if let Err(reason) = change.validate() {
+            warn!(command_id = %id, %reason, "Config command refused");
+            let ack = StoredAck::with_reason(AckState::Rejected, reason);
+            return self.record_and_ack(id, action, ack).await;
+        }
+        let now = unix_now();
+        let stored = self
+            .store
+            .call(move |c| {
+                let current = store::flow_overrides(c)?.unwrap_or_default();
+                let merged = current.merged(&change);
+                store::set_flow_overrides(c, &merged, id, &action, now)?;
+                Ok(merged)
+            })
+            .await;
+        let merged = match stored {
+            Ok(m) => m,
+            Err(e) => {
+                // Nothing applied; the cloud re-sends the command.
+                warn!(command_id = %id, error = %e, "Cannot record config command; dropped");
+                return;
+            }
+        };
+        let s = self.flow.apply(&merged);
+        info!(command_id = %id, max_upload_bytes_per_sec = s.max_upload_bytes_per_sec, upload_windows = %s.windows_text(), concurrency = s.concurrency, per_job_concurrency = s.per_job(), "Flow control changed");
+        self.send_ack(id, &StoredAck::new(AckState::Done)).await;
     }
 
     async fn record_and_ack(&self, id: Uuid, action: String, ack: StoredAck) {
@@ -691,8 +752,9 @@ impl Agent {
                 store: &self.store,
                 link: &self.link,
                 uploader: &self.uploader,
-                permits: self.put_permits.clone(),
-                concurrency: self.concurrency,
+                flow: self.flow.clone(),
+                priority: rec.priority,
+                created_at: rec.created_at,
                 control: &mut *rx,
                 shutdown: &self.shutdown,
                 on_progress: &on_progress,
@@ -984,8 +1046,10 @@ impl Agent {
 
     // ---- progress ------------------------------------------------------------------------
 
-    fn progress_body(rec: &JobRecord, state: JobState, done: u64, rate: u64) -> Progress {
+    fn progress_body(&self, rec: &JobRecord, state: JobState, done: u64, rate: u64) -> Progress {
+        let waiting = state == JobState::Uploading && !self.flow.is_open();
         Progress {
+            waiting_for: waiting.then(|| "upload_window".to_string()),
             job_id: rec.id,
             session_id: rec.session_id,
             state,
@@ -1004,7 +1068,7 @@ impl Agent {
         if !allowed {
             return;
         }
-        let body = Self::progress_body(rec, state, done, rate);
+        let body = self.progress_body(rec, state, done, rate);
         let request_id = format!("progress-{}", Uuid::new_v4().simple());
         self.link
             .send_signed_now(Channel::Progress, Op::Progress, &request_id, &body);
@@ -1034,7 +1098,7 @@ impl Agent {
             .lock()
             .map(|mut t| t.reserve(rec.id, tokio::time::Instant::now()))
             .unwrap_or_default();
-        let body = Self::progress_body(&fresh, state, done, rate);
+        let body = self.progress_body(&fresh, state, done, rate);
         let request_id = format!("progress-{}", Uuid::new_v4().simple());
         if wait.is_zero() {
             self.link

@@ -14,8 +14,9 @@ use uplink_protocol::unix_now;
 use uuid::Uuid;
 
 use crate::config::{self, Config, ConfigError};
-use crate::policy;
 use crate::store::{self, JobRecord, NewJob, StoreError};
+use crate::{flow, policy};
+use uplink_protocol::flow::DEFAULT_PRIORITY;
 
 /// Exit codes (also listed in `--help`).
 pub const EXIT_OK: u8 = 0;
@@ -93,6 +94,8 @@ pub struct JobView {
     pub bytes_done: u64,
     /// Average upload rate since the job was created (uploading jobs only).
     pub rate_bps: Option<u64>,
+    /// `upload_window` when the job has parts to send but every upload window is closed.
+    pub waiting_for: Option<&'static str>,
 }
 
 impl JobView {
@@ -104,6 +107,7 @@ impl JobView {
             job,
             bytes_done,
             rate_bps,
+            waiting_for: None,
         }
     }
 
@@ -155,6 +159,12 @@ impl JobView {
         if let Some(eta) = self.eta() {
             let _ = write!(out, "  ETA {}", human_duration(eta));
         }
+        if self.job.priority != DEFAULT_PRIORITY {
+            let _ = write!(out, "  priority {}", self.job.priority);
+        }
+        if self.waiting_for == Some("upload_window") {
+            out.push_str("  (waiting for an upload window)");
+        }
         if let Some(e) = &self.job.error {
             let _ = write!(out, "\n    last error: {e}");
         }
@@ -169,6 +179,8 @@ impl JobView {
             "path": self.job.path,
             "file_name": self.job.file_name,
             "state": self.job.state.as_str(),
+            "priority": self.job.priority,
+            "waiting_for": self.waiting_for,
             "session_id": self.job.session_id,
             "bytes_done": done,
             "bytes_total": total,
@@ -214,10 +226,57 @@ pub fn job_views(state_dir: &Path, limit: u32) -> Result<Vec<JobView>, CliError>
     Ok(views)
 }
 
-/// `status`: prints the jobs (newest first) as text or JSON.
+/// The effective flow settings (the file plus stored `config` overrides) and whether any
+/// override is in force.
+pub fn flow_settings(cfg: &Config) -> Result<(flow::Settings, bool), CliError> {
+    let conn = open_read_only(&cfg.state_dir)?;
+    let overrides = store::flow_overrides(&conn)?.unwrap_or_default();
+    let effective = flow::Settings::from_config(cfg).with(&overrides);
+    Ok((effective, !overrides.is_empty()))
+}
+
+/// One line on the flow settings, e.g. `flow: bandwidth 64.0 KiB/s, windows 22:00-06:00
+/// (closed now), concurrency 4 (2 per job), set by a config command`.
+pub fn flow_text(s: &flow::Settings, open: bool, overridden: bool) -> String {
+    let bandwidth = match s.max_upload_bytes_per_sec {
+        0 => "unlimited".to_string(),
+        n => format!("{}/s", human_bytes(n)),
+    };
+    format!(
+        "flow: bandwidth {bandwidth}, windows {} ({} now), concurrency {} ({} per job){}",
+        s.windows_text(),
+        if open { "open" } else { "closed" },
+        s.concurrency,
+        s.per_job(),
+        if overridden {
+            ", changed by a config command"
+        } else {
+            ""
+        }
+    )
+}
+
+/// `status`: prints the flow settings and the jobs (newest first) as text, or the jobs as
+/// JSON.
 pub fn status(file: Option<&Path>, as_json: bool, limit: u32) -> Result<u8, CliError> {
     let cfg = config::load(file)?;
-    let views = job_views(&cfg.state_dir, limit)?;
+    let mut views = job_views(&cfg.state_dir, limit)?;
+    let (settings, overridden) = flow_settings(&cfg)?;
+    let open = settings.open_at(flow::local_minute());
+    if !open {
+        for v in &mut views {
+            if matches!(
+                v.job.state,
+                JobState::Queued | JobState::Open | JobState::Uploading
+            ) && !v.job.pause_requested
+            {
+                v.waiting_for = Some("upload_window");
+            }
+        }
+    }
+    if !as_json {
+        println!("{}", flow_text(&settings, open, overridden));
+    }
     if as_json {
         let list: Vec<serde_json::Value> = views.iter().map(JobView::json).collect();
         println!("{}", serde_json::Value::Array(list));
@@ -234,7 +293,8 @@ pub fn status(file: Option<&Path>, as_json: bool, limit: u32) -> Result<u8, CliE
 // ---- upload ----------------------------------------------------------------------------------
 
 /// `upload FILE`: checks the path policy and queues a local job for the running agent.
-pub fn upload(file: Option<&Path>, path: &Path) -> Result<u8, CliError> {
+/// `priority` (0..=9, checked by the caller) places it among the queued jobs.
+pub fn upload(file: Option<&Path>, path: &Path, priority: Option<u8>) -> Result<u8, CliError> {
     let loaded = config::load_and_validate(file)?;
     let absolute = std::path::absolute(path)?;
     let canonical = match policy::check(&absolute.to_string_lossy(), &loaded.roots) {
@@ -264,6 +324,7 @@ pub fn upload(file: Option<&Path>, path: &Path) -> Result<u8, CliError> {
         path: canonical.clone(),
         file_name,
         create_request_id: format!("create-{}", Uuid::new_v4().simple()),
+        priority: priority.unwrap_or(DEFAULT_PRIORITY),
     };
     let mut conn = store::open(&loaded.config.state_dir)?;
     store::queue_local_upload(&mut conn, &job, unix_now())?;
@@ -605,6 +666,7 @@ mod tests {
             cancel_requested: false,
             created_at,
             updated_at: created_at,
+            priority: DEFAULT_PRIORITY,
             local: true,
         }
     }
@@ -639,6 +701,15 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("ETA"), "{text}");
+
+        let mut waiting = JobView::new(job(JobState::Uploading, Some(10), 1000), 0, 1000);
+        waiting.job.priority = 9;
+        waiting.waiting_for = Some("upload_window");
+        let text = waiting.text();
+        assert!(text.contains("priority 9"), "{text}");
+        assert!(text.contains("waiting for an upload window"), "{text}");
+        assert_eq!(waiting.json()["waiting_for"], "upload_window");
+        assert_eq!(waiting.json()["priority"], 9);
 
         // A done job shows its whole size, whatever the part table says.
         let done = JobView::new(job(JobState::Done, Some(10), 1000), 0, 2000);
@@ -691,12 +762,14 @@ mod tests {
             path: "/data/a.bin".into(),
             file_name: "a.bin".into(),
             create_request_id: "create-2".into(),
+            priority: 9,
         };
         store::queue_local_upload(&mut conn, &job, 100).unwrap();
         assert_eq!(store::queued_local_jobs(&conn).unwrap(), vec![job.id]);
         let views = job_views(dir.path(), 10).unwrap();
         assert_eq!(views.len(), 1);
         assert!(views[0].job.local);
+        assert_eq!(views[0].job.priority, 9);
         assert_eq!(views[0].job.state, JobState::Queued);
         assert!(matches!(
             job_views(&dir.path().join("nope"), 10),

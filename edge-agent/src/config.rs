@@ -55,6 +55,12 @@ pub struct Config {
     /// Upload rate cap over all parts of all jobs; 0 = unlimited.
     #[serde(default)]
     pub max_upload_bytes_per_sec: u64,
+    /// Parts in flight of any one job; unset = `concurrency`.
+    #[serde(default)]
+    pub per_job_concurrency: Option<usize>,
+    /// `HH:MM-HH:MM` ranges of local time when parts may start; empty = always.
+    #[serde(default)]
+    pub upload_windows: Vec<String>,
     /// Serve Prometheus metrics at `http://{metrics_listen}/metrics`; off when unset.
     #[serde(default)]
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -254,6 +260,17 @@ impl Config {
                 format!("{} is outside 1..=64", self.concurrency),
             );
         }
+        if let Some(n) = self.per_job_concurrency {
+            if !(1..=64).contains(&n) {
+                bad("per_job_concurrency", format!("{n} is outside 1..=64"));
+            }
+        }
+        if let Err(e) = uplink_protocol::flow::check_bandwidth(self.max_upload_bytes_per_sec) {
+            bad("max_upload_bytes_per_sec", e);
+        }
+        if let Err(e) = uplink_protocol::flow::parse_windows(&self.upload_windows) {
+            bad("upload_windows", e);
+        }
         if !(5..=5120).contains(&self.part_size_mib) {
             bad(
                 "part_size_mib",
@@ -316,6 +333,8 @@ mod tests {
             part_size_mib: 8,
             request_timeout_secs: 10,
             max_upload_bytes_per_sec: 0,
+            per_job_concurrency: None,
+            upload_windows: vec![],
             metrics_listen: None,
             api_url: None,
             mqtt: MqttConfig::default(),
@@ -396,6 +415,27 @@ mod tests {
                     ..base.clone()
                 },
                 "concurrency",
+            ),
+            (
+                Config {
+                    per_job_concurrency: Some(0),
+                    ..base.clone()
+                },
+                "per_job_concurrency",
+            ),
+            (
+                Config {
+                    max_upload_bytes_per_sec: 100,
+                    ..base.clone()
+                },
+                "max_upload_bytes_per_sec",
+            ),
+            (
+                Config {
+                    upload_windows: vec!["22:00-06:00".into(), "6pm-8pm".into()],
+                    ..base.clone()
+                },
+                "upload_windows",
             ),
             (
                 Config {

@@ -11,6 +11,8 @@
 //!   `req`/`res` with re-sends and backoff.
 //! - [`uploader`]: streaming part PUTs, presign freshness, rate limiting, URL redaction, and
 //!   the per-job upload pass.
+//! - [`flow`]: flow control: upload windows, priorities, concurrency, the bandwidth cap, and
+//!   their run-time overrides by `config` commands.
 //! - [`agent`]: [`run`]: command handling, job runners, resume after restart, shutdown.
 //! - [`metrics`]: counters and the optional Prometheus `/metrics` responder.
 //! - [`notify`]: systemd readiness, watchdog and stopping notifications.
@@ -22,6 +24,7 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod failpoint;
+pub mod flow;
 pub mod hasher;
 pub mod job;
 pub mod metrics;

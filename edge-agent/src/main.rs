@@ -57,6 +57,10 @@ or unreadable.")]
     Upload {
         /// The file; it must be a regular file under one of `allowed_roots`.
         file: PathBuf,
+        /// 0 (lowest) to 9 (highest; default 5): when PUT slots are scarce, parts of
+        /// higher-priority jobs go first.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=9))]
+        priority: Option<u8>,
     },
     /// Check the configuration, key, state directory, disk, broker and clock; one line each.
     #[command(
@@ -76,7 +80,10 @@ fn main() -> ExitCode {
         Cmd::Keygen { out } => keygen(&out),
         Cmd::CheckConfig => check_config(file),
         Cmd::Status { json, limit } => return code(cli::status(file, json, limit)),
-        Cmd::Upload { file: path } => return code(cli::upload(file, &path)),
+        Cmd::Upload {
+            file: path,
+            priority,
+        } => return code(cli::upload(file, &path, priority)),
         Cmd::Doctor => doctor(file),
         Cmd::PrintDefaultConfig => {
             print!("{}", cli::DEFAULT_CONFIG);

@@ -19,6 +19,11 @@ pub struct Counters {
     pub parts_retried: AtomicU64,
     pub requests_resent: AtomicU64,
     pub mqtt_connected: AtomicBool,
+    /// Flow control (set by [`crate::flow::Flow`]).
+    pub upload_window_open: AtomicBool,
+    pub jobs_waiting_for_slot: AtomicU64,
+    pub max_upload_bytes_per_sec: AtomicU64,
+    pub concurrency: AtomicU64,
 }
 
 /// The agent's counters (one process, one set).
@@ -28,6 +33,10 @@ pub static COUNTERS: Counters = Counters {
     parts_retried: AtomicU64::new(0),
     requests_resent: AtomicU64::new(0),
     mqtt_connected: AtomicBool::new(false),
+    upload_window_open: AtomicBool::new(true),
+    jobs_waiting_for_slot: AtomicU64::new(0),
+    max_upload_bytes_per_sec: AtomicU64::new(0),
+    concurrency: AtomicU64::new(0),
 };
 
 /// A part was uploaded and committed.
@@ -56,6 +65,10 @@ pub struct Snapshot {
     pub parts_retried: u64,
     pub requests_resent: u64,
     pub mqtt_connected: bool,
+    pub upload_window_open: bool,
+    pub jobs_waiting_for_slot: u64,
+    pub max_upload_bytes_per_sec: u64,
+    pub concurrency: u64,
     /// Jobs per state (every state listed, zeros included).
     pub jobs: Vec<(&'static str, u64)>,
     pub queue_depth: u64,
@@ -99,6 +112,10 @@ impl Snapshot {
             parts_retried: COUNTERS.parts_retried.load(Ordering::Relaxed),
             requests_resent: COUNTERS.requests_resent.load(Ordering::Relaxed),
             mqtt_connected: COUNTERS.mqtt_connected.load(Ordering::Relaxed),
+            upload_window_open: COUNTERS.upload_window_open.load(Ordering::Relaxed),
+            jobs_waiting_for_slot: COUNTERS.jobs_waiting_for_slot.load(Ordering::Relaxed),
+            max_upload_bytes_per_sec: COUNTERS.max_upload_bytes_per_sec.load(Ordering::Relaxed),
+            concurrency: COUNTERS.concurrency.load(Ordering::Relaxed),
             jobs,
             queue_depth,
         }
@@ -157,6 +174,30 @@ impl Snapshot {
             "gauge",
             "1 when connected to the broker.",
             vec![(String::new(), u64::from(self.mqtt_connected))],
+        );
+        metric(
+            "uplink_agent_upload_window_open",
+            "gauge",
+            "1 while parts may start (inside an upload window, or no windows configured).",
+            vec![(String::new(), u64::from(self.upload_window_open))],
+        );
+        metric(
+            "uplink_agent_jobs_waiting_for_slot",
+            "gauge",
+            "Jobs with parts waiting for a PUT slot (window closed or concurrency full).",
+            vec![(String::new(), self.jobs_waiting_for_slot)],
+        );
+        metric(
+            "uplink_agent_max_upload_bytes_per_sec",
+            "gauge",
+            "Effective bandwidth cap over all parts; 0 = unlimited.",
+            vec![(String::new(), self.max_upload_bytes_per_sec)],
+        );
+        metric(
+            "uplink_agent_concurrency",
+            "gauge",
+            "Effective number of parts in flight over all jobs.",
+            vec![(String::new(), self.concurrency)],
         );
         out
     }
@@ -252,9 +293,17 @@ mod tests {
             mqtt_connected: true,
             jobs: vec![("uploading", 1), ("done", 4)],
             queue_depth: 1,
+            upload_window_open: false,
+            jobs_waiting_for_slot: 2,
+            max_upload_bytes_per_sec: 65536,
+            concurrency: 3,
         };
         let text = s.render();
         for line in [
+            "uplink_agent_upload_window_open 0",
+            "uplink_agent_jobs_waiting_for_slot 2",
+            "uplink_agent_max_upload_bytes_per_sec 65536",
+            "uplink_agent_concurrency 3",
             "# TYPE uplink_agent_bytes_uploaded_total counter",
             "uplink_agent_bytes_uploaded_total 10485760",
             "uplink_agent_parts_uploaded_total 2",

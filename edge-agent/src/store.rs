@@ -75,6 +75,20 @@ CREATE TABLE IF NOT EXISTS parts (
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 "#;
 
+/// Schema changes after [`SCHEMA`], applied in order; `PRAGMA user_version` counts the ones
+/// applied, so an older database upgrades in place when it is opened. Never edit a landed
+/// entry; append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: job priorities (flow control) and the overrides of signed `config` commands.
+    "ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 5;
+     CREATE TABLE flow_overrides (
+         id         INTEGER PRIMARY KEY CHECK (id = 1),
+         config     TEXT NOT NULL,
+         command_id TEXT NOT NULL,
+         updated_at INTEGER NOT NULL
+     );",
+];
+
 /// The ack stored for a command; re-sent as is when the command is delivered again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredAck {
@@ -132,6 +146,8 @@ pub struct JobRecord {
     pub cancel_requested: bool,
     pub created_at: i64,
     pub updated_at: i64,
+    /// 0 (lowest) to 9 (highest); parts of higher-priority jobs get PUT slots first.
+    pub priority: u8,
     /// Queued on the gateway (`uplink-agent upload`), not by a command: no acks are sent
     /// and the session carries no command id.
     pub local: bool,
@@ -161,13 +177,36 @@ pub fn open(state_dir: &Path) -> Result<Connection, StoreError> {
 }
 
 pub fn open_file(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open(path)?;
+    let mut conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.execute_batch(SCHEMA)?;
+    migrate(&mut conn)?;
     Ok(conn)
+}
+
+/// Applies the [`MIGRATIONS`] the database lacks, each in its own transaction (taken with
+/// a write lock first, so an agent and `uplink-agent upload` opening it at once agree).
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    for (i, sql) in MIGRATIONS.iter().enumerate() {
+        let version = i as i64 + 1;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let current: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if current >= version {
+            continue;
+        }
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// The schema version a fully migrated database has.
+pub fn schema_version() -> i64 {
+    MIGRATIONS.len() as i64
 }
 
 /// Shared handle; blocking work runs on the blocking pool.
@@ -281,6 +320,11 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
         cancel_requested: row.get("cancel_requested")?,
         created_at: row.get("created_at")?,
         updated_at: row.get("updated_at")?,
+        // A database not migrated yet (read by `status` before the agent upgraded it)
+        // has no priority column: every job has the default.
+        priority: row
+            .get::<_, u8>("priority")
+            .unwrap_or(uplink_protocol::flow::DEFAULT_PRIORITY),
         local: row.get("local")?,
     })
 }
@@ -385,6 +429,7 @@ pub struct NewJob {
     pub path: PathBuf,
     pub file_name: String,
     pub create_request_id: String,
+    pub priority: u8,
 }
 
 /// Records the upload command (ack `accepted`) and its job (`queued`) in one transaction.
@@ -410,15 +455,17 @@ pub fn queue_local_upload(conn: &mut Connection, job: &NewJob, now: i64) -> Resu
 /// The job row of a new upload, `queued`; command-started and local jobs alike.
 fn insert_queued_job(conn: &Connection, job: &NewJob, now: i64) -> Result<(), StoreError> {
     conn.execute(
-        "INSERT INTO jobs (id, path, file_name, create_request_id, state, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+        "INSERT INTO jobs (id, path, file_name, create_request_id, state, created_at, updated_at,
+                           priority)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7)",
         params![
             job.id.to_string(),
             job.path.to_string_lossy(),
             job.file_name,
             job.create_request_id,
             JobState::Queued.as_str(),
-            now
+            now,
+            job.priority
         ],
     )?;
     Ok(())
@@ -629,6 +676,58 @@ pub fn set_session(
     Ok(())
 }
 
+// ---- flow overrides ----------------------------------------------------------------------
+
+/// The overrides of the `config` commands applied so far (none: the file's settings hold).
+/// A database without the table (not migrated yet, read by `status`) has none.
+pub fn flow_overrides(
+    conn: &Connection,
+) -> Result<Option<uplink_protocol::flow::FlowConfig>, StoreError> {
+    let row: Option<String> = match conn
+        .query_row("SELECT config FROM flow_overrides WHERE id = 1", [], |r| {
+            r.get(0)
+        })
+        .optional()
+    {
+        Ok(r) => r,
+        Err(rusqlite::Error::SqliteFailure(_, Some(msg))) if msg.contains("no such table") => None,
+        Err(e) => return Err(e.into()),
+    };
+    row.map(|json| {
+        serde_json::from_str(&json)
+            .map_err(|e| StoreError::Corrupt(format!("flow overrides {json}: {e}")))
+    })
+    .transpose()
+}
+
+/// Stores the overrides and records the `config` command with its `done` ack, in one
+/// transaction (so a re-delivered command finds its ack and changes nothing again).
+pub fn set_flow_overrides(
+    conn: &mut Connection,
+    overrides: &uplink_protocol::flow::FlowConfig,
+    command_id: Uuid,
+    action: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    let json = serde_json::to_string(overrides)
+        .map_err(|e| StoreError::Corrupt(format!("flow overrides: {e}")))?;
+    let tx = conn.transaction()?;
+    tx.execute(
+        "INSERT INTO flow_overrides (id, config, command_id, updated_at) VALUES (1, ?1, ?2, ?3)
+         ON CONFLICT (id) DO UPDATE SET config = ?1, command_id = ?2, updated_at = ?3",
+        params![json, command_id.to_string(), now],
+    )?;
+    insert_command_tx(
+        &tx,
+        command_id,
+        now,
+        action,
+        &StoredAck::new(AckState::Done),
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
 // ---- parts -------------------------------------------------------------------------------
 
 pub fn parts(conn: &Connection, job_id: Uuid) -> Result<Vec<PartRecord>, StoreError> {
@@ -727,7 +826,72 @@ mod tests {
             path: "/data/a.bin".into(),
             file_name: "a.bin".into(),
             create_request_id: "create-1".into(),
+            priority: 7,
         }
+    }
+
+    #[test]
+    fn an_old_database_upgrades_in_place_and_keeps_its_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        let id = Uuid::new_v4();
+        {
+            // A database as agents before schema versions made it.
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(SCHEMA).unwrap();
+            old.execute(
+                "INSERT INTO jobs (id, path, file_name, create_request_id, state, created_at, updated_at)
+                 VALUES (?1, '/data/old.bin', 'old.bin', 'create-old', 'uploading', 10, 10)",
+                params![id.to_string()],
+            )
+            .unwrap();
+            let v: i64 = old
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(v, 0);
+        }
+        let mut conn = open_file(&path).unwrap();
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, schema_version());
+        let job = require_job(&conn, id).unwrap();
+        assert_eq!(job.state, JobState::Uploading);
+        assert_eq!(job.priority, uplink_protocol::flow::DEFAULT_PRIORITY);
+        assert_eq!(live_jobs(&conn).unwrap(), vec![id]);
+        assert_eq!(flow_overrides(&conn).unwrap(), None);
+        // Opening again (or by a second process) applies nothing twice.
+        migrate(&mut conn).unwrap();
+        drop(conn);
+        let conn = open_file(&path).unwrap();
+        assert_eq!(
+            require_job(&conn, id).unwrap().path,
+            PathBuf::from("/data/old.bin")
+        );
+    }
+
+    #[test]
+    fn flow_overrides_round_trip_with_their_command() {
+        use uplink_protocol::flow::FlowConfig;
+        let (_dir, mut conn) = db();
+        assert_eq!(flow_overrides(&conn).unwrap(), None);
+        let o = FlowConfig {
+            max_upload_bytes_per_sec: Some(65536),
+            upload_windows: Some(vec!["22:00-06:00".into()]),
+            ..FlowConfig::default()
+        };
+        let cmd = Uuid::new_v4();
+        set_flow_overrides(&mut conn, &o, cmd, r#"{"type":"config"}"#, 5).unwrap();
+        assert_eq!(flow_overrides(&conn).unwrap(), Some(o));
+        assert_eq!(
+            get_command(&conn, cmd).unwrap().unwrap().ack.state,
+            AckState::Done
+        );
+        let cleared = FlowConfig::default();
+        set_flow_overrides(&mut conn, &cleared, Uuid::new_v4(), "{}", 6).unwrap();
+        assert_eq!(flow_overrides(&conn).unwrap(), Some(cleared));
+        // The same command twice is refused by the commands table: nothing changes.
+        assert!(set_flow_overrides(&mut conn, &FlowConfig::default(), cmd, "{}", 7).is_err());
     }
 
     fn hash() -> FileHash {

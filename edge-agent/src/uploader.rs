@@ -12,7 +12,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, ETAG};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::io::ReaderStream;
@@ -22,6 +22,7 @@ use uplink_protocol::ops::{self, Op, PartDigest, PresignParts, PresignedPart, Pr
 use uplink_protocol::unix_now;
 use uuid::Uuid;
 
+use crate::flow::Flow;
 use crate::hasher;
 use crate::rpc::{Link, RpcError};
 use crate::store::{self, PartRecord, Store, StoreError};
@@ -135,18 +136,32 @@ pub fn needs_represign(expires_at: i64, received_at: i64, now: i64) -> bool {
 }
 
 /// A token bucket shared by every PUT: `rate` bytes per second, bursts up to one second.
+/// The rate can change at run time (`config` command); 0 = unlimited.
 #[derive(Debug)]
 pub struct RateLimiter {
-    rate: f64,
-    state: Mutex<(f64, Instant)>,
+    /// (rate, tokens, last refill).
+    state: Mutex<(f64, f64, Instant)>,
 }
 
 impl RateLimiter {
     pub fn new(bytes_per_sec: u64) -> Self {
-        let rate = bytes_per_sec.max(1) as f64;
+        let rate = bytes_per_sec as f64;
         RateLimiter {
-            rate,
-            state: Mutex::new((rate, Instant::now())),
+            state: Mutex::new((rate, rate, Instant::now())),
+        }
+    }
+
+    /// The cap in bytes/s; 0 = unlimited.
+    pub fn rate(&self) -> u64 {
+        self.state.lock().map(|st| st.0 as u64).unwrap_or(0)
+    }
+
+    /// Changes the cap; bytes already waited for are not re-timed.
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        if let Ok(mut st) = self.state.lock() {
+            let rate = bytes_per_sec as f64;
+            let tokens = st.1.min(rate);
+            *st = (rate, tokens, Instant::now());
         }
     }
 
@@ -156,20 +171,30 @@ impl RateLimiter {
             let Ok(mut st) = self.state.lock() else {
                 return;
             };
+            let (rate, tokens, last) = *st;
+            if rate <= 0.0 {
+                return;
+            }
             let now = Instant::now();
-            let (tokens, last) = *st;
-            let refilled =
-                (tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.rate);
+            let refilled = (tokens + now.duration_since(last).as_secs_f64() * rate).min(rate);
             let left = refilled - n as f64;
-            *st = (left, now);
+            *st = (rate, left, now);
             if left < 0.0 {
-                Duration::from_secs_f64(-left / self.rate)
+                Duration::from_secs_f64(-left / rate)
             } else {
                 Duration::ZERO
             }
         };
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Read size of part bodies at the current rate: about a quarter second of bytes.
+    fn chunk(&self) -> usize {
+        match self.rate() {
+            0 => CHUNK_BYTES,
+            r => ((r / 4) as usize).clamp(4 * 1024, CHUNK_BYTES),
         }
     }
 }
@@ -190,29 +215,19 @@ fn idle_limit(handed_off: bool, body_time: Duration, size: u64) -> Duration {
 #[derive(Clone)]
 pub struct Uploader {
     http: reqwest::Client,
-    limiter: Option<Arc<RateLimiter>>,
-    chunk: usize,
+    limiter: Arc<RateLimiter>,
 }
 
 impl Uploader {
-    pub fn new(max_bytes_per_sec: u64) -> Result<Self, reqwest::Error> {
+    /// `limiter` caps every PUT of every job (see [`crate::flow::Flow::limiter`]).
+    pub fn new(limiter: Arc<RateLimiter>) -> Result<Self, reqwest::Error> {
         // Idle/read timeouts only: a slow link must be able to finish a large part.
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_keepalive(Duration::from_secs(30))
             .pool_idle_timeout(Duration::from_secs(30))
             .build()?;
-        let (limiter, chunk) = if max_bytes_per_sec == 0 {
-            (None, CHUNK_BYTES)
-        } else {
-            let chunk = ((max_bytes_per_sec / 4) as usize).clamp(4 * 1024, CHUNK_BYTES);
-            (Some(Arc::new(RateLimiter::new(max_bytes_per_sec))), chunk)
-        };
-        Ok(Uploader {
-            http,
-            limiter,
-            chunk,
-        })
+        Ok(Uploader { http, limiter })
     }
 
     /// One PUT of one part, streamed from disk. Returns the ETag (quotes stripped).
@@ -251,17 +266,16 @@ impl Uploader {
             let sent = sent.clone();
             let act = activity.clone();
             let pulled = pulled.clone();
+            let chunk_size = limiter.chunk();
             let stream =
-                ReaderStream::with_capacity(file.take(part.size), self.chunk).then(move |chunk| {
+                ReaderStream::with_capacity(file.take(part.size), chunk_size).then(move |chunk| {
                     let limiter = limiter.clone();
                     let sent = sent.clone();
                     let act = act.clone();
                     let pulled = pulled.clone();
                     async move {
                         if let Ok(bytes) = &chunk {
-                            if let Some(l) = &limiter {
-                                l.acquire(bytes.len()).await;
-                            }
+                            limiter.acquire(bytes.len()).await;
                             sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                             pulled.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                             act.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -402,9 +416,11 @@ pub struct Pass<'a> {
     pub store: &'a Store,
     pub link: &'a Link,
     pub uploader: &'a Uploader,
-    /// PUT slots shared by every job (`concurrency`).
-    pub permits: Arc<Semaphore>,
-    pub concurrency: usize,
+    /// The PUT gate shared by every job: windows, priorities, concurrency.
+    pub flow: Arc<Flow>,
+    /// The job's priority and creation time (its place in line for PUT slots).
+    pub priority: u8,
+    pub created_at: i64,
     pub control: &'a mut watch::Receiver<Control>,
     pub shutdown: &'a CancellationToken,
     /// Called about once a second with (bytes done, recent rate in bytes/s).
@@ -423,7 +439,7 @@ impl Pass<'_> {
         let all = self.store.call(move |c| store::parts(c, job_id)).await?;
         let mut done_bytes: u64 = all.iter().filter(|p| p.done).map(|p| p.size).sum();
         let mut pending: VecDeque<PartRecord> = all.into_iter().filter(|p| !p.done).collect();
-        let batch = (self.concurrency * 2)
+        let batch = (self.flow.per_job() * 2)
             .clamp(4, 32)
             .min(ops::MAX_PRESIGN_BATCH);
         let mut urls: HashMap<u32, Url> = HashMap::new();
@@ -435,6 +451,7 @@ impl Pass<'_> {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let control = self.control;
+        let mut window = self.flow.watch_open();
 
         info!(job_id = %job_id, session_id = %self.session_id, parts = pending.len(), "Uploading parts");
         loop {
@@ -443,7 +460,10 @@ impl Pass<'_> {
                 tasks.abort_all();
                 return Err(UploadError::Cancelled);
             }
-            while !ctl.pause && in_flight.len() < self.concurrency {
+            // Outside every upload window no part starts (those in flight finish); the
+            // window opening wakes this loop.
+            let open = *window.borrow_and_update();
+            while open && !ctl.pause && in_flight.len() < self.flow.per_job() {
                 let Some(part) = pending.pop_front() else {
                     break;
                 };
@@ -475,7 +495,7 @@ impl Pass<'_> {
                     let answer: PresignedParts = tokio::select! {
                         r = self.link.call(Op::PartsPresign, &request_id, &body) => r?,
                         _ = self.shutdown.cancelled() => {
-                            self.permits.close();
+                            self.flow.close();
                             drain(job_id, self.store, &mut tasks, &mut in_flight).await;
                             return Err(UploadError::Shutdown);
                         }
@@ -498,15 +518,16 @@ impl Pass<'_> {
                 };
                 let (url, received_at) = (url.part.clone(), url.received_at);
                 let uploader = self.uploader.clone();
-                let permits = self.permits.clone();
+                let flow = self.flow.clone();
+                let (priority, created_at) = (self.priority, self.created_at);
                 let path = self.path.clone();
                 let sent = sent.clone();
                 let number = part.number;
                 let task_part = part.clone();
                 in_flight.insert(number, part);
                 tasks.spawn(async move {
-                    let _permit = match permits.acquire_owned().await {
-                        Ok(p) => p,
+                    let _slot = match flow.slot(job_id, priority, created_at).await {
+                        Ok(s) => s,
                         Err(_) => {
                             return (number, Err(PutError::Transient("shutting down".into())))
                         }
@@ -569,6 +590,11 @@ impl Pass<'_> {
                         }
                     }
                 }
+                changed = window.changed() => {
+                    if changed.is_err() {
+                        window = self.flow.watch_open();
+                    }
+                }
                 changed = control.changed() => {
                     if changed.is_err() {
                         // The controller is gone: only shutdown remains, handled below.
@@ -585,7 +611,7 @@ impl Pass<'_> {
                     (self.on_progress)(done_bytes, rate);
                 }
                 _ = self.shutdown.cancelled() => {
-                    self.permits.close();
+                    self.flow.close();
                     drain(job_id, self.store, &mut tasks, &mut in_flight).await;
                     return Err(UploadError::Shutdown);
                 }
@@ -760,7 +786,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\nETag: \"900150983cd24fb0d6963f7d28e17f72\"\r\nContent-Length: 0\r\n\r\n",
         )
         .await;
-        let up = Uploader::new(0).unwrap();
+        let up = Uploader::new(Arc::new(RateLimiter::new(0))).unwrap();
         let mut p = part(3, "kAFQmDzST7DWlj99KOF/cg==");
         p.offset = 2;
         let presigned = PresignedPart {
@@ -794,7 +820,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.bin");
         std::fs::write(&path, b"abc").unwrap();
-        let up = Uploader::new(0).unwrap();
+        let up = Uploader::new(Arc::new(RateLimiter::new(0))).unwrap();
         let p = part(3, "kAFQmDzST7DWlj99KOF/cg==");
         let presigned = |url: String| PresignedPart {
             number: 1,
@@ -877,7 +903,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\nETag: \"d41d8cd98f00b204e9800998ecf8427e\"\r\nContent-Length: 0\r\n\r\n",
         )
         .await;
-        let up = Uploader::new(0).unwrap();
+        let up = Uploader::new(Arc::new(RateLimiter::new(0))).unwrap();
         let presigned = PresignedPart {
             number: 1,
             method: "PUT".into(),

@@ -418,6 +418,8 @@ fn config(dir: &Path, port: u16, device_key: &PrivateKey, cmd_key: &PrivateKey) 
         part_size_mib: 5,
         request_timeout_secs: 2,
         max_upload_bytes_per_sec: 0,
+        per_job_concurrency: None,
+        upload_windows: vec![],
         metrics_listen: None,
         api_url: None,
         mqtt: MqttConfig {
@@ -476,6 +478,7 @@ async fn uploads_rejects_and_dedups_commands() {
     let upload = cloud
         .command(Action::Upload {
             path: file.to_string_lossy().into_owned(),
+            priority: None,
         })
         .await;
     cloud.ack(upload, AckState::Accepted).await;
@@ -496,6 +499,7 @@ async fn uploads_rejects_and_dedups_commands() {
     let bad = cloud
         .command(Action::Upload {
             path: "/etc/passwd".into(),
+            priority: None,
         })
         .await;
     let ack = cloud.ack(bad, AckState::Rejected).await;
@@ -532,6 +536,7 @@ async fn uploads_rejects_and_dedups_commands() {
         expires_at: unix_now() - 10,
         action: Action::Upload {
             path: file.to_string_lossy().into_owned(),
+            priority: None,
         },
     };
     cloud.send(&expired).await;
@@ -547,6 +552,7 @@ async fn uploads_rejects_and_dedups_commands() {
         expires_at: unix_now() + 600,
         action: Action::Upload {
             path: empty.to_string_lossy().into_owned(),
+            priority: None,
         },
     };
     cloud.send(&cmd).await;
@@ -634,6 +640,7 @@ async fn resumes_after_restart_pauses_and_cancels() {
     let upload = cloud
         .command(Action::Upload {
             path: file.to_string_lossy().into_owned(),
+            priority: None,
         })
         .await;
     cloud.ack(upload, AckState::Accepted).await;
@@ -680,6 +687,7 @@ async fn resumes_after_restart_pauses_and_cancels() {
     let up2 = cloud
         .command(Action::Upload {
             path: file2.to_string_lossy().into_owned(),
+            priority: None,
         })
         .await;
     cloud.ack(up2, AckState::Accepted).await;
@@ -705,6 +713,7 @@ async fn resumes_after_restart_pauses_and_cancels() {
     let up3 = cloud
         .command(Action::Upload {
             path: file3.to_string_lossy().into_owned(),
+            priority: None,
         })
         .await;
     cloud.ack(up3, AckState::Accepted).await;
@@ -738,6 +747,7 @@ async fn resumes_after_restart_pauses_and_cancels() {
     let up4 = cloud
         .command(Action::Upload {
             path: file4.to_string_lossy().into_owned(),
+            priority: None,
         })
         .await;
     let done = cloud.ack(up4, AckState::Done).await;
@@ -754,6 +764,134 @@ async fn resumes_after_restart_pauses_and_cancels() {
     }
     assert_eq!(joined, data);
 
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(20), agent)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+/// `config` commands signed by the cloud but invalid are rejected by the agent itself (an
+/// older or bypassed control API), changing nothing; valid ones are applied, kept in the
+/// database across a restart, and dropped by `reset`. Upload priorities are checked too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_commands_are_checked_applied_and_kept() {
+    use uplink_protocol::flow::FlowConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().canonicalize().unwrap();
+    let device_key = sign::generate();
+    let port = free_port();
+    start_broker(port, device_key.verifying_key());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (s3_addr, s3) = start_s3().await;
+    let mut cloud = start_cloud(port, device_key.verifying_key(), s3_addr, s3.clone()).await;
+    let cfg = config(&base, port, &device_key, &cloud.cmd_key);
+    let overrides = || {
+        let conn = uplink_agent::store::open(&base.join("state")).unwrap();
+        uplink_agent::store::flow_overrides(&conn).unwrap()
+    };
+
+    let shutdown = CancellationToken::new();
+    let agent = tokio::spawn(uplink_agent::run(
+        cfg.clone().validate().unwrap(),
+        shutdown.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let bad = cloud
+        .command(Action::Config(FlowConfig {
+            max_upload_bytes_per_sec: Some(65536),
+            concurrency: Some(99),
+            upload_windows: Some(vec!["6pm-8pm".into()]),
+            ..FlowConfig::default()
+        }))
+        .await;
+    let reason = cloud.ack(bad, AckState::Rejected).await.reason.unwrap();
+    assert!(
+        reason.contains("concurrency: 99 is outside 1..=64"),
+        "{reason}"
+    );
+    assert!(reason.contains("\"6pm-8pm\""), "{reason}");
+    assert_eq!(overrides(), None, "a rejected command changes nothing");
+
+    let urgent = base.join("data/urgent.bin");
+    std::fs::write(&urgent, b"urgent").unwrap();
+    let bad = cloud
+        .command(Action::Upload {
+            path: urgent.to_string_lossy().into_owned(),
+            priority: Some(10),
+        })
+        .await;
+    let reason = cloud.ack(bad, AckState::Rejected).await.reason.unwrap();
+    assert!(reason.contains("priority 10 is outside 0..=9"), "{reason}");
+
+    let good = cloud
+        .command(Action::Config(FlowConfig {
+            max_upload_bytes_per_sec: Some(65536),
+            per_job_concurrency: Some(1),
+            ..FlowConfig::default()
+        }))
+        .await;
+    cloud.ack(good, AckState::Done).await;
+    let more = cloud
+        .command(Action::Config(FlowConfig {
+            upload_windows: Some(vec!["22:00-06:00".into()]),
+            ..FlowConfig::default()
+        }))
+        .await;
+    cloud.ack(more, AckState::Done).await;
+    let kept = FlowConfig {
+        max_upload_bytes_per_sec: Some(65536),
+        per_job_concurrency: Some(1),
+        upload_windows: Some(vec!["22:00-06:00".into()]),
+        ..FlowConfig::default()
+    };
+    assert_eq!(overrides(), Some(kept.clone()), "overrides merge");
+
+    // A high-priority upload is taken on and finishes (the window above may be closed
+    // now, so open it first: `[]` = always).
+    let open = cloud
+        .command(Action::Config(FlowConfig {
+            upload_windows: Some(vec![]),
+            ..FlowConfig::default()
+        }))
+        .await;
+    cloud.ack(open, AckState::Done).await;
+    let job = cloud
+        .command(Action::Upload {
+            path: urgent.to_string_lossy().into_owned(),
+            priority: Some(9),
+        })
+        .await;
+    cloud.ack(job, AckState::Done).await;
+
+    // Restart: the overrides hold; `reset` drops them.
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(20), agent)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        overrides().unwrap().max_upload_bytes_per_sec,
+        Some(65536),
+        "kept across the restart"
+    );
+    let shutdown = CancellationToken::new();
+    let agent = tokio::spawn(uplink_agent::run(
+        cfg.clone().validate().unwrap(),
+        shutdown.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let reset = cloud
+        .command(Action::Config(FlowConfig {
+            reset: true,
+            ..FlowConfig::default()
+        }))
+        .await;
+    cloud.ack(reset, AckState::Done).await;
+    assert_eq!(overrides(), Some(FlowConfig::default()));
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(20), agent)
         .await

@@ -3,6 +3,8 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::flow::FlowConfig;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Command {
     /// Each id is executed once; a re-delivered command is answered with its earlier ack.
@@ -18,13 +20,22 @@ pub struct Command {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Action {
     /// Upload the regular file at `path` (must be under one of the agent's allowed roots).
-    Upload { path: String },
+    Upload {
+        path: String,
+        /// 0 (lowest) to 9 (highest); absent = 5. When PUT slots are scarce, parts of
+        /// higher-priority jobs go first; equal priorities go first come, first served.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        priority: Option<u8>,
+    },
     /// Pause the job `job_id` (an upload command's id) after its in-flight parts.
     Pause { job_id: Uuid },
     /// Resume a paused job.
     Resume { job_id: Uuid },
     /// Cancel a job: in-flight parts stop and the session is aborted.
     Cancel { job_id: Uuid },
+    /// Change the agent's flow control at run time (bandwidth cap, upload windows,
+    /// concurrency); kept until a later `config` command with `reset` drops it.
+    Config(FlowConfig),
 }
 
 impl Action {
@@ -34,6 +45,18 @@ impl Action {
             Action::Pause { .. } => "pause",
             Action::Resume { .. } => "resume",
             Action::Cancel { .. } => "cancel",
+            Action::Config(_) => "config",
+        }
+    }
+
+    /// Checks the fields the wire types cannot (priority range, config values).
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Action::Upload {
+                priority: Some(p), ..
+            } => crate::flow::check_priority(*p).map(|_| ()),
+            Action::Config(c) => c.validate(),
+            _ => Ok(()),
         }
     }
 }
@@ -87,7 +110,17 @@ mod tests {
         for action in [
             Action::Upload {
                 path: "/data/a".into(),
+                priority: None,
             },
+            Action::Upload {
+                path: "/data/b".into(),
+                priority: Some(9),
+            },
+            Action::Config(FlowConfig {
+                max_upload_bytes_per_sec: Some(65536),
+                upload_windows: Some(vec!["22:00-06:00".into()]),
+                ..FlowConfig::default()
+            }),
             Action::Pause { job_id: id },
             Action::Resume { job_id: id },
             Action::Cancel { job_id: id },
@@ -116,7 +149,31 @@ mod tests {
     #[test]
     fn action_wire_shape() {
         let a: Action = serde_json::from_str(r#"{"type":"upload","path":"/x"}"#).unwrap();
-        assert_eq!(a, Action::Upload { path: "/x".into() });
+        assert_eq!(
+            a,
+            Action::Upload {
+                path: "/x".into(),
+                priority: None
+            }
+        );
+        let a: Action =
+            serde_json::from_str(r#"{"type":"upload","path":"/x","priority":7}"#).unwrap();
+        assert_eq!(a.validate(), Ok(()));
+        let a: Action =
+            serde_json::from_str(r#"{"type":"upload","path":"/x","priority":12}"#).unwrap();
+        assert!(a.validate().unwrap_err().contains("priority 12"));
+        let a: Action =
+            serde_json::from_str(r#"{"type":"config","concurrency":1,"upload_windows":[]}"#)
+                .unwrap();
+        assert_eq!(a.kind(), "config");
+        assert_eq!(a.validate(), Ok(()));
+        assert_eq!(
+            serde_json::to_value(&a).unwrap(),
+            serde_json::json!({"type":"config","concurrency":1,"upload_windows":[]})
+        );
+        assert!(serde_json::from_str::<Action>(r#"{"type":"config","bandwidth":1}"#).is_err());
+        let a: Action = serde_json::from_str(r#"{"type":"config"}"#).unwrap();
+        assert!(a.validate().is_err());
         assert!(serde_json::from_str::<Action>(r#"{"type":"format_disk"}"#).is_err());
     }
 }

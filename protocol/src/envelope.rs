@@ -211,6 +211,7 @@ mod tests {
             expires_at: 200,
             action: Action::Upload {
                 path: "/data/rec/run-042.mcap".into(),
+                priority: None,
             },
         };
         let env = CommandEnvelope::sign(&key, &cmd);

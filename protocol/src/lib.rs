@@ -5,7 +5,8 @@
 //! - [`ops`]: the device request ops and the JSON bodies and results of each.
 //! - [`envelope`]: the signed request envelope (device → cloud), the response envelope
 //!   (cloud → device) and the signed command envelope (cloud → device).
-//! - [`command`]: commands (upload, pause, resume, cancel) and their acks.
+//! - [`command`]: commands (upload, pause, resume, cancel, config) and their acks.
+//! - [`flow`]: flow control: upload windows, job priorities, the `config` command's body.
 //! - [`telemetry`]: progress and presence status messages.
 //! - [`sign`]: Ed25519 keys, the canonical strings that are signed, signing and verification.
 //! - [`problem`]: RFC 7807 problem documents with stable codes.
@@ -15,6 +16,7 @@
 
 pub mod command;
 pub mod envelope;
+pub mod flow;
 pub mod ops;
 pub mod plan;
 pub mod problem;

@@ -67,6 +67,10 @@ pub struct Progress {
     pub bytes_total: u64,
     /// Recent upload rate in bytes per second.
     pub rate_bps: u64,
+    /// Why no part moves although the job has parts left: `upload_window` (outside every
+    /// configured upload window). Absent when parts may move.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +106,7 @@ mod tests {
             bytes_done: 5,
             bytes_total: 10,
             rate_bps: 1,
+            waiting_for: Some("upload_window".into()),
         };
         assert_eq!(
             serde_json::from_str::<Progress>(&serde_json::to_string(&p).unwrap()).unwrap(),

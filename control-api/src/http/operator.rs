@@ -186,7 +186,16 @@ pub async fn issue_command(
             format!("no device {device_id}"),
         ));
     }
-    if let Action::Upload { path } = &action {
+    if let Err(reason) = action.validate() {
+        return Err(ApiError::Unprocessable(
+            match action {
+                Action::Config(_) => "invalid_config",
+                _ => "invalid_command",
+            },
+            reason,
+        ));
+    }
+    if let Action::Upload { path, .. } = &action {
         if !path.starts_with('/') || path.len() > 4096 || path.contains('\0') {
             return Err(ApiError::Unprocessable(
                 "invalid_path",
