@@ -12,6 +12,8 @@
 //! - [`uploader`]: streaming part PUTs, presign freshness, rate limiting, URL redaction, and
 //!   the per-job upload pass.
 //! - [`agent`]: [`run`]: command handling, job runners, resume after restart, shutdown.
+//! - [`watch`]: `[[watch]]` directory scans that queue settled files as local jobs, once per
+//!   file version, and delete them after a verified upload when asked.
 //! - [`metrics`]: counters and the optional Prometheus `/metrics` responder.
 //! - [`notify`]: systemd readiness, watchdog and stopping notifications.
 //! - [`cli`]: the operator commands on the gateway: `status`, `upload`, `doctor`,
@@ -28,5 +30,6 @@ pub mod policy;
 pub mod rpc;
 pub mod store;
 pub mod uploader;
+pub mod watch;
 
 pub use agent::run;

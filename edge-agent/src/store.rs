@@ -167,6 +167,7 @@ pub fn open_file(path: &Path) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.execute_batch(SCHEMA)?;
+    conn.execute_batch(crate::watch::SCHEMA)?;
     Ok(conn)
 }
 
