@@ -1286,6 +1286,28 @@ mod tests {
     }
 
     #[test]
+    fn the_commented_example_in_the_default_config_is_valid() {
+        let text = crate::cli::DEFAULT_CONFIG;
+        let start = text.find("# [[watch]]").expect("an example [[watch]]");
+        let example: String = text[start..]
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let cfg: crate::config::Config =
+            toml::from_str(&format!("{}\n{example}", &text[..start])).unwrap();
+        assert_eq!(cfg.watch.len(), 1);
+        assert_eq!(cfg.watch[0].dataset, "field-tests");
+        let t = tree(&[]);
+        let entry = WatchConfig {
+            root: t.root.clone(),
+            ..cfg.watch[0].clone()
+        };
+        let (_, problems) = validate(&[entry], std::slice::from_ref(&t.root));
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    #[test]
     fn watch_entries_parse_from_toml() {
         let w: WatchConfig = toml::from_str(
             r#"
