@@ -238,3 +238,87 @@ async fn delete_after_upload_removes_the_file_on_success_and_keeps_it_on_failure
     );
     assert_eq!(sessions_for(&stack, &dev, &bad.path).await.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_datasets_and_watches_are_refused_with_clear_errors() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let dev = stack.add_device(&AgentOptions::default()).await;
+
+    // The API: a label that is not one key segment is refused; no label keeps the old key.
+    let body = |dataset: Option<&str>, job: uuid::Uuid| {
+        let mut b = serde_json::json!({
+            "job_id": job, "file_name": "x.bin", "size": 6 * MIB,
+            "sha256": "ab".repeat(32), "part_size": 5 * MIB,
+        });
+        if let Some(d) = dataset {
+            b["dataset"] = Value::String(d.into());
+        }
+        b
+    };
+    for bad in ["../up", "a/b", ".hidden", ""] {
+        let reply = stack
+            .device_http
+            .call(
+                &dev.id,
+                &dev.key,
+                "session.create",
+                &body(Some(bad), uuid::Uuid::new_v4()),
+            )
+            .await;
+        assert_eq!(reply.status, 422, "dataset {bad:?}: {reply}");
+        assert!(
+            reply.body.to_string().contains("invalid_dataset"),
+            "{reply}"
+        );
+    }
+    let job = uuid::Uuid::new_v4();
+    let reply = stack
+        .device_http
+        .call(&dev.id, &dev.key, "session.create", &body(None, job))
+        .await;
+    assert_eq!(reply.status, 201, "{reply}");
+    let sid = reply.body["session_id"].as_str().expect("session_id");
+    assert_eq!(
+        reply.body["object_key"].as_str(),
+        Some(format!("devices/{}/{sid}/x.bin", dev.id).as_str()),
+        "no dataset: the key layout is unchanged"
+    );
+    let reply = stack
+        .device_http
+        .call(
+            &dev.id,
+            &dev.key,
+            "session.create",
+            &body(Some("other"), job),
+        )
+        .await;
+    assert_eq!(reply.status, 409, "same job, another dataset: {reply}");
+
+    // The agent: check-config refuses a watch outside allowed_roots and names it.
+    let config = std::fs::read_to_string(dev.dir.join("agent.toml")).expect("agent.toml");
+    let bad_config = dev.dir.join("bad-watch.toml");
+    std::fs::write(
+        &bad_config,
+        format!(
+            "{config}\n[[watch]]\nroot = {}\nglob = \"*.bin\"\ndataset = \"ok\"\n",
+            Value::String(dev.dir.to_string_lossy().into_owned())
+        ),
+    )
+    .expect("write config");
+    let out = std::process::Command::new(stack.env.bin("uplink-agent"))
+        .arg("--config")
+        .arg(&bad_config)
+        .arg("check-config")
+        .output()
+        .expect("run check-config");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("watch[0] root") && text.contains("outside allowed_roots"),
+        "{text}"
+    );
+}
