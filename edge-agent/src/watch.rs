@@ -504,13 +504,16 @@ pub fn queue(
     watch: &Watch,
     now: i64,
 ) -> Result<Option<Uuid>, StoreError> {
+    // `store::queue_local_upload` takes the connection itself, so the transaction is
+    // spelled out; whatever fails (the commit included) leaves no transaction open.
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let result = queue_in_tx(conn, found, watch, now);
-    match &result {
-        Ok(_) => conn.execute_batch("COMMIT")?,
-        Err(_) => {
-            let _ = conn.execute_batch("ROLLBACK");
-        }
+    let result = result.and_then(|queued| {
+        conn.execute_batch("COMMIT")?;
+        Ok(queued)
+    });
+    if result.is_err() && !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
     }
     result
 }
@@ -625,7 +628,8 @@ pub fn set_outcome(
 }
 
 /// Decides and does what `after_upload = "delete"` asks for one ended job; returns the
-/// outcome to record.
+/// outcome to record. The check and the unlink are not atomic: a file replaced in the
+/// instant between them is deleted.
 pub fn finish_delete(ended: &Ended) -> String {
     if ended.state != "done" {
         return format!("kept: job {}", ended.state);
@@ -1065,6 +1069,28 @@ mod tests {
         };
         assert!(queue(&mut conn, &newer, &w, 3).unwrap().is_some());
         assert_eq!(store::queued_local_jobs(&conn).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_job_and_its_record_are_written_together_or_not_at_all() {
+        let (_d, mut conn) = db();
+        let w = watch(Path::new("/data"), AfterUpload::Keep);
+        let f = Found {
+            path: "/data/a.mcap".into(),
+            identity: id(10, 5, 9),
+        };
+        // Make the record's insert fail: the job inserted before it must be rolled back.
+        conn.execute_batch(
+            "CREATE TEMP TRIGGER boom BEFORE INSERT ON watched_files
+             BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;",
+        )
+        .unwrap();
+        let err = queue(&mut conn, &f, &w, 1).unwrap_err();
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+        assert!(conn.is_autocommit(), "no transaction left open");
+        assert!(store::queued_local_jobs(&conn).unwrap().is_empty());
+        conn.execute_batch("DROP TRIGGER boom").unwrap();
+        assert!(queue(&mut conn, &f, &w, 2).unwrap().is_some());
     }
 
     #[test]
