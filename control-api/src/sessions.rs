@@ -2,8 +2,8 @@
 //! domain code, the store and storage.
 
 use uplink_protocol::ops::{
-    CreateSession, PresignParts, PresignedPart, PresignedParts, SessionInfo, SessionState,
-    StoredPart, MAX_PRESIGN_BATCH,
+    valid_dataset, CreateSession, PresignParts, PresignedPart, PresignedParts, SessionInfo,
+    SessionState, StoredPart, MAX_PRESIGN_BATCH,
 };
 use uplink_protocol::plan::{self, PartPlan};
 use uuid::Uuid;
@@ -48,6 +48,22 @@ pub fn valid_file_name(name: &str) -> bool {
             .any(|c| c == '/' || c == '\\' || c.is_control())
 }
 
+/// Where a session's object lives: `{prefix}devices/{device}/{session}/{file}`, or with a
+/// dataset `{prefix}devices/{device}/datasets/{dataset}/{session}/{file}` (a session id is
+/// never `datasets`, so the two layouts cannot collide). Inputs are already validated.
+pub fn object_key(
+    prefix: &str,
+    device_id: &str,
+    dataset: Option<&str>,
+    session_id: Uuid,
+    file_name: &str,
+) -> String {
+    match dataset {
+        None => format!("{prefix}devices/{device_id}/{session_id}/{file_name}"),
+        Some(d) => format!("{prefix}devices/{device_id}/datasets/{d}/{session_id}/{file_name}"),
+    }
+}
+
 fn valid_sha256(hex: &str) -> bool {
     hex.len() == 64
         && hex
@@ -66,6 +82,16 @@ pub async fn create(
             "invalid_file_name",
             format!("file name {:?} is not allowed", req.file_name),
         ));
+    }
+    if let Some(dataset) = &req.dataset {
+        if !valid_dataset(dataset) {
+            return Err(ApiError::Unprocessable(
+                "invalid_dataset",
+                format!(
+                    "dataset {dataset:?} is not allowed (1-64 of A-Z a-z 0-9 . _ -, not starting with a dot)"
+                ),
+            ));
+        }
     }
     if !valid_sha256(&req.sha256) {
         return Err(ApiError::Unprocessable(
@@ -87,6 +113,7 @@ pub async fn create(
         if s.size as u64 != req.size
             || s.claimed_sha256 != req.sha256
             || s.part_size as u64 != req.part_size
+            || s.dataset != req.dataset
         {
             return Err(ApiError::Conflict(
                 "job_session_mismatch",
@@ -100,9 +127,12 @@ pub async fn create(
     }
 
     let session_id = Uuid::new_v4();
-    let object_key = format!(
-        "{}devices/{device_id}/{session_id}/{}",
-        st.config.s3.key_prefix, req.file_name
+    let object_key = object_key(
+        &st.config.s3.key_prefix,
+        device_id,
+        req.dataset.as_deref(),
+        session_id,
+        &req.file_name,
     );
     let upload_id = if plan.is_empty_object() {
         None
@@ -113,8 +143,8 @@ pub async fn create(
     let mut tx = st.store.pool.begin().await?;
     let inserted: Result<Session, sqlx::Error> = sqlx::query_as(
         "INSERT INTO sessions (session_id, device_id, job_id, command_id, file_name, bucket, object_key, size, part_size,
-                               part_count, claimed_sha256, upload_id, state)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'created') RETURNING *",
+                               part_count, claimed_sha256, upload_id, state, dataset)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'created', $13) RETURNING *",
     )
     .bind(session_id)
     .bind(device_id)
@@ -128,6 +158,7 @@ pub async fn create(
     .bind(plan.part_count as i32)
     .bind(&req.sha256)
     .bind(&upload_id)
+    .bind(&req.dataset)
     .fetch_one(&mut *tx)
     .await;
     let session = match inserted {
@@ -145,7 +176,7 @@ pub async fn create(
         actor,
         "session.create",
         &session_id.to_string(),
-        serde_json::json!({"device_id": device_id, "job_id": req.job_id, "file_name": req.file_name, "size": req.size, "sha256": req.sha256}),
+        serde_json::json!({"device_id": device_id, "job_id": req.job_id, "file_name": req.file_name, "dataset": req.dataset, "size": req.size, "sha256": req.sha256}),
     )
     .await?;
     tx.commit().await?;
@@ -452,5 +483,18 @@ mod tests {
         }
         assert!(valid_sha256(&"a".repeat(64)));
         assert!(!valid_sha256(&"A".repeat(64)));
+    }
+
+    #[test]
+    fn object_keys_with_and_without_a_dataset() {
+        let sid = Uuid::nil();
+        assert_eq!(
+            object_key("", "robot-17", None, sid, "a.mcap"),
+            format!("devices/robot-17/{sid}/a.mcap")
+        );
+        assert_eq!(
+            object_key("up/", "robot-17", Some("field-tests"), sid, "a.mcap"),
+            format!("up/devices/robot-17/datasets/field-tests/{sid}/a.mcap")
+        );
     }
 }

@@ -60,6 +60,8 @@ pub struct Session {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
+    /// The dataset label the agent sent (directory watches); part of the object key.
+    pub dataset: Option<String>,
 }
 
 impl Session {

@@ -190,6 +190,15 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
     let connections = tokio::spawn(agent.clone().connection_loop(link_parts.connected));
     let local_jobs = tokio::spawn(agent.clone().local_job_loop());
     let clock = tokio::spawn(flow.clone().clock(shutdown.clone()));
+    let watcher = (!loaded.watches.is_empty()).then(|| {
+        tokio::spawn(crate::watch::run(
+            loaded.watches,
+            agent.roots.clone(),
+            crate::watch::own_files(&cfg.state_dir, &cfg.key_file),
+            agent.store.clone(),
+            shutdown.clone(),
+        ))
+    });
     let metrics_task = metrics_listener
         .map(|l| tokio::spawn(metrics::serve(l, agent.store.clone(), shutdown.clone())));
     agent.resume_jobs().await;
@@ -214,6 +223,9 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
     ];
     if let Some(t) = metrics_task {
         tasks.push(("metrics", t));
+    }
+    if let Some(t) = watcher {
+        tasks.push(("watch", t));
     }
     for (name, task) in tasks {
         match tokio::time::timeout(Duration::from_secs(5), task).await {
@@ -863,10 +875,16 @@ impl Agent {
         };
         let planned =
             plan::validate(identity.size, part_size).map_err(|e| JobError::Fatal(e.to_string()))?;
+        let id = rec.id;
+        let dataset = self
+            .store
+            .call(move |c| crate::watch::dataset_of(c, id))
+            .await?;
         let body = CreateSession {
             job_id: rec.id,
             command_id: (!rec.local).then_some(rec.id),
             file_name: rec.file_name.clone(),
+            dataset,
             size: identity.size,
             sha256,
             part_size,

@@ -10,6 +10,8 @@ use serde::Deserialize;
 use uplink_protocol::sign::{self, PrivateKey, PublicKey};
 use uplink_protocol::topics;
 
+use crate::watch::{self, Watch, WatchConfig};
+
 /// Prefix of the environment overrides.
 pub const ENV_PREFIX: &str = "UPLINK_AGENT_";
 
@@ -69,6 +71,9 @@ pub struct Config {
     pub api_url: Option<String>,
     #[serde(default)]
     pub mqtt: MqttConfig,
+    /// `[[watch]]` entries: directories whose new files are uploaded without a command.
+    #[serde(default)]
+    pub watch: Vec<WatchConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -152,6 +157,8 @@ pub struct Loaded {
     pub command_key: PublicKey,
     /// `allowed_roots`, canonicalised.
     pub roots: Vec<PathBuf>,
+    /// The `[[watch]]` entries, checked.
+    pub watches: Vec<Watch>,
 }
 
 /// Reads the file (when given) and the environment, without validating.
@@ -300,6 +307,10 @@ impl Config {
         if self.mqtt.port == 0 {
             bad("mqtt.port", "must not be 0".into());
         }
+        let (watches, watch_problems) = watch::validate(&self.watch, &roots);
+        for message in watch_problems {
+            bad("watch", message);
+        }
 
         match (key, command_key, problems.is_empty()) {
             (Some(key), Some(command_key), true) => Ok(Loaded {
@@ -307,6 +318,7 @@ impl Config {
                 key,
                 command_key,
                 roots,
+                watches,
             }),
             _ => Err(ConfigError::Invalid(problems)),
         }
@@ -338,6 +350,7 @@ mod tests {
             metrics_listen: None,
             api_url: None,
             mqtt: MqttConfig::default(),
+            watch: vec![],
         }
     }
 

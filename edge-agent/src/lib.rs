@@ -14,6 +14,8 @@
 //! - [`flow`]: flow control: upload windows, priorities, concurrency, the bandwidth cap, and
 //!   their run-time overrides by `config` commands.
 //! - [`agent`]: [`run`]: command handling, job runners, resume after restart, shutdown.
+//! - [`watch`]: `[[watch]]` directory scans that queue settled files as local jobs, once per
+//!   file version, and delete them after a verified upload when asked.
 //! - [`metrics`]: counters and the optional Prometheus `/metrics` responder.
 //! - [`notify`]: systemd readiness, watchdog and stopping notifications.
 //! - [`failpoint`]: named crash points for the fault tests (cargo feature `failpoints` only).
@@ -33,5 +35,6 @@ pub mod policy;
 pub mod rpc;
 pub mod store;
 pub mod uploader;
+pub mod watch;
 
 pub use agent::run;

@@ -184,6 +184,7 @@ pub fn open_file(path: &Path) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.execute_batch(SCHEMA)?;
     migrate(&mut conn)?;
+    conn.execute_batch(crate::watch::SCHEMA)?;
     Ok(conn)
 }
 

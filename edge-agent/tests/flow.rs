@@ -428,6 +428,7 @@ fn config(dir: &Path, port: u16, device_key: &PrivateKey, cmd_key: &PrivateKey) 
             username: None,
             password: None,
         },
+        watch: vec![],
     }
 }
 

@@ -62,11 +62,30 @@ pub struct CreateSession {
     pub command_id: Option<Uuid>,
     /// File name (no directories) used in the object key.
     pub file_name: String,
+    /// Dataset label (a directory watch's `dataset`); when present it becomes a segment of
+    /// the object key (see [`valid_dataset`]). Absent for commands and `uplink-agent upload`,
+    /// and from agents that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
     pub size: u64,
     /// Hex SHA-256 of the whole file.
     pub sha256: String,
     /// Part size the agent hashed with; must pass [`crate::plan::validate`].
     pub part_size: u64,
+}
+
+/// Longest dataset label.
+pub const MAX_DATASET_LEN: usize = 64;
+
+/// Whether `label` may name a dataset: 1-64 of `A-Z a-z 0-9 . _ -`, not starting with a dot
+/// (it becomes one segment of an object key, so no `/`, no `.`/`..`).
+pub fn valid_dataset(label: &str) -> bool {
+    !label.is_empty()
+        && label.len() <= MAX_DATASET_LEN
+        && !label.starts_with('.')
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// One part's MD5 (standard base64 of the 16-byte digest, as in `Content-MD5`).
@@ -205,12 +224,56 @@ mod tests {
     }
 
     #[test]
+    fn create_session_without_dataset_still_parses() {
+        // What agents that predate datasets send.
+        let id = Uuid::new_v4();
+        let old = format!(
+            r#"{{"job_id":"{id}","file_name":"a.bin","size":1,"sha256":"{}","part_size":5242880}}"#,
+            "ab".repeat(32)
+        );
+        let body: CreateSession = serde_json::from_str(&old).unwrap();
+        assert_eq!(body.dataset, None);
+        let json = serde_json::to_string(&body).unwrap();
+        assert!(!json.contains("dataset"), "{json}");
+    }
+
+    #[test]
+    fn dataset_labels() {
+        for ok in ["a", "field-tests", "run_2024.11", &"x".repeat(64)] {
+            assert!(valid_dataset(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "a/b",
+            "a b",
+            "ü",
+            &"x".repeat(65),
+            "a\\b",
+        ] {
+            assert!(!valid_dataset(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn bodies_round_trip() {
         let id = Uuid::new_v4();
         round_trip(CreateSession {
             job_id: id,
             command_id: Some(id),
             file_name: "run-042.mcap".into(),
+            dataset: Some("field-tests".into()),
+            size: 42,
+            sha256: "ab".repeat(32),
+            part_size: 8 << 20,
+        });
+        round_trip(CreateSession {
+            job_id: id,
+            command_id: None,
+            file_name: "run-042.mcap".into(),
+            dataset: None,
             size: 42,
             sha256: "ab".repeat(32),
             part_size: 8 << 20,
