@@ -13,7 +13,6 @@
 //!   the per-job upload pass.
 //! - [`agent`]: [`run`]: command handling, job runners, resume after restart, shutdown.
 //! - [`metrics`]: counters and the optional Prometheus `/metrics` responder.
-//! - [`notify`]: systemd readiness, watchdog and stopping notifications.
 //! - [`cli`]: the operator commands on the gateway: `status`, `upload`, `doctor`,
 //!   `print-default-config`.
 
@@ -23,7 +22,6 @@ pub mod config;
 pub mod hasher;
 pub mod job;
 pub mod metrics;
-pub mod notify;
 pub mod policy;
 pub mod rpc;
 pub mod store;
