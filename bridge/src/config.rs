@@ -1,89 +1,19 @@
 //! Configuration: a TOML file plus `UPLINK_BRIDGE_*` environment overrides (`__` nests,
 //! e.g. `UPLINK_BRIDGE_BROKER__MODE=external`). Unknown field names are errors, so a typo
-//! is reported by `uplink-bridge check-config` instead of being silently ignored.
+//! is reported by `uplink-bridge check-config` instead of being silently ignored. Every
+//! problem is reported with where it was set (`bridge.toml:4:1: broker.port: …`, or the
+//! environment variable); see [`uplink_service::config`].
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use figment::providers::{Env, Format, Toml};
-use figment::Figment;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
+use uplink_service::config::{lenient_opt_string, lenient_string, Layers, Problem, Report};
 
 /// Prefix of the environment overrides.
 pub const ENV_PREFIX: &str = "UPLINK_BRIDGE_";
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file or an environment variable could not be read into [`Config`]; one line per
-    /// problem, each naming the field.
-    #[error("{}", .0.join("\n"))]
-    Load(Vec<String>),
-    /// Values that parse but cannot work; one line per problem, each naming the field.
-    #[error("{}", .0.join("\n"))]
-    Invalid(Vec<String>),
-}
-
-/// A secret string (token or password): never printed by `Debug` or `Display`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[REDACTED]")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[REDACTED]")
-    }
-}
-
-impl<'de> Deserialize<'de> for Secret {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        lenient_string(d).map(Secret)
-    }
-}
-
-/// Reads a string, also accepting a number or a boolean: environment values such as
-/// `UPLINK_BRIDGE_API_TOKEN=1234` arrive as numbers.
-fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    struct V;
-    impl serde::de::Visitor<'_> for V {
-        type Value = String;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a string")
-        }
-        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
-            Ok(v.to_string())
-        }
-        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
-            Ok(v.to_string())
-        }
-        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
-            Ok(v.to_string())
-        }
-        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<String, E> {
-            Ok(v.to_string())
-        }
-    }
-    d.deserialize_any(V)
-}
-
-fn lenient_opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    lenient_string(d).map(Some)
-}
+pub use uplink_service::config::Secret;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -155,71 +85,72 @@ fn default_poll_interval_ms() -> u64 {
 }
 
 impl Config {
-    /// The layered sources: the file (when given; it must exist), then the environment.
-    pub fn figment(file: Option<&Path>) -> Figment {
-        let mut figment = Figment::new();
-        if let Some(path) = file {
-            figment = figment.merge(Toml::file_exact(path));
-        }
-        figment.merge(Env::prefixed(ENV_PREFIX).split("__"))
+    /// Loads `file` (when given; it must exist) and the environment, then validates; the
+    /// error lists every problem found.
+    pub fn load(file: Option<&Path>) -> Result<Config, Report> {
+        Self::from_layers(&Layers::load(file, ENV_PREFIX)?)
     }
 
-    /// Loads and validates the configuration.
-    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-        Self::from_figment(Self::figment(file))
-    }
-
-    pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
-        let config: Config = figment
-            .extract()
-            .map_err(|e| ConfigError::Load(e.into_iter().map(|e| e.to_string()).collect()))?;
-        config.validate()?;
+    pub fn from_layers(layers: &Layers) -> Result<Config, Report> {
+        let config: Config = layers.extract()?;
+        config
+            .validate()
+            .map_err(|problems| layers.locate(problems))?;
         Ok(config)
     }
 
     /// Checks values that parse but cannot work.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), Vec<Problem>> {
         let mut problems = Vec::new();
         match reqwest::Url::parse(&self.api_url) {
             Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {}
-            Ok(_) => problems.push(format!(
-                "api_url: `{}` must be an http:// or https:// URL",
-                self.api_url
+            Ok(_) => problems.push(Problem::new(
+                "api_url",
+                format!("`{}` must be an http:// or https:// URL", self.api_url),
             )),
-            Err(e) => problems.push(format!("api_url: `{}` is not a URL: {e}", self.api_url)),
+            Err(e) => problems.push(Problem::new(
+                "api_url",
+                format!("`{}` is not a URL: {e}", self.api_url),
+            )),
         }
         if self.api_token.expose().trim().is_empty() {
-            problems.push("api_token: must not be empty".into());
+            problems.push(Problem::new("api_token", "must not be empty"));
         }
         if self.poll_interval_ms == 0 {
-            problems.push("poll_interval_ms: must be at least 1".into());
+            problems.push(Problem::new("poll_interval_ms", "must be at least 1"));
         }
         let b = &self.broker;
         if b.client_id.is_empty() {
-            problems.push("broker.client_id: must not be empty".into());
+            problems.push(Problem::new("broker.client_id", "must not be empty"));
         }
         match b.mode {
             BrokerMode::Embedded => {
                 if b.listen.port() == 0 {
-                    problems.push("broker.listen: needs a fixed port, not 0".into());
+                    problems.push(Problem::new("broker.listen", "needs a fixed port, not 0"));
                 }
             }
             BrokerMode::External => {
                 if b.host.trim().is_empty() {
-                    problems.push("broker.host: must not be empty in external mode".into());
+                    problems.push(Problem::new(
+                        "broker.host",
+                        "must not be empty in external mode",
+                    ));
                 }
                 if b.port == 0 {
-                    problems.push("broker.port: must not be 0".into());
+                    problems.push(Problem::new("broker.port", "must not be 0"));
                 }
                 if b.password.is_some() && b.username.is_none() {
-                    problems.push("broker.username: required when broker.password is set".into());
+                    problems.push(Problem::new(
+                        "broker.username",
+                        "required when broker.password is set",
+                    ));
                 }
             }
         }
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(ConfigError::Invalid(problems))
+            Err(problems)
         }
     }
 
@@ -235,8 +166,8 @@ mod tests {
     use super::*;
     use figment::Jail;
 
-    fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        Config::from_figment(Figment::new().merge(Toml::string(text)))
+    fn from_toml(text: &str) -> Result<Config, Report> {
+        Config::from_layers(&Layers::from_toml(Path::new("bridge.toml"), text)?)
     }
 
     #[test]
@@ -261,7 +192,7 @@ mod tests {
         assert_eq!(c.http_listen, None);
         assert_eq!(c.broker.mode, BrokerMode::Embedded);
         assert_eq!(c.api_base(), "http://127.0.0.1:8080");
-        assert_eq!(format!("{:?}", c.api_token), "[REDACTED]");
+        assert_eq!(format!("{:?}", c.api_token), "[redacted]");
         assert!(!format!("{c:?}").contains("dev-bridge-token"));
     }
 
@@ -275,6 +206,14 @@ mod tests {
         assert!(err.to_string().contains("mode"), "{err}");
         let err = from_toml("api_token = \"t\"\nhttp_listen = \"nowhere\"").unwrap_err();
         assert!(err.to_string().contains("http_listen"), "{err}");
+        assert_eq!(
+            from_toml("api_token = \"t\"\n\n[broker]\nmod = \"external\"")
+                .unwrap_err()
+                .to_string(),
+            "invalid configuration:\nbridge.toml:4:1: broker.mod: unknown field (expected \
+             one of: mode, listen, host, port, username, password, client_id, \
+             shared_subscriptions)"
+        );
     }
 
     #[test]
@@ -285,6 +224,13 @@ mod tests {
         assert!(err.contains("api_url"), "{err}");
         assert!(err.contains("api_token"), "{err}");
         assert!(err.contains("poll_interval_ms"), "{err}");
+        assert_eq!(
+            err,
+            "invalid configuration:\n\
+             bridge.toml:1:1: api_url: `ftp://x` must be an http:// or https:// URL\n\
+             bridge.toml:2:1: api_token: must not be empty\n\
+             bridge.toml:3:1: poll_interval_ms: must be at least 1"
+        );
         assert!(from_toml("poll_interval_ms = 5")
             .unwrap_err()
             .to_string()

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use uplink_service::sd_notify;
 
 use clap::{Parser, Subcommand};
@@ -40,10 +39,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let load = || {
-        Config::load(cli.config.as_deref())
-            .map_err(|e| eprintln!("configuration is not valid:\n{e}"))
-    };
+    let load = || Config::load(cli.config.as_deref()).map_err(|e| eprintln!("uplink-bridge: {e}"));
     match cli.command.unwrap_or(Command::Run) {
         Command::PrintDefaultConfig => {
             print!("{DEFAULT_CONFIG}");
@@ -82,13 +78,7 @@ fn run(config: Config) -> ExitCode {
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(shutdown_on_signal(shutdown.clone()));
-        if let Some(notifier) = sd_notify::Notifier::from_env() {
-            tokio::spawn(notify_when_ready(
-                Arc::new(notifier),
-                connected_rx,
-                shutdown.clone(),
-            ));
-        }
+        tokio::spawn(notify_when_ready(connected_rx, shutdown.clone()));
         match uplink_bridge::run(config, shutdown).await {
             Ok(()) => {
                 info!("Bridge stopped");
@@ -168,7 +158,6 @@ impl tracing::field::Visit for IsMessage {
 /// embedded broker fails the bridge within 10 s, and for an external broker systemd's
 /// start timeout fails the unit.
 async fn notify_when_ready(
-    notifier: Arc<sd_notify::Notifier>,
     connected: tokio::sync::oneshot::Receiver<()>,
     shutdown: CancellationToken,
 ) {
@@ -176,9 +165,7 @@ async fn notify_when_ready(
         () = shutdown.cancelled() => {}
         r = connected => {
             if r.is_ok() {
-                notifier.send("READY=1");
-                info!("Told systemd the bridge is ready");
-                sd_notify::supervise(notifier, shutdown);
+                sd_notify::ready("bridge", &shutdown);
             }
         }
     }
@@ -239,8 +226,9 @@ mod tests {
 
     #[test]
     fn default_config_is_the_example_and_parses() {
-        use figment::providers::{Format as _, Toml};
-        let config = Config::from_figment(figment::Figment::from(Toml::string(DEFAULT_CONFIG)));
+        let file = std::path::Path::new("bridge.toml");
+        let config = uplink_service::config::Layers::from_toml(file, DEFAULT_CONFIG)
+            .and_then(|layers| Config::from_layers(&layers));
         assert!(config.is_ok(), "{config:?}");
     }
 }

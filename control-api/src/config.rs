@@ -1,34 +1,20 @@
 //! Configuration: a TOML file with `UPLINK_API_…` environment overrides (`__` nests, e.g.
-//! `UPLINK_API_S3__BUCKET`). Secrets are wrapped in [`Secret`] so they never print.
+//! `UPLINK_API_S3__BUCKET`). Secrets are wrapped in [`Secret`] so they never print. Every
+//! problem is reported with where it was set (`api.toml:7:1: s3.endpoint: …`, or the
+//! environment variable); see [`uplink_service::config`].
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use figment::providers::{Env, Format, Toml};
-use figment::Figment;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+use uplink_service::config::{Layers, Problem, Report};
 
-/// A string that prints as `[redacted]`.
-#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
+pub use uplink_service::config::Secret;
 
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
+/// Prefix of the environment overrides.
+pub const ENV_PREFIX: &str = "UPLINK_API_";
 
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default = "default_listen")]
@@ -57,7 +43,7 @@ pub struct Config {
 }
 
 /// The cleanup worker: expires idle sessions and aborts orphan multipart uploads.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CleanupConfig {
     /// How often the worker runs; 0 disables it.
@@ -81,7 +67,7 @@ impl Default for CleanupConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct S3Config {
     /// Endpoint the API calls (create, list, complete, abort, head).
@@ -130,47 +116,32 @@ fn default_presign_ttl() -> u64 {
     900
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{0}")]
-    Load(#[from] Box<figment::Error>),
-    #[error("{field}: {reason}")]
-    Invalid { field: &'static str, reason: String },
-}
-
 impl Config {
-    /// Loads `path` (if given) and the environment, then validates.
-    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let mut figment = Figment::new();
-        if let Some(path) = path {
-            figment = figment.merge(Toml::file_exact(path));
-        }
-        let config: Config = figment
-            .merge(Env::prefixed("UPLINK_API_").split("__"))
-            .extract()
-            .map_err(Box::new)?;
-        config.validate()?;
+    /// Loads `path` (if given) and the environment, then validates; the error lists every
+    /// problem found.
+    pub fn load(path: Option<&Path>) -> Result<Config, Report> {
+        let layers = Layers::load(path, ENV_PREFIX)?;
+        let config: Config = layers.extract()?;
+        config
+            .validate()
+            .map_err(|problems| layers.locate(problems))?;
         Ok(config)
     }
 
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |field, reason: &str| {
-            Err(ConfigError::Invalid {
-                field,
-                reason: reason.into(),
-            })
-        };
+    /// Checks values that parse but cannot work; every problem, each naming its field.
+    pub fn validate(&self) -> Result<(), Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut invalid = |field: &str, reason: &str| problems.push(Problem::new(field, reason));
         if !self.database_url.expose().starts_with("postgres") {
-            return invalid("database_url", "must be a postgres:// or postgresql:// URL");
+            invalid("database_url", "must be a postgres:// or postgresql:// URL");
         }
         if self.operator_token.expose().len() < 16 {
-            return invalid("operator_token", "must be at least 16 characters");
+            invalid("operator_token", "must be at least 16 characters");
         }
         if self.bridge_token.expose().len() < 16 {
-            return invalid("bridge_token", "must be at least 16 characters");
-        }
-        if self.operator_token == self.bridge_token {
-            return invalid("bridge_token", "must differ from operator_token");
+            invalid("bridge_token", "must be at least 16 characters");
+        } else if self.operator_token == self.bridge_token {
+            invalid("bridge_token", "must differ from operator_token");
         }
         for (field, url) in [
             ("s3.endpoint", Some(&self.s3.endpoint)),
@@ -178,29 +149,33 @@ impl Config {
         ] {
             if let Some(url) = url {
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    return invalid(field, "must be an http:// or https:// URL");
+                    invalid(field, "must be an http:// or https:// URL");
                 }
             }
         }
         if self.s3.bucket.is_empty() {
-            return invalid("s3.bucket", "must not be empty");
+            invalid("s3.bucket", "must not be empty");
         }
         if !(1..=7 * 24 * 3600).contains(&self.s3.presign_ttl_secs) {
-            return invalid(
+            invalid(
                 "s3.presign_ttl_secs",
                 "must be between 1 and 604800 (7 days, the SigV4 limit)",
             );
         }
         if self.s3.key_prefix.starts_with('/') || self.s3.key_prefix.contains("..") {
-            return invalid(
+            invalid(
                 "s3.key_prefix",
                 "must be relative and must not contain '..'",
             );
         }
         if self.replay_window_secs == 0 {
-            return invalid("replay_window_secs", "must be positive");
+            invalid("replay_window_secs", "must be positive");
         }
-        Ok(())
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
     }
 
     pub fn public_endpoint(&self) -> &str {
@@ -227,12 +202,10 @@ access_key_id = "k"
 secret_access_key = "s"
 "#;
 
-    fn parse(text: &str) -> Result<Config, ConfigError> {
-        let c: Config = Figment::new()
-            .merge(Toml::string(text))
-            .extract()
-            .map_err(Box::new)?;
-        c.validate()?;
+    fn parse(text: &str) -> Result<Config, Report> {
+        let layers = Layers::from_toml(Path::new("api.toml"), text)?;
+        let c: Config = layers.extract()?;
+        c.validate().map_err(|p| layers.locate(p))?;
         Ok(c)
     }
 
@@ -255,21 +228,32 @@ secret_access_key = "s"
     }
 
     #[test]
-    fn errors_name_the_field() {
+    fn errors_name_the_line_and_field() {
         let bad = GOOD.replace("http://127.0.0.1:8333", "127.0.0.1:8333");
-        assert!(parse(&bad)
-            .unwrap_err()
-            .to_string()
-            .starts_with("s3.endpoint"));
-        let bad = GOOD.replace("bridge-token-0123456789", "short");
-        assert!(parse(&bad)
-            .unwrap_err()
-            .to_string()
-            .starts_with("bridge_token"));
+        assert_eq!(
+            parse(&bad).unwrap_err().to_string(),
+            "invalid configuration:\n\
+             api.toml:7:1: s3.endpoint: must be an http:// or https:// URL"
+        );
+        let bad = GOOD
+            .replace("bridge-token-0123456789", "short")
+            .replace("\"uplink\"", "\"\"");
+        assert_eq!(
+            parse(&bad).unwrap_err().to_string(),
+            "invalid configuration:\n\
+             api.toml:4:1: bridge_token: must be at least 16 characters\n\
+             api.toml:8:1: s3.bucket: must not be empty"
+        );
         let bad = format!("{GOOD}\nunknown_field = 1");
-        assert!(parse(&bad)
-            .unwrap_err()
-            .to_string()
-            .contains("unknown_field"));
+        let err = parse(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("api.toml:12:1: s3.unknown_field: unknown field"),
+            "{err}"
+        );
+        let bad = GOOD.replace("bucket = \"uplink\"\n", "");
+        assert_eq!(
+            parse(&bad).unwrap_err().to_string(),
+            "invalid configuration:\napi.toml:6:1: s3.bucket: missing (it has no default)"
+        );
     }
 }

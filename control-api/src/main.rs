@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use uplink_service::sd_notify;
 
 use anyhow::Context as _;
@@ -59,12 +58,12 @@ fn main() -> ExitCode {
                 println!("config ok");
                 ExitCode::SUCCESS
             }
-            Err(e) => fail(anyhow::anyhow!("invalid configuration: {e}")),
+            Err(e) => fail(e.into()),
         },
         Cmd::Run => {
             let config = match Config::load(cli.config.as_deref()) {
                 Ok(c) => c,
-                Err(e) => return fail(anyhow::anyhow!("invalid configuration: {e}")),
+                Err(e) => return fail(e.into()),
             };
             let _otel = match uplink_service::init_logs(
                 "uplink-api",
@@ -105,12 +104,7 @@ async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Result<()
         .with_context(|| format!("could not listen on {listen}"))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening on {addr}");
-    if let Some(notifier) = sd_notify::Notifier::from_env() {
-        let notifier = Arc::new(notifier);
-        notifier.send("READY=1");
-        tracing::info!("Told systemd the API is ready");
-        sd_notify::supervise(notifier, shutdown.clone());
-    }
+    sd_notify::ready("API", &shutdown);
     uplink_api::serve(state, listener, shutdown).await
 }
 

@@ -31,7 +31,7 @@ use crate::job::{self, NextStep};
 use crate::rpc::{Link, LinkSettings, RetryPolicy, RpcError};
 use crate::store::{self, JobRecord, NewJob, Store, StoreError, StoredAck};
 use crate::uploader::{Control, Pass, UploadEnd, UploadError, Uploader};
-use crate::{metrics, notify, policy};
+use crate::{metrics, policy};
 
 /// Final acks younger than this are re-sent after every (re)connect, in case one was lost.
 const ACK_RESEND_WINDOW_SECS: i64 = 3600;
@@ -202,11 +202,11 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
     let metrics_task = metrics_listener
         .map(|l| tokio::spawn(metrics::serve(l, agent.store.clone(), shutdown.clone())));
     agent.resume_jobs().await;
-    notify::ready(&shutdown);
+    // READY=1 now; WATCHDOG=1 while the runtime runs; STOPPING=1 when `shutdown` fires.
+    uplink_service::sd_notify::ready("agent", &shutdown);
 
     shutdown.cancelled().await;
     info!("Shutting down");
-    notify::stopping();
     agent.tasks.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, agent.tasks.wait())
         .await

@@ -527,11 +527,11 @@ pub async fn doctor(file: Option<&Path>) -> u8 {
     let cfg = match config::load(file) {
         Ok(c) => c,
         Err(e) => {
-            report("config", Check::Fail(e.to_string()));
+            report("config", Check::Fail(e.to_string().replace('\n', " ")));
             return EXIT_FAIL;
         }
     };
-    match cfg.clone().validate() {
+    match config::load_and_validate(file) {
         Ok(_) => report("config", Check::Ok(String::new())),
         Err(e) => report("config", Check::Fail(e.to_string().replace('\n', " "))),
     }

@@ -1,40 +1,19 @@
 //! Agent configuration: a TOML file plus `UPLINK_AGENT_<FIELD>` environment overrides
 //! (`__` separates nested fields, e.g. `UPLINK_AGENT_MQTT__HOST`).
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
-use figment::providers::{Env, Format, Toml};
-use figment::Figment;
 use serde::Deserialize;
 use uplink_protocol::sign::{self, PrivateKey, PublicKey};
 use uplink_protocol::topics;
+use uplink_service::config::{Layers, Report};
 
 use crate::watch::{self, Watch, WatchConfig};
 
 /// Prefix of the environment overrides.
 pub const ENV_PREFIX: &str = "UPLINK_AGENT_";
 
-/// A string that never prints (passwords).
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
+pub use uplink_service::config::{Problem, Secret};
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -118,25 +97,12 @@ fn default_port() -> u16 {
     1883
 }
 
-/// One thing wrong with the configuration, named by its field.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub field: &'static str,
-    pub message: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.message)
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("config file {0} does not exist")]
-    MissingFile(PathBuf),
-    #[error("could not parse the configuration: {0}")]
-    Parse(#[from] Box<figment::Error>),
+    /// Every problem, each with where it was set (file line or environment variable).
+    #[error("{0}")]
+    Report(#[from] Report),
+    /// [`Config::validate`]'s problems, not yet located.
     #[error("invalid configuration:\n{}", list(.0))]
     Invalid(Vec<Problem>),
 }
@@ -161,24 +127,18 @@ pub struct Loaded {
     pub watches: Vec<Watch>,
 }
 
-/// Reads the file (when given) and the environment, without validating.
+/// Reads the file (when given; it must exist) and the environment, without validating.
 pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-    let mut figment = Figment::new();
-    if let Some(file) = file {
-        if !file.exists() {
-            return Err(ConfigError::MissingFile(file.to_path_buf()));
-        }
-        figment = figment.merge(Toml::file(file));
-    }
-    figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
-    figment
-        .extract()
-        .map_err(|e| ConfigError::Parse(Box::new(e)))
+    Ok(Layers::load(file, ENV_PREFIX)?.extract()?)
 }
 
-/// Loads and validates; every problem is reported at once.
+/// Loads and validates; every problem is reported at once, with where it was set.
 pub fn load_and_validate(file: Option<&Path>) -> Result<Loaded, ConfigError> {
-    load(file)?.validate()
+    let layers = Layers::load(file, ENV_PREFIX)?;
+    match layers.extract::<Config>()?.validate() {
+        Err(ConfigError::Invalid(problems)) => Err(layers.locate(problems).into()),
+        other => other,
+    }
 }
 
 impl Config {
@@ -186,7 +146,7 @@ impl Config {
     pub fn validate(self) -> Result<Loaded, ConfigError> {
         let mut problems = Vec::new();
         let mut bad =
-            |field: &'static str, message: String| problems.push(Problem { field, message });
+            |field: &'static str, message: String| problems.push(Problem::new(field, message));
 
         if !topics::valid_device_id(&self.device_id) {
             bad(
@@ -354,7 +314,7 @@ mod tests {
         }
     }
 
-    fn fields(err: ConfigError) -> Vec<&'static str> {
+    fn fields(err: ConfigError) -> Vec<String> {
         match err {
             ConfigError::Invalid(p) => p.into_iter().map(|p| p.field).collect(),
             other => panic!("unexpected {other}"),
@@ -510,9 +470,12 @@ password = "pw"
             assert_eq!(format!("{:?}", cfg.mqtt.password), "Some([redacted])");
             Ok(())
         });
-        assert!(matches!(
-            load(Some(&dir.path().join("nope.toml"))),
-            Err(ConfigError::MissingFile(_))
-        ));
+        let missing = load(Some(&dir.path().join("nope.toml"))).unwrap_err();
+        assert!(
+            missing
+                .to_string()
+                .contains("nope.toml: cannot read the file"),
+            "{missing}"
+        );
     }
 }

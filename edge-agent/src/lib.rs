@@ -17,7 +17,6 @@
 //! - [`watch`]: `[[watch]]` directory scans that queue settled files as local jobs, once per
 //!   file version, and delete them after a verified upload when asked.
 //! - [`metrics`]: counters and the optional Prometheus `/metrics` responder.
-//! - [`notify`]: systemd readiness, watchdog and stopping notifications.
 //! - [`failpoint`]: named crash points for the fault tests (cargo feature `failpoints` only).
 //! - [`cli`]: the operator commands on the gateway: `status`, `upload`, `doctor`,
 //!   `print-default-config`.
@@ -30,7 +29,6 @@ pub mod flow;
 pub mod hasher;
 pub mod job;
 pub mod metrics;
-pub mod notify;
 pub mod policy;
 pub mod rpc;
 pub mod store;

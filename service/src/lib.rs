@@ -1,10 +1,13 @@
 //! Pieces every Uplink service shares at start-up.
 //!
 //! # Layout
+//! - [`config`]: the layered TOML + environment configuration, [`config::Secret`], and
+//!   problems reported as `file:line:column: field: message`.
 //! - [`sd_notify`]: systemd's service notification protocol (READY, WATCHDOG, STOPPING).
 //! - [`json_logs`]: whether logs are JSON or text.
 //! - [`otel`]: optional OpenTelemetry trace export and trace-context propagation.
 
+pub mod config;
 pub mod otel;
 
 /// systemd's service notification protocol (`sd_notify(3)`) without libsystemd: one datagram
@@ -44,7 +47,13 @@ pub mod sd_notify {
                     use std::os::linux::net::SocketAddrExt as _;
                     SocketAddr::from_abstract_name(name)?
                 }
-                _ => SocketAddr::from_pathname(std::path::Path::new(path))?,
+                Some((b'/', _)) => SocketAddr::from_pathname(std::path::Path::new(path))?,
+                _ => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("NOTIFY_SOCKET {path:?} is neither an absolute path nor @name"),
+                    ))
+                }
             };
             Ok(Self {
                 socket: UnixDatagram::unbound()?,
@@ -62,13 +71,37 @@ pub mod sd_notify {
 
     /// Half of `WATCHDOG_USEC` (systemd's advice), when the watchdog is on for this process.
     pub fn watchdog_interval() -> Option<Duration> {
-        if let Ok(pid) = std::env::var("WATCHDOG_PID") {
-            if pid.parse::<u32>().ok() != Some(std::process::id()) {
+        watchdog_interval_of(
+            std::env::var("WATCHDOG_USEC").ok().as_deref(),
+            std::env::var("WATCHDOG_PID").ok().as_deref(),
+            std::process::id(),
+        )
+    }
+
+    /// Half of `usec` (`WATCHDOG_USEC`) when it is positive and `pid` (`WATCHDOG_PID`) is
+    /// absent or `own_pid`.
+    pub fn watchdog_interval_of(
+        usec: Option<&str>,
+        pid: Option<&str>,
+        own_pid: u32,
+    ) -> Option<Duration> {
+        if let Some(pid) = pid {
+            if pid.trim().parse::<u32>().ok() != Some(own_pid) {
                 return None;
             }
         }
-        let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+        let usec: u64 = usec?.trim().parse().ok()?;
         (usec > 0).then(|| Duration::from_micros(usec / 2))
+    }
+
+    /// Says `READY=1` and then [`supervise`]s; `service` names it in the log ("Told systemd
+    /// the agent is ready"). A no-op outside systemd.
+    pub fn ready(service: &str, shutdown: &tokio_util::sync::CancellationToken) {
+        if let Some(notifier) = Notifier::from_env() {
+            notifier.send("READY=1");
+            tracing::info!("Told systemd the {service} is ready");
+            supervise(std::sync::Arc::new(notifier), shutdown.clone());
+        }
     }
 
     /// Pings the watchdog every [`watchdog_interval`] from a runtime task (so a wedged
@@ -79,6 +112,12 @@ pub mod sd_notify {
         shutdown: tokio_util::sync::CancellationToken,
     ) {
         let interval = watchdog_interval();
+        if let Some(every) = interval {
+            tracing::info!(
+                every_ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX),
+                "Pinging the systemd watchdog"
+            );
+        }
         tokio::spawn(async move {
             let mut tick = interval.map(tokio::time::interval);
             loop {
@@ -118,6 +157,23 @@ pub mod sd_notify {
             let n = listener.recv(&mut buf).unwrap();
             assert_eq!(&buf[..n], b"READY=1");
             let _ = std::fs::remove_dir_all(&dir);
+        }
+
+        #[test]
+        fn rejects_relative_socket_names() {
+            assert!(Notifier::open(std::ffi::OsStr::new("relative/notify.sock")).is_err());
+            assert!(Notifier::open(std::ffi::OsStr::new("")).is_err());
+        }
+
+        #[test]
+        fn watchdog_interval_is_half_and_for_us_only() {
+            let half = Some(Duration::from_secs(15));
+            assert_eq!(watchdog_interval_of(Some("30000000"), None, 7), half);
+            assert_eq!(watchdog_interval_of(Some("30000000"), Some("7"), 7), half);
+            assert_eq!(watchdog_interval_of(Some("30000000"), Some("8"), 7), None);
+            assert_eq!(watchdog_interval_of(None, None, 7), None);
+            assert_eq!(watchdog_interval_of(Some("0"), None, 7), None);
+            assert_eq!(watchdog_interval_of(Some("x"), None, 7), None);
         }
 
         #[cfg(target_os = "linux")]
