@@ -154,12 +154,9 @@ fn check_config(file: Option<&Path>) -> anyhow::Result<()> {
 fn run(file: Option<&Path>) -> anyhow::Result<()> {
     let loaded =
         uplink_agent::config::load_and_validate(file).map_err(|e| anyhow::anyhow!("{e}"))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    // Text on a terminal, JSON under systemd; spans to a collector when OTEL_* asks for it.
+    let _otel = uplink_service::init_logs("uplink-agent", "info", Vec::new())
+        .map_err(|e| anyhow::anyhow!(e))?;
     uplink_agent::failpoint::announce();
     // A small runtime keeps memory flat on small gateways.
     let runtime = tokio::runtime::Builder::new_multi_thread()

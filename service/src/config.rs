@@ -658,25 +658,25 @@ ignore = ["*.tmp"]
     fn environment_values_name_their_variable() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("svc.toml", "name = \"n\"\n[net]\n")?;
-            jail.set_env("UPLINK_TEST_NET__PORT", "x");
-            jail.set_env("UPLINK_TEST_CONFIG", "svc.toml");
-            let layers = Layers::load(Some(Path::new("svc.toml")), "UPLINK_TEST_").unwrap();
+            jail.set_env("UPLINK_SVCTEST_NET__PORT", "x");
+            jail.set_env("UPLINK_SVCTEST_CONFIG", "svc.toml");
+            let layers = Layers::load(Some(Path::new("svc.toml")), "UPLINK_SVCTEST_").unwrap();
             assert_eq!(
                 layers.extract::<Cfg>().unwrap_err().to_string(),
-                "invalid configuration:\nUPLINK_TEST_NET__PORT (environment): net.port: \
+                "invalid configuration:\nUPLINK_SVCTEST_NET__PORT (environment): net.port: \
                  invalid type: found string \"x\", expected u16"
             );
-            jail.set_env("UPLINK_TEST_NET__PORT", "0");
-            let layers = Layers::load(Some(Path::new("svc.toml")), "UPLINK_TEST_").unwrap();
+            jail.set_env("UPLINK_SVCTEST_NET__PORT", "0");
+            let layers = Layers::load(Some(Path::new("svc.toml")), "UPLINK_SVCTEST_").unwrap();
             layers.extract::<Cfg>().unwrap();
             assert_eq!(
                 layers
                     .locate([Problem::new("net.port", "must not be 0")])
                     .to_string(),
                 "invalid configuration:\n\
-                 UPLINK_TEST_NET__PORT (environment): net.port: must not be 0"
+                 UPLINK_SVCTEST_NET__PORT (environment): net.port: must not be 0"
             );
-            let missing = Layers::load(Some(Path::new("nope.toml")), "UPLINK_TEST_")
+            let missing = Layers::load(Some(Path::new("nope.toml")), "UPLINK_SVCTEST_")
                 .err()
                 .unwrap()
                 .to_string();

@@ -29,6 +29,8 @@ impl Process {
                     std::env::var("UPLINK_TEST_LOG").unwrap_or_else(|_| "info".into()),
                 ),
                 ("NO_COLOR".into(), "1".into()),
+                // Tests read the logs as text, even when the runner is a systemd unit.
+                ("UPLINK_LOG_FORMAT".into(), "text".into()),
             ],
             log,
             child: None,

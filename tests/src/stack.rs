@@ -733,6 +733,34 @@ impl Stack {
         }
     }
 
+    /// Waits for a completed session of the device's file with `sha256` (jobs started
+    /// without a command: `uplink-agent upload`, directory watches).
+    pub async fn wait_completed_session(
+        &self,
+        dev: &Device,
+        sha256: &str,
+        timeout: Duration,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let sessions = self.sessions(&dev.id).await;
+            if let Some(s) = sessions
+                .iter()
+                .find(|s| s["sha256"] == sha256 && s["state"] == "completed")
+            {
+                return s.clone();
+            }
+            self.assert_alive();
+            if tokio::time::Instant::now() > deadline {
+                self.dump_logs();
+                panic!(
+                    "no completed session with sha256 {sha256} within {timeout:?}: {sessions:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
     /// `GET /v1/sessions?device_id=` as a list.
     pub async fn sessions(&self, device_id: &str) -> Vec<Value> {
         let reply = self

@@ -34,25 +34,6 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-async fn wait_completed_session(stack: &Stack, dev: &Device, sha256: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    loop {
-        let sessions = stack.sessions(&dev.id).await;
-        if let Some(s) = sessions
-            .iter()
-            .find(|s| s["sha256"] == sha256 && s["state"] == "completed")
-        {
-            return s.clone();
-        }
-        stack.assert_alive();
-        if tokio::time::Instant::now() > deadline {
-            stack.dump_logs();
-            panic!("no completed session with sha256 {sha256} within 180 s: {sessions:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_upload_status_doctor_and_metrics() {
     let stack = Stack::start(StackOptions::default()).await;
@@ -70,7 +51,9 @@ async fn local_upload_status_doctor_and_metrics() {
     let job_id = stdout(&out).trim().to_string();
     assert!(uuid::Uuid::parse_str(&job_id).is_ok(), "job id: {job_id:?}");
 
-    let session = wait_completed_session(&stack, &dev, &file.sha256).await;
+    let session = stack
+        .wait_completed_session(&dev, &file.sha256, Duration::from_secs(180))
+        .await;
     assert_eq!(session["size"].as_u64(), Some(file.size), "{session}");
     assert!(
         session["command_id"].is_null(),

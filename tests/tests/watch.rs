@@ -41,25 +41,6 @@ async fn sessions_for(stack: &Stack, dev: &Device, path: &Path) -> Vec<Value> {
         .collect()
 }
 
-async fn wait_completed(stack: &Stack, dev: &Device, sha256: &str, timeout: Duration) -> Value {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let sessions = stack.sessions(&dev.id).await;
-        if let Some(s) = sessions
-            .iter()
-            .find(|s| s["sha256"] == sha256 && s["state"] == "completed")
-        {
-            return s.clone();
-        }
-        stack.assert_alive();
-        if tokio::time::Instant::now() > deadline {
-            stack.dump_logs();
-            panic!("no completed session with sha256 {sha256} within {timeout:?}: {sessions:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
 /// The object is under the dataset's key and byte-identical to `file`.
 async fn verify_object(stack: &Stack, dev: &Device, session: &Value, file: &SourceFile) {
     let sid = session["session_id"].as_str().expect("session_id");
@@ -120,7 +101,9 @@ async fn dropped_file_uploads_once_under_its_dataset_even_across_a_restart() {
     uplink_e2e::files::write_random_file(&incoming.join("day1/.run-2.bin.x7Yz"), MIB).await;
     uplink_e2e::files::write_random_file(&incoming.join("day1/notes.txt"), 1000).await;
 
-    let session = wait_completed(&stack, &dev, &file.sha256, Duration::from_secs(90)).await;
+    let session = stack
+        .wait_completed_session(&dev, &file.sha256, Duration::from_secs(90))
+        .await;
     verify_object(&stack, &dev, &session, &file).await;
     assert!(file.path.exists(), "after_upload = keep keeps the file");
 
@@ -129,7 +112,9 @@ async fn dropped_file_uploads_once_under_its_dataset_even_across_a_restart() {
     stack.restart_agent(&dev);
     tokio::time::sleep(Duration::from_secs(4)).await;
     let second = uplink_e2e::files::write_random_file(&incoming.join("run-3.bin"), 2 * MIB).await;
-    let s2 = wait_completed(&stack, &dev, &second.sha256, Duration::from_secs(90)).await;
+    let s2 = stack
+        .wait_completed_session(&dev, &second.sha256, Duration::from_secs(90))
+        .await;
     verify_object(&stack, &dev, &s2, &second).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let sessions = stack.sessions(&dev.id).await;
@@ -164,7 +149,9 @@ async fn a_growing_file_is_uploaded_only_once_it_settles() {
     drop(f);
     let (sha256, size) = sha256_file(&path);
     let file = SourceFile { path, size, sha256 };
-    let session = wait_completed(&stack, &dev, &file.sha256, Duration::from_secs(90)).await;
+    let session = stack
+        .wait_completed_session(&dev, &file.sha256, Duration::from_secs(90))
+        .await;
     verify_object(&stack, &dev, &session, &file).await;
     let sessions = stack.sessions(&dev.id).await;
     assert_eq!(sessions.len(), 1, "only the settled file: {sessions:?}");
@@ -177,7 +164,9 @@ async fn delete_after_upload_removes_the_file_on_success_and_keeps_it_on_failure
 
     // Success: verified in storage, then deleted.
     let ok = uplink_e2e::files::write_random_file(&incoming.join("ok.bin"), 6 * MIB).await;
-    let session = wait_completed(&stack, &dev, &ok.sha256, Duration::from_secs(90)).await;
+    let session = stack
+        .wait_completed_session(&dev, &ok.sha256, Duration::from_secs(90))
+        .await;
     verify_object(&stack, &dev, &session, &ok).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while ok.path.exists() {
