@@ -43,6 +43,9 @@ use crate::config::{BrokerMode, Config};
 
 /// How long the embedded broker may take to accept the bridge's own connection.
 const EMBEDDED_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// After the bridge's own client has published its last answers and disconnected, the
+/// embedded broker (which dies with this process) gets this long to deliver them to devices.
+const EMBEDDED_FLUSH: Duration = Duration::from_millis(500);
 /// Capacity of the rumqttc request channel.
 const REQUEST_CHANNEL: usize = 256;
 
@@ -220,6 +223,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Brid
     info!("Bridge stopping");
     while let Some(joined) = tasks.join_next_with_id().await {
         log_stopped(&names, joined);
+    }
+    if embedded.is_some() {
+        tokio::time::sleep(EMBEDDED_FLUSH).await;
     }
     result
 }
