@@ -1,5 +1,6 @@
 //! The cleanup worker: expires idle sessions (aborting their multipart uploads), aborts
-//! orphan multipart uploads that no live session knows, and drops old request answers.
+//! orphan multipart uploads that no live session knows (where an upload was being created,
+//! see `upload_intents`), and drops old request answers.
 //! Safe to run on every API instance at once: each step is idempotent.
 
 use std::collections::HashSet;
@@ -9,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::session::Event;
 use crate::http::error::ApiError;
+use crate::storage::Object;
 use crate::store::{Actor, Session};
 use crate::AppState;
 
@@ -54,7 +56,7 @@ pub async fn run_once(st: &AppState) -> Result<Report, ApiError> {
     .await?;
     for s in idle {
         if let Some(upload_id) = &s.upload_id {
-            st.storage.abort(&s.object_key, upload_id).await?;
+            st.storage.abort(&s.object(), upload_id).await?;
         }
         match st
             .store
@@ -71,24 +73,41 @@ pub async fn run_once(st: &AppState) -> Result<Report, ApiError> {
         }
     }
 
-    let prefix = format!("{}devices/", st.config.s3.key_prefix);
-    let uploads = st.storage.list_uploads(&prefix).await?;
-    if !uploads.is_empty() {
+    // Keys where an upload was being created: any upload there that no live session knows
+    // is an orphan once older than the grace period.
+    let intents: Vec<(String, String)> = sqlx::query_as(
+        "SELECT bucket, object_key FROM upload_intents WHERE created_at < now() - make_interval(secs => $1)",
+    )
+    .bind(cfg.orphan_grace_secs as f64)
+    .fetch_all(&st.store.pool)
+    .await?;
+    for (bucket, key) in intents {
         let live: HashSet<String> = sqlx::query_scalar(
-            "SELECT upload_id FROM sessions WHERE upload_id IS NOT NULL AND state IN ('created', 'uploading', 'paused', 'completing')",
+            "SELECT upload_id FROM sessions WHERE bucket = $1 AND object_key = $2 AND upload_id IS NOT NULL
+               AND state IN ('created', 'uploading', 'paused', 'completing')",
         )
+        .bind(&bucket)
+        .bind(&key)
         .fetch_all(&st.store.pool)
         .await?
         .into_iter()
         .collect();
-        let cutoff = uplink_protocol::unix_now() - cfg.orphan_grace_secs as i64;
-        for (key, upload_id, initiated) in uploads {
-            if !live.contains(&upload_id) && initiated <= cutoff {
-                st.storage.abort(&key, &upload_id).await?;
+        let obj = Object {
+            bucket: &bucket,
+            key: &key,
+        };
+        for (k, upload_id, _) in st.storage.list_uploads(&bucket, &key).await? {
+            if k == key && !live.contains(&upload_id) {
+                st.storage.abort(&obj, &upload_id).await?;
                 report.aborted_orphans += 1;
-                tracing::info!(%key, "Orphan multipart upload aborted");
+                tracing::info!(%bucket, %key, "Orphan multipart upload aborted");
             }
         }
+        sqlx::query("DELETE FROM upload_intents WHERE bucket = $1 AND object_key = $2")
+            .bind(&bucket)
+            .bind(&key)
+            .execute(&st.store.pool)
+            .await?;
     }
 
     for table in ["device_requests", "operator_requests"] {

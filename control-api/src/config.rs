@@ -117,6 +117,15 @@ fn default_presign_ttl() -> u64 {
 }
 
 impl Config {
+    /// The storage policy under every project's: the configured bucket and presign lifetime.
+    pub fn default_policy(&self) -> crate::domain::policy::StoragePolicy {
+        crate::domain::policy::StoragePolicy {
+            bucket: Some(self.s3.bucket.clone()),
+            presign_ttl_secs: Some(self.s3.presign_ttl_secs),
+            ..Default::default()
+        }
+    }
+
     /// Loads `path` (if given) and the environment, then validates; the error lists every
     /// problem found.
     pub fn load(path: Option<&Path>) -> Result<Config, Report> {

@@ -2,15 +2,19 @@
 //! domain code, the store and storage.
 
 use uplink_protocol::ops::{
-    valid_dataset, CreateSession, PresignParts, PresignedPart, PresignedParts, SessionInfo,
-    SessionState, StoredPart, MAX_PRESIGN_BATCH,
+    parts_digest, valid_dataset, CompleteSession, CreateSession, FileManifest, PresignParts,
+    PresignedPart, PresignedParts, SessionInfo, SessionState, StoredPart, MAX_PRESIGN_BATCH,
 };
-use uplink_protocol::plan::{self, PartPlan};
+use uplink_protocol::plan::{self, PartPlan, MIB};
 use uuid::Uuid;
 
+use std::time::Duration;
+
+use crate::domain::policy::{self, KeyVars, StoragePolicy};
 use crate::domain::session::Event;
 use crate::domain::verify::{self, PlannedPart, VerifyError};
 use crate::http::error::ApiError;
+use crate::storage::{Object, ObjectOptions};
 use crate::store::{audit, Actor, Session};
 use crate::AppState;
 
@@ -48,20 +52,25 @@ pub fn valid_file_name(name: &str) -> bool {
             .any(|c| c == '/' || c == '\\' || c.is_control())
 }
 
-/// Where a session's object lives: `{prefix}devices/{device}/{session}/{file}`, or with a
-/// dataset `{prefix}devices/{device}/datasets/{dataset}/{session}/{file}` (a session id is
-/// never `datasets`, so the two layouts cannot collide). Inputs are already validated.
-pub fn object_key(
-    prefix: &str,
-    device_id: &str,
-    dataset: Option<&str>,
-    session_id: Uuid,
-    file_name: &str,
-) -> String {
-    match dataset {
-        None => format!("{prefix}devices/{device_id}/{session_id}/{file_name}"),
-        Some(d) => format!("{prefix}devices/{device_id}/datasets/{d}/{session_id}/{file_name}"),
-    }
+/// The policy in force for a dataset: the dataset's over the project's over the API's
+/// configuration.
+pub async fn effective_policy(
+    st: &AppState,
+    project: &str,
+    dataset: &str,
+) -> Result<StoragePolicy, ApiError> {
+    let row: Option<(serde_json::Value, serde_json::Value)> = sqlx::query_as(
+        "SELECT d.policy, p.policy FROM datasets d JOIN projects p USING (project_id)
+         WHERE d.project_id = $1 AND d.name = $2",
+    )
+    .bind(project)
+    .bind(dataset)
+    .fetch_optional(&st.store.pool)
+    .await?;
+    let (d, p) = row.unwrap_or_default();
+    let parse =
+        |v: serde_json::Value| serde_json::from_value::<StoragePolicy>(v).unwrap_or_default();
+    Ok(parse(d).over(&parse(p)).over(&st.config.default_policy()))
 }
 
 fn valid_sha256(hex: &str) -> bool {
@@ -101,6 +110,7 @@ pub async fn create(
     }
     let plan = plan::validate(req.size, req.part_size)
         .map_err(|e| ApiError::Unprocessable("invalid_part_plan", e.to_string()))?;
+    let dataset = req.dataset.as_deref().unwrap_or(DEFAULT_DATASET);
 
     // One session per job: a repeated create for the same job answers with that session.
     let existing: Option<Session> =
@@ -113,7 +123,7 @@ pub async fn create(
         if s.size as u64 != req.size
             || s.claimed_sha256 != req.sha256
             || s.part_size as u64 != req.part_size
-            || s.dataset != req.dataset
+            || s.dataset != dataset
         {
             return Err(ApiError::Conflict(
                 "job_session_mismatch",
@@ -126,39 +136,101 @@ pub async fn create(
         return Ok((200, info(&s, vec![])));
     }
 
+    let device = st.store.device(device_id).await?.ok_or_else(|| {
+        ApiError::Unauthorized("unknown_device", format!("no device {device_id}"))
+    })?;
+    let project = device.project_id.as_str();
+    open_dataset(st, project, dataset, actor).await?;
+    let policy = effective_policy(st, project, dataset).await?;
+    if let Some(min) = policy.min_part_size_mib {
+        if plan.part_count > 1 && plan.part_size < min * MIB {
+            return Err(ApiError::Unprocessable(
+                "part_size_below_policy",
+                format!(
+                    "dataset {dataset} needs parts of at least {min} MiB; set the agent's part_size_mib to {min} or more"
+                ),
+            ));
+        }
+    }
+    if let Some(original) = stored_copy(st, project, dataset, &req).await? {
+        return deduplicate(st, &device, dataset, actor, &req, &plan, original).await;
+    }
     let session_id = Uuid::new_v4();
-    let object_key = object_key(
-        &st.config.s3.key_prefix,
-        device_id,
-        req.dataset.as_deref(),
-        session_id,
-        &req.file_name,
+
+    let bucket = policy
+        .bucket
+        .clone()
+        .unwrap_or_else(|| st.storage.bucket.clone());
+    let date = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let (sid, job) = (session_id.to_string(), req.job_id.to_string());
+    let mut object_key = format!(
+        "{}{}",
+        st.config.s3.key_prefix,
+        policy::render(
+            policy
+                .key_template
+                .as_deref()
+                .unwrap_or(policy::DEFAULT_TEMPLATE),
+            &KeyVars {
+                project,
+                dataset,
+                device: device_id,
+                date: &date,
+                session: &sid,
+                job: &job,
+                filename: &req.file_name,
+            },
+        )
     );
+    if key_taken(st, &bucket, &object_key).await? {
+        object_key = policy::disambiguate(&object_key, &sid);
+    }
+
+    if !plan.is_empty_object() {
+        // Committed before the upload exists (and outside the transaction below, which must
+        // not wait for a second connection while it holds the project row).
+        sqlx::query("INSERT INTO upload_intents (bucket, object_key) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(&bucket)
+            .bind(&object_key)
+            .execute(&st.store.pool)
+            .await?;
+    }
+    // The project row stays locked from the reservation to the commit: concurrent creates
+    // in one project take turns, so the quota is never overshot.
+    let mut tx = st.store.pool.begin().await?;
+    reserve(&mut tx, project, plan.size as i64).await?;
     let upload_id = if plan.is_empty_object() {
         None
     } else {
-        Some(st.storage.create_multipart(&object_key).await?)
+        let obj = Object {
+            bucket: &bucket,
+            key: &object_key,
+        };
+        Some(
+            st.storage
+                .create_multipart(&obj, &ObjectOptions::of(&policy))
+                .await?,
+        )
     };
-
-    let mut tx = st.store.pool.begin().await?;
     let inserted: Result<Session, sqlx::Error> = sqlx::query_as(
         "INSERT INTO sessions (session_id, device_id, job_id, command_id, file_name, bucket, object_key, size, part_size,
-                               part_count, claimed_sha256, upload_id, state, dataset)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'created', $13) RETURNING *",
+                               part_count, claimed_sha256, upload_id, state, dataset, project_id, reserved_bytes)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'created', $13, $14, $8) RETURNING *",
     )
     .bind(session_id)
     .bind(device_id)
     .bind(req.job_id)
     .bind(req.command_id)
     .bind(&req.file_name)
-    .bind(&st.storage.bucket)
+    .bind(&bucket)
     .bind(&object_key)
     .bind(plan.size as i64)
     .bind(plan.part_size as i64)
     .bind(plan.part_count as i32)
     .bind(&req.sha256)
     .bind(&upload_id)
-    .bind(&req.dataset)
+    .bind(dataset)
+    .bind(project)
     .fetch_one(&mut *tx)
     .await;
     let session = match inserted {
@@ -166,7 +238,11 @@ pub async fn create(
         Err(e) => {
             // Lost a race with a concurrent create for the same job: don't leave an upload open.
             if let Some(id) = &upload_id {
-                let _ = st.storage.abort(&object_key, id).await;
+                let obj = Object {
+                    bucket: &bucket,
+                    key: &object_key,
+                };
+                let _ = st.storage.abort(&obj, id).await;
             }
             return Err(e.into());
         }
@@ -176,11 +252,189 @@ pub async fn create(
         actor,
         "session.create",
         &session_id.to_string(),
-        serde_json::json!({"device_id": device_id, "job_id": req.job_id, "file_name": req.file_name, "dataset": req.dataset, "size": req.size, "sha256": req.sha256}),
+        Some(project),
+        serde_json::json!({"device_id": device_id, "job_id": req.job_id, "file_name": req.file_name, "dataset": dataset, "size": req.size, "sha256": req.sha256, "bucket": bucket, "object_key": object_key}),
     )
     .await?;
     tx.commit().await?;
-    tracing::info!(%session_id, %device_id, size = req.size, parts = plan.part_count, "Session created");
+    // The session now knows the upload: the intent has served its purpose.
+    sqlx::query("DELETE FROM upload_intents WHERE bucket = $1 AND object_key = $2")
+        .bind(&bucket)
+        .bind(&object_key)
+        .execute(&st.store.pool)
+        .await?;
+    tracing::info!(%session_id, %device_id, %project, %dataset, size = req.size, parts = plan.part_count, "Session created");
+    Ok((201, info(&session, vec![])))
+}
+
+/// The dataset every session without a label lands in.
+pub const DEFAULT_DATASET: &str = "default";
+
+/// Makes sure `dataset` exists in `project` (a new label opens a dataset) and is open.
+async fn open_dataset(
+    st: &AppState,
+    project: &str,
+    dataset: &str,
+    actor: &Actor,
+) -> Result<(), ApiError> {
+    let mut tx = st.store.pool.begin().await?;
+    let created = sqlx::query(
+        "INSERT INTO datasets (project_id, name) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(project)
+    .bind(dataset)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if created {
+        audit(
+            &mut tx,
+            actor,
+            "dataset.create",
+            &format!("{project}/{dataset}"),
+            Some(project),
+            serde_json::json!({"by": "first upload"}),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    match st.store.dataset(project, dataset).await? {
+        Some(d) if d.state == "sealed" => Err(ApiError::Conflict(
+            "dataset_sealed",
+            format!("dataset {dataset} of project {project} is sealed; it takes no new files"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Reserves `bytes` of the project's quota in `tx`, or refuses with 413.
+async fn reserve(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    project: &str,
+    bytes: i64,
+) -> Result<(), ApiError> {
+    let ok = sqlx::query(
+        "UPDATE projects SET reserved_bytes = reserved_bytes + $2
+         WHERE project_id = $1 AND (quota_bytes IS NULL OR used_bytes + reserved_bytes + $2 <= quota_bytes)",
+    )
+    .bind(project)
+    .bind(bytes)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if ok {
+        return Ok(());
+    }
+    let (used, reserved, limit): (i64, i64, Option<i64>) = sqlx::query_as(
+        "SELECT used_bytes, reserved_bytes, quota_bytes FROM projects WHERE project_id = $1",
+    )
+    .bind(project)
+    .fetch_one(&mut **tx)
+    .await?;
+    Err(ApiError::QuotaExceeded {
+        project: project.to_string(),
+        used,
+        reserved,
+        limit: limit.unwrap_or(i64::MAX),
+        requested: bytes,
+    })
+}
+
+/// Whether a live or completed object already has this key.
+async fn key_taken(st: &AppState, bucket: &str, key: &str) -> Result<bool, ApiError> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM sessions WHERE bucket = $1 AND object_key = $2
+                        AND state NOT IN ('aborted', 'expired', 'failed'))",
+    )
+    .bind(bucket)
+    .bind(key)
+    .fetch_one(&st.store.pool)
+    .await?)
+}
+
+/// A completed, not rejected session of the dataset with the same content whose object is
+/// still in storage.
+async fn stored_copy(
+    st: &AppState,
+    project: &str,
+    dataset: &str,
+    req: &CreateSession,
+) -> Result<Option<Session>, ApiError> {
+    let found: Option<Session> = sqlx::query_as(
+        "SELECT * FROM sessions WHERE project_id = $1 AND dataset = $2 AND sha256 = $3 AND size = $4
+           AND state = 'completed' AND validation IS DISTINCT FROM 'rejected'
+         ORDER BY completed_at LIMIT 1",
+    )
+    .bind(project)
+    .bind(dataset)
+    .bind(&req.sha256)
+    .bind(req.size as i64)
+    .fetch_optional(&st.store.pool)
+    .await?;
+    let Some(original) = found else {
+        return Ok(None);
+    };
+    match st.storage.head(&original.object()).await {
+        Ok((size, _)) if size == req.size => Ok(Some(original)),
+        Ok(_) | Err(crate::storage::StorageError::NotFound) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Completes a new session at once, pointing at `original`'s object: nothing is uploaded
+/// and no quota is used.
+async fn deduplicate(
+    st: &AppState,
+    device: &crate::store::Device,
+    dataset: &str,
+    actor: &Actor,
+    req: &CreateSession,
+    plan: &PartPlan,
+    original: Session,
+) -> Result<(u16, SessionInfo), ApiError> {
+    let session_id = Uuid::new_v4();
+    let mut tx = st.store.pool.begin().await?;
+    let session: Session = sqlx::query_as(
+        "INSERT INTO sessions (session_id, device_id, job_id, command_id, file_name, bucket, object_key, size, part_size,
+                               part_count, claimed_sha256, sha256, etag, state, dataset, project_id, bytes_done,
+                               completed_at, deduplicated_from, validation, validation_error)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12, 'completed', $13, $14, $8, now(), $15, $16, $17)
+         RETURNING *",
+    )
+    .bind(session_id)
+    .bind(&device.device_id)
+    .bind(req.job_id)
+    .bind(req.command_id)
+    .bind(&req.file_name)
+    .bind(&original.bucket)
+    .bind(&original.object_key)
+    .bind(plan.size as i64)
+    .bind(plan.part_size as i64)
+    .bind(plan.part_count as i32)
+    .bind(&req.sha256)
+    .bind(&original.etag)
+    .bind(dataset)
+    .bind(&device.project_id)
+    .bind(original.session_id)
+    .bind(&original.validation)
+    .bind(&original.validation_error)
+    .fetch_one(&mut *tx)
+    .await?;
+    audit(
+        &mut tx,
+        actor,
+        "session.deduplicated",
+        &session_id.to_string(),
+        Some(&device.project_id),
+        serde_json::json!({"device_id": device.device_id, "job_id": req.job_id, "file_name": req.file_name, "dataset": dataset,
+                           "size": req.size, "sha256": req.sha256, "original_session_id": original.session_id, "object_key": original.object_key}),
+    )
+    .await?;
+    tx.commit().await?;
+    crate::metrics::Counters::add(&st.counters.sessions_completed, 1);
+    tracing::info!(%session_id, device_id = %device.device_id, original = %original.session_id, "Content already stored: session completed without upload");
     Ok((201, info(&session, vec![])))
 }
 
@@ -256,16 +510,26 @@ pub async fn presign(
             .await?;
     }
 
-    let expires_at = uplink_protocol::unix_now() + st.storage.presign_ttl().as_secs() as i64;
+    let policy = effective_policy(st, &session.project_id, &session.dataset).await?;
+    let ttl = Duration::from_secs(
+        policy
+            .presign_ttl_secs
+            .unwrap_or(st.config.s3.presign_ttl_secs),
+    );
+    let expires_at = uplink_protocol::unix_now() + ttl.as_secs() as i64;
     let mut parts = Vec::with_capacity(req.parts.len());
     for p in &req.parts {
         let presigned = match &session.upload_id {
             Some(upload_id) => {
                 st.storage
-                    .presign_part(&session.object_key, upload_id, p.number, &p.md5)
+                    .presign_part(&session.object(), upload_id, p.number, &p.md5, ttl)
                     .await?
             }
-            None => st.storage.presign_put(&session.object_key, &p.md5).await?,
+            None => {
+                st.storage
+                    .presign_put(&session.object(), &p.md5, ttl, &ObjectOptions::of(&policy))
+                    .await?
+            }
         };
         parts.push(PresignedPart {
             number: p.number,
@@ -291,7 +555,7 @@ pub async fn status(
     let session = st.store.device_session(device_id, session_id).await?;
     let mut stored = Vec::new();
     if let (Some(upload_id), false) = (&session.upload_id, session.state().is_terminal()) {
-        match st.storage.list_parts(&session.object_key, upload_id).await {
+        match st.storage.list_parts(&session.object(), upload_id).await {
             Ok(parts) => {
                 let bytes: u64 = parts.iter().map(|p| p.size).sum();
                 sqlx::query("UPDATE sessions SET bytes_done = $2 WHERE session_id = $1 AND state NOT IN ('completed','aborted','expired','failed')")
@@ -316,13 +580,66 @@ pub async fn status(
     Ok(info(&session, stored))
 }
 
+/// The signed request a manifest came in: enough to verify it again later.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SignedRequest {
+    pub device_id: String,
+    pub op: String,
+    pub request_id: String,
+    pub ts: i64,
+    pub signature: String,
+    /// The device's public key when it signed.
+    pub public_key: String,
+    pub body: String,
+}
+
+/// Checks the device's manifest against what the session planned.
+async fn check_manifest(st: &AppState, s: &Session, m: &FileManifest) -> Result<(), ApiError> {
+    let parts = st.store.planned_parts(s.session_id).await?;
+    let digest = parts_digest(parts.iter().map(|p| (p.number as u32, p.md5.as_str())));
+    let mut wrong = Vec::new();
+    if m.device_id != s.device_id || m.session_id != s.session_id {
+        wrong.push("device_id/session_id");
+    }
+    if m.size != s.size as u64 {
+        wrong.push("size");
+    }
+    if m.sha256 != s.claimed_sha256 {
+        wrong.push("sha256");
+    }
+    if m.part_count != s.part_count as u32 {
+        wrong.push("part_count");
+    }
+    if m.parts_digest != digest {
+        wrong.push("parts_digest");
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Unprocessable(
+            "manifest_mismatch",
+            format!(
+                "the manifest's {} differ from the session's",
+                wrong.join(", ")
+            ),
+        ))
+    }
+}
+
 pub async fn complete(
     st: &AppState,
     device_id: &str,
     actor: &Actor,
-    session_id: Uuid,
+    req: CompleteSession,
+    signed: Option<SignedRequest>,
 ) -> Result<SessionInfo, ApiError> {
+    let session_id = req.session_id;
     let session = st.store.device_session(device_id, session_id).await?;
+    if let Some(m) = &req.manifest {
+        if !session.state().is_terminal() || session.state() == SessionState::Completed {
+            check_manifest(st, &session, m).await?;
+        }
+    }
     match session.state() {
         SessionState::Completed => return Ok(info(&session, vec![])),
         SessionState::Paused => {
@@ -357,11 +674,11 @@ pub async fn complete(
                     md5_b64: p.md5,
                 })
                 .collect();
-            match st.storage.list_parts(&session.object_key, upload_id).await {
+            match st.storage.list_parts(&session.object(), upload_id).await {
                 Ok(listed) => match verify::verify_parts(&plan, &planned, &listed) {
                     Ok(parts) => {
                         st.storage
-                            .complete(&session.object_key, upload_id, &parts)
+                            .complete(&session.object(), upload_id, &parts)
                             .await?;
                     }
                     Err(
@@ -380,7 +697,7 @@ pub async fn complete(
                             .store
                             .transition(&session, Event::Fail, actor, Some(&e.to_string()))
                             .await?;
-                        let _ = st.storage.abort(&failed.object_key, upload_id).await;
+                        let _ = st.storage.abort(&failed.object(), upload_id).await;
                         return Err(ApiError::Conflict("verification_failed", e.to_string()));
                     }
                 },
@@ -390,7 +707,7 @@ pub async fn complete(
             }
             let (size, etag) = st
                 .storage
-                .head(&session.object_key)
+                .head(&session.object())
                 .await
                 .map_err(|e| match e {
                     crate::storage::StorageError::NotFound => ApiError::Conflict(
@@ -408,7 +725,7 @@ pub async fn complete(
             }
             etag
         }
-        None => match st.storage.head(&session.object_key).await {
+        None => match st.storage.head(&session.object()).await {
             Ok((0, etag)) => etag,
             Ok((size, _)) => {
                 let reason = format!("stored object is {size} bytes, expected 0");
@@ -434,14 +751,42 @@ pub async fn complete(
         .store
         .transition(&session, Event::Completed, actor, None)
         .await?;
+    let validator = st
+        .store
+        .dataset(&done.project_id, &done.dataset)
+        .await?
+        .and_then(|d| d.validator);
+    let mut tx = st.store.pool.begin().await?;
     let done: Session = sqlx::query_as(
-        "UPDATE sessions SET sha256 = claimed_sha256, etag = $2, bytes_done = size, rate_bps = 0, completed_at = now()
+        "UPDATE sessions SET sha256 = claimed_sha256, etag = $2, bytes_done = size, rate_bps = 0, completed_at = now(),
+                             validation = $3
          WHERE session_id = $1 RETURNING *",
     )
     .bind(done.session_id)
     .bind(verify::bare_etag(&etag))
-    .fetch_one(&st.store.pool)
+    .bind(validator.as_ref().map(|_| "pending"))
+    .fetch_one(&mut *tx)
     .await?;
+    if let (Some(manifest), Some(signed)) = (&req.manifest, &signed) {
+        let part_md5s: Vec<String> = st
+            .store
+            .planned_parts(session_id)
+            .await?
+            .into_iter()
+            .map(|p| p.md5)
+            .collect();
+        audit(
+            &mut tx,
+            actor,
+            "session.manifest",
+            &session_id.to_string(),
+            Some(&done.project_id),
+            serde_json::json!({"manifest": manifest, "part_md5s": part_md5s, "object_key": done.object_key,
+                               "bucket": done.bucket, "etag": done.etag, "signed_request": signed}),
+        )
+        .await?;
+    }
+    tx.commit().await?;
     crate::metrics::Counters::add(&st.counters.sessions_completed, 1);
     crate::metrics::Counters::add(&st.counters.bytes_completed, done.size.max(0) as u64);
     tracing::info!(%session_id, %device_id, size = done.size, "Session completed");
@@ -460,7 +805,7 @@ pub async fn abort(st: &AppState, session: Session, actor: &Actor) -> Result<Ses
         _ => {}
     }
     if let Some(upload_id) = &session.upload_id {
-        st.storage.abort(&session.object_key, upload_id).await?;
+        st.storage.abort(&session.object(), upload_id).await?;
     }
     let s = st
         .store
@@ -483,18 +828,5 @@ mod tests {
         }
         assert!(valid_sha256(&"a".repeat(64)));
         assert!(!valid_sha256(&"A".repeat(64)));
-    }
-
-    #[test]
-    fn object_keys_with_and_without_a_dataset() {
-        let sid = Uuid::nil();
-        assert_eq!(
-            object_key("", "robot-17", None, sid, "a.mcap"),
-            format!("devices/robot-17/{sid}/a.mcap")
-        );
-        assert_eq!(
-            object_key("up/", "robot-17", Some("field-tests"), sid, "a.mcap"),
-            format!("up/devices/robot-17/datasets/field-tests/{sid}/a.mcap")
-        );
     }
 }

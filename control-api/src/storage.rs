@@ -7,10 +7,15 @@ use aws_credential_types::Credentials;
 use aws_sdk_s3::config::{BehaviorVersion, Region, RequestChecksumCalculation};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_s3::presigning::PresigningConfig;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::primitives::DateTime;
+use aws_sdk_s3::types::{
+    CompletedMultipartUpload, CompletedPart, ObjectLockLegalHoldStatus, ObjectLockMode,
+    ServerSideEncryption,
+};
 use aws_sdk_s3::Client;
 
 use crate::config::S3Config;
+use crate::domain::policy::{LockMode, Sse, StoragePolicy};
 use crate::domain::verify::ListedPart;
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +54,13 @@ where
     }
 }
 
+/// Where an object lives.
+#[derive(Debug, Clone, Copy)]
+pub struct Object<'a> {
+    pub bucket: &'a str,
+    pub key: &'a str,
+}
+
 /// A presigned request: URL and the headers that must accompany it.
 #[derive(Debug, Clone)]
 pub struct Presigned {
@@ -60,8 +72,54 @@ pub struct Presigned {
 pub struct Storage {
     client: Client,
     presigner: Client,
+    /// The configured bucket (`s3.bucket`); storage policies may name others.
     pub bucket: String,
-    presign_ttl: Duration,
+}
+
+/// How an object is written, from its storage policy.
+#[derive(Debug, Clone, Default)]
+pub struct ObjectOptions {
+    pub sse: Option<Sse>,
+    pub sse_kms_key_id: Option<String>,
+    pub lock_mode: Option<LockMode>,
+    pub retain_days: Option<u32>,
+    pub legal_hold: bool,
+}
+
+impl ObjectOptions {
+    pub fn of(p: &StoragePolicy) -> ObjectOptions {
+        ObjectOptions {
+            sse: p.sse,
+            sse_kms_key_id: p.sse_kms_key_id.clone(),
+            lock_mode: p.object_lock_mode,
+            retain_days: p.retention_days,
+            legal_hold: p.legal_hold.unwrap_or(false),
+        }
+    }
+
+    fn sse(&self) -> Option<ServerSideEncryption> {
+        self.sse.map(|s| match s {
+            Sse::Aes256 => ServerSideEncryption::Aes256,
+            Sse::Kms => ServerSideEncryption::AwsKms,
+        })
+    }
+
+    fn lock_mode(&self) -> Option<ObjectLockMode> {
+        self.lock_mode.map(|m| match m {
+            LockMode::Governance => ObjectLockMode::Governance,
+            LockMode::Compliance => ObjectLockMode::Compliance,
+        })
+    }
+
+    fn retain_until(&self) -> Option<DateTime> {
+        self.retain_days
+            .filter(|_| self.lock_mode.is_some())
+            .map(|d| DateTime::from_secs(uplink_protocol::unix_now() + i64::from(d) * 86_400))
+    }
+
+    fn legal_hold(&self) -> Option<ObjectLockLegalHoldStatus> {
+        self.legal_hold.then_some(ObjectLockLegalHoldStatus::On)
+    }
 }
 
 fn client(cfg: &S3Config, endpoint: &str) -> Client {
@@ -95,31 +153,39 @@ impl Storage {
             client: client(cfg, &cfg.endpoint),
             presigner: client(cfg, public_endpoint),
             bucket: cfg.bucket.clone(),
-            presign_ttl: Duration::from_secs(cfg.presign_ttl_secs),
         }
     }
 
-    pub fn presign_ttl(&self) -> Duration {
-        self.presign_ttl
+    /// Whether the configured bucket is reachable with our credentials.
+    pub async fn check(&self) -> Result<(), StorageError> {
+        self.check_bucket(&self.bucket).await
     }
 
-    /// Whether the bucket is reachable with our credentials.
-    pub async fn check(&self) -> Result<(), StorageError> {
+    pub async fn check_bucket(&self, bucket: &str) -> Result<(), StorageError> {
         self.client
             .head_bucket()
-            .bucket(&self.bucket)
+            .bucket(bucket)
             .send()
             .await
             .map(|_| ())
             .map_err(|e| call_error("HeadBucket", e))
     }
 
-    pub async fn create_multipart(&self, key: &str) -> Result<String, StorageError> {
+    pub async fn create_multipart(
+        &self,
+        obj: &Object<'_>,
+        opts: &ObjectOptions,
+    ) -> Result<String, StorageError> {
         let out = self
             .client
             .create_multipart_upload()
-            .bucket(&self.bucket)
-            .key(key)
+            .bucket(obj.bucket)
+            .key(obj.key)
+            .set_server_side_encryption(opts.sse())
+            .set_ssekms_key_id(opts.sse_kms_key_id.clone())
+            .set_object_lock_mode(opts.lock_mode())
+            .set_object_lock_retain_until_date(opts.retain_until())
+            .set_object_lock_legal_hold_status(opts.legal_hold())
             .send()
             .await
             .map_err(|e| call_error("CreateMultipartUpload", e))?;
@@ -129,8 +195,8 @@ impl Storage {
         })
     }
 
-    fn presign_config(&self) -> Result<PresigningConfig, StorageError> {
-        PresigningConfig::expires_in(self.presign_ttl).map_err(|e| StorageError::Call {
+    fn presign_config(ttl: Duration) -> Result<PresigningConfig, StorageError> {
+        PresigningConfig::expires_in(ttl).map_err(|e| StorageError::Call {
             op: "presign",
             message: e.to_string(),
         })
@@ -150,34 +216,47 @@ impl Storage {
     /// A URL for one part, with its Content-MD5 (base64) signed in.
     pub async fn presign_part(
         &self,
-        key: &str,
+        obj: &Object<'_>,
         upload_id: &str,
         number: u32,
         md5_b64: &str,
+        ttl: Duration,
     ) -> Result<Presigned, StorageError> {
         let req = self
             .presigner
             .upload_part()
-            .bucket(&self.bucket)
-            .key(key)
+            .bucket(obj.bucket)
+            .key(obj.key)
             .upload_id(upload_id)
             .part_number(number as i32)
             .content_md5(md5_b64)
-            .presigned(self.presign_config()?)
+            .presigned(Self::presign_config(ttl)?)
             .await
             .map_err(|e| call_error("presign UploadPart", e))?;
         Ok(Self::presigned(req))
     }
 
-    /// A PutObject URL for a whole (0-byte) object, with its Content-MD5 signed in.
-    pub async fn presign_put(&self, key: &str, md5_b64: &str) -> Result<Presigned, StorageError> {
+    /// A PutObject URL for a whole (0-byte) object, with its Content-MD5 and the policy's
+    /// headers signed in (the device sends them all).
+    pub async fn presign_put(
+        &self,
+        obj: &Object<'_>,
+        md5_b64: &str,
+        ttl: Duration,
+        opts: &ObjectOptions,
+    ) -> Result<Presigned, StorageError> {
         let req = self
             .presigner
             .put_object()
-            .bucket(&self.bucket)
-            .key(key)
+            .bucket(obj.bucket)
+            .key(obj.key)
             .content_md5(md5_b64)
-            .presigned(self.presign_config()?)
+            .set_server_side_encryption(opts.sse())
+            .set_ssekms_key_id(opts.sse_kms_key_id.clone())
+            .set_object_lock_mode(opts.lock_mode())
+            .set_object_lock_retain_until_date(opts.retain_until())
+            .set_object_lock_legal_hold_status(opts.legal_hold())
+            .presigned(Self::presign_config(ttl)?)
             .await
             .map_err(|e| call_error("presign PutObject", e))?;
         Ok(Self::presigned(req))
@@ -186,7 +265,7 @@ impl Storage {
     /// Every part storage holds for an upload (all pages).
     pub async fn list_parts(
         &self,
-        key: &str,
+        obj: &Object<'_>,
         upload_id: &str,
     ) -> Result<Vec<ListedPart>, StorageError> {
         let mut parts = Vec::new();
@@ -195,8 +274,8 @@ impl Storage {
             let out = self
                 .client
                 .list_parts()
-                .bucket(&self.bucket)
-                .key(key)
+                .bucket(obj.bucket)
+                .key(obj.key)
                 .upload_id(upload_id)
                 .set_part_number_marker(marker.clone())
                 .send()
@@ -222,7 +301,7 @@ impl Storage {
 
     pub async fn complete(
         &self,
-        key: &str,
+        obj: &Object<'_>,
         upload_id: &str,
         parts: &[(u32, String)],
     ) -> Result<(), StorageError> {
@@ -241,8 +320,8 @@ impl Storage {
             .build();
         self.client
             .complete_multipart_upload()
-            .bucket(&self.bucket)
-            .key(key)
+            .bucket(obj.bucket)
+            .key(obj.key)
             .upload_id(upload_id)
             .multipart_upload(completed)
             .send()
@@ -251,12 +330,12 @@ impl Storage {
             .map_err(|e| call_error("CompleteMultipartUpload", e))
     }
 
-    pub async fn abort(&self, key: &str, upload_id: &str) -> Result<(), StorageError> {
+    pub async fn abort(&self, obj: &Object<'_>, upload_id: &str) -> Result<(), StorageError> {
         match self
             .client
             .abort_multipart_upload()
-            .bucket(&self.bucket)
-            .key(key)
+            .bucket(obj.bucket)
+            .key(obj.key)
             .upload_id(upload_id)
             .send()
             .await
@@ -270,6 +349,7 @@ impl Storage {
     /// Multipart uploads in progress under `prefix`: (key, upload id, initiated Unix secs).
     pub async fn list_uploads(
         &self,
+        bucket: &str,
         prefix: &str,
     ) -> Result<Vec<(String, String, i64)>, StorageError> {
         let mut out = Vec::new();
@@ -278,7 +358,7 @@ impl Storage {
             let page = self
                 .client
                 .list_multipart_uploads()
-                .bucket(&self.bucket)
+                .bucket(bucket)
                 .prefix(prefix)
                 .set_key_marker(key_marker.clone())
                 .set_upload_id_marker(id_marker.clone())
@@ -310,12 +390,12 @@ impl Storage {
     }
 
     /// Size and ETag of a stored object.
-    pub async fn head(&self, key: &str) -> Result<(u64, String), StorageError> {
+    pub async fn head(&self, obj: &Object<'_>) -> Result<(u64, String), StorageError> {
         let out = self
             .client
             .head_object()
-            .bucket(&self.bucket)
-            .key(key)
+            .bucket(obj.bucket)
+            .key(obj.key)
             .send()
             .await
             .map_err(|e| call_error("HeadObject", e))?;

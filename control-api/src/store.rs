@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use crate::domain::session::{transition, Event};
 use crate::http::error::ApiError;
+use crate::storage::Object;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
@@ -24,6 +25,7 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
 #[derive(Debug, Clone, FromRow, Serialize)]
 pub struct Device {
     pub device_id: String,
+    pub project_id: String,
     pub public_key: String,
     pub enabled: bool,
     pub online: bool,
@@ -60,11 +62,27 @@ pub struct Session {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
-    /// The dataset label the agent sent (directory watches); part of the object key.
-    pub dataset: Option<String>,
+    pub project_id: String,
+    /// The dataset the object belongs to: the agent's label (directory watches), else `default`.
+    pub dataset: String,
+    /// Bytes of the project's quota this session holds until it ends.
+    #[serde(skip)]
+    pub reserved_bytes: i64,
+    /// The completed session whose object this one points at (same content, not uploaded again).
+    pub deduplicated_from: Option<Uuid>,
+    /// `pending`, `accepted` or `rejected` when the dataset has a validator.
+    pub validation: Option<String>,
+    pub validation_error: Option<String>,
 }
 
 impl Session {
+    pub fn object(&self) -> Object<'_> {
+        Object {
+            bucket: &self.bucket,
+            key: &self.object_key,
+        }
+    }
+
     pub fn state(&self) -> SessionState {
         // The column only ever holds values written from SessionState.
         SessionState::parse(&self.state).unwrap_or(SessionState::Failed)
@@ -88,6 +106,30 @@ pub struct Command {
     pub publish_count: i32,
 }
 
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct Project {
+    pub project_id: String,
+    pub name: String,
+    pub quota_bytes: Option<i64>,
+    pub used_bytes: i64,
+    pub reserved_bytes: i64,
+    pub policy: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct Dataset {
+    pub project_id: String,
+    pub name: String,
+    pub state: String,
+    pub policy: serde_json::Value,
+    pub validator: Option<String>,
+    #[serde(skip)]
+    pub manifest: Option<serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+    pub sealed_at: Option<DateTime<Utc>>,
+}
+
 #[derive(Debug, Clone, FromRow)]
 pub struct PartRow {
     pub number: i32,
@@ -108,12 +150,6 @@ impl Actor {
             request_id: Some(request_id.to_string()),
         }
     }
-    pub fn operator() -> Actor {
-        Actor {
-            name: "operator".into(),
-            request_id: None,
-        }
-    }
     pub fn system(name: &str) -> Actor {
         Actor {
             name: format!("system:{name}"),
@@ -122,22 +158,61 @@ impl Actor {
     }
 }
 
+/// A session that ends gives back its reservation; a completed one counts its (verified)
+/// size as used.
+async fn settle_quota(
+    tx: &mut Transaction<'_, Postgres>,
+    session: &Session,
+    to: SessionState,
+) -> Result<(), sqlx::Error> {
+    let used = if to == SessionState::Completed {
+        session.size
+    } else {
+        0
+    };
+    sqlx::query("UPDATE sessions SET reserved_bytes = 0 WHERE session_id = $1")
+        .bind(session.session_id)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query(
+        "UPDATE projects SET reserved_bytes = GREATEST(reserved_bytes - $2, 0), used_bytes = used_bytes + $3
+         WHERE project_id = $1",
+    )
+    .bind(&session.project_id)
+    .bind(session.reserved_bytes)
+    .bind(used)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 pub async fn audit(
     tx: &mut Transaction<'_, Postgres>,
     actor: &Actor,
     action: &str,
     subject: &str,
+    project: Option<&str>,
     detail: serde_json::Value,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO audit_events (actor, action, subject, request_id, detail) VALUES ($1, $2, $3, $4, $5)")
+    sqlx::query("INSERT INTO audit_events (actor, action, subject, request_id, project_id, detail) VALUES ($1, $2, $3, $4, $5, $6)")
         .bind(&actor.name)
         .bind(action)
         .bind(subject)
         .bind(&actor.request_id)
+        .bind(project)
         .bind(detail)
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+/// Which sessions a listing shows.
+pub struct SessionFilter<'a> {
+    pub device_id: Option<&'a str>,
+    pub state: Option<&'a str>,
+    pub project: Option<&'a str>,
+    pub dataset: Option<&'a str>,
+    pub limit: i64,
 }
 
 #[derive(Clone)]
@@ -153,9 +228,32 @@ impl Store {
             .await
     }
 
-    pub async fn devices(&self) -> Result<Vec<Device>, sqlx::Error> {
-        sqlx::query_as("SELECT * FROM devices ORDER BY device_id")
-            .fetch_all(&self.pool)
+    /// Devices of `project` (`None`: all).
+    pub async fn devices(&self, project: Option<&str>) -> Result<Vec<Device>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT * FROM devices WHERE ($1::text IS NULL OR project_id = $1) ORDER BY device_id",
+        )
+        .bind(project)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    pub async fn project(&self, project_id: &str) -> Result<Option<Project>, sqlx::Error> {
+        sqlx::query_as("SELECT * FROM projects WHERE project_id = $1")
+            .bind(project_id)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    pub async fn dataset(
+        &self,
+        project_id: &str,
+        name: &str,
+    ) -> Result<Option<Dataset>, sqlx::Error> {
+        sqlx::query_as("SELECT * FROM datasets WHERE project_id = $1 AND name = $2")
+            .bind(project_id)
+            .bind(name)
+            .fetch_optional(&self.pool)
             .await
     }
 
@@ -181,19 +279,17 @@ impl Store {
         }
     }
 
-    pub async fn sessions(
-        &self,
-        device_id: Option<&str>,
-        state: Option<&str>,
-        limit: i64,
-    ) -> Result<Vec<Session>, sqlx::Error> {
+    pub async fn sessions(&self, q: &SessionFilter<'_>) -> Result<Vec<Session>, sqlx::Error> {
         sqlx::query_as(
             "SELECT * FROM sessions WHERE ($1::text IS NULL OR device_id = $1) AND ($2::text IS NULL OR state = $2)
-             ORDER BY created_at DESC LIMIT $3",
+               AND ($3::text IS NULL OR project_id = $3) AND ($4::text IS NULL OR dataset = $4)
+             ORDER BY created_at DESC LIMIT $5",
         )
-        .bind(device_id)
-        .bind(state)
-        .bind(limit)
+        .bind(q.device_id)
+        .bind(q.state)
+        .bind(q.project)
+        .bind(q.dataset)
+        .bind(q.limit)
         .fetch_all(&self.pool)
         .await
     }
@@ -207,8 +303,8 @@ impl Store {
         .await
     }
 
-    /// Applies `event` to the session if it is still at `session.version`; returns the updated row.
-    /// `set` adds column updates (bound from $3 on) in the same statement.
+    /// Applies `event` to the session if it is still at `session.version`; returns the updated
+    /// row. A session that ends settles its quota reservation in the same transaction.
     pub async fn transition(
         &self,
         session: &Session,
@@ -228,18 +324,23 @@ impl Store {
         .bind(error)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(updated) = updated else {
+        let Some(mut updated) = updated else {
             return Err(ApiError::Conflict(
                 "concurrent_update",
                 "the session changed while this request was handled; retry".into(),
             ));
         };
+        if to.is_terminal() && updated.reserved_bytes > 0 {
+            settle_quota(&mut tx, &updated, to).await?;
+            updated.reserved_bytes = 0;
+        }
         if to != session.state() {
             audit(
                 &mut tx,
                 actor,
                 "session.transition",
                 &session.session_id.to_string(),
+                Some(&session.project_id),
                 serde_json::json!({"from": session.state, "to": to.as_str(), "event": format!("{event:?}"), "error": error}),
             )
             .await?;

@@ -1,303 +1,9 @@
 //! Control API integration tests against a real PostgreSQL (one database per test) and a
 //! real S3 server. `scripts/test` starts both and exports the `UPLINK_TEST_*` variables.
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
-use md5::{Digest, Md5};
-use serde_json::{json, Value};
-use sqlx::Connection;
-use uplink_api::config::{CleanupConfig, Config, S3Config, Secret};
-use uplink_protocol::envelope::RequestEnvelope;
-use uplink_protocol::sign::{self, PrivateKey};
-use uplink_protocol::unix_now;
-use uuid::Uuid;
+mod common;
 
-const OPERATOR: &str = "operator-token-for-tests";
-const BRIDGE: &str = "bridge-token-for-tests-0";
-const MIB: usize = 1 << 20;
-
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!("{name} is not set: these tests need PostgreSQL and an S3 server; run them with scripts/test")
-    })
-}
-
-struct TestApp {
-    base: String,
-    http: reqwest::Client,
-    state: uplink_api::AppState,
-    _dir: tempfile::TempDir,
-}
-
-impl TestApp {
-    /// `GET /metrics` as text.
-    async fn metrics(&self) -> String {
-        self.http
-            .get(format!("{}/metrics", self.base))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text")
-    }
-
-    async fn spawn() -> TestApp {
-        Self::spawn_with(900).await
-    }
-
-    async fn spawn_with(presign_ttl_secs: u64) -> TestApp {
-        let prefix = format!("test-{}/", Uuid::new_v4().simple());
-        let admin_url = env("UPLINK_TEST_DATABASE_URL");
-        let db = format!("api_{}", Uuid::new_v4().simple());
-        let mut admin = sqlx::PgConnection::connect(&admin_url)
-            .await
-            .expect("connect to the admin database");
-        sqlx::query(&format!("CREATE DATABASE {db}"))
-            .execute(&mut admin)
-            .await
-            .expect("create test database");
-        let mut url = url::Url::parse(&admin_url).expect("admin url");
-        url.set_path(&db);
-
-        let dir = tempfile::tempdir().expect("tempdir");
-        let key_file = dir.path().join("command.key");
-        std::fs::write(&key_file, sign::encode_private(&sign::generate())).expect("write key");
-        let config = Config {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            database_url: Secret::new(url.to_string()),
-            database_max_connections: 8,
-            operator_token: Secret::new(OPERATOR),
-            bridge_token: Secret::new(BRIDGE),
-            command_key_file: key_file,
-            replay_window_secs: 300,
-            command_ttl_secs: 3600,
-            command_resend_secs: 30,
-            cleanup: CleanupConfig {
-                interval_secs: 0,
-                ..CleanupConfig::default()
-            },
-            s3: S3Config {
-                endpoint: env("UPLINK_TEST_S3_ENDPOINT"),
-                public_endpoint: None,
-                region: "us-east-1".into(),
-                bucket: env("UPLINK_TEST_S3_BUCKET"),
-                key_prefix: prefix,
-                access_key_id: Secret::new(env("UPLINK_TEST_S3_ACCESS_KEY")),
-                secret_access_key: Secret::new(env("UPLINK_TEST_S3_SECRET_KEY")),
-                force_path_style: true,
-                presign_ttl_secs,
-            },
-        };
-        config.validate().expect("valid config");
-        let state = uplink_api::build_state(config).await.expect("build state");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let base = format!("http://{}", listener.local_addr().expect("addr"));
-        let router = uplink_api::http::router(state.clone());
-        tokio::spawn(async move { axum_serve(listener, router).await });
-        TestApp {
-            base,
-            http: reqwest::Client::new(),
-            state,
-            _dir: dir,
-        }
-    }
-
-    async fn operator(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        self.call(method, path, body, OPERATOR).await
-    }
-
-    async fn bridge(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        self.call(method, path, body, BRIDGE).await
-    }
-
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-        token: &str,
-    ) -> (u16, Value) {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.expect("request");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-    }
-
-    async fn register(&self, device_id: &str) -> PrivateKey {
-        let key = sign::generate();
-        let (status, body) = self
-            .operator(
-                reqwest::Method::POST,
-                "/v1/devices",
-                Some(json!({"device_id": device_id, "public_key": sign::encode_public(&key.verifying_key())})),
-            )
-            .await;
-        assert_eq!(status, 201, "{body}");
-        key
-    }
-
-    /// A signed device request; returns status and JSON (result or problem).
-    async fn device(
-        &self,
-        key: &PrivateKey,
-        device_id: &str,
-        op: &str,
-        request_id: &str,
-        body: &Value,
-    ) -> (u16, Value) {
-        self.device_raw(key, device_id, op, request_id, unix_now(), body.to_string())
-            .await
-    }
-
-    async fn device_raw(
-        &self,
-        key: &PrivateKey,
-        device_id: &str,
-        op: &str,
-        request_id: &str,
-        ts: i64,
-        body: String,
-    ) -> (u16, Value) {
-        let env = RequestEnvelope::sign(key, device_id, op, request_id, ts, body);
-        let resp = self
-            .http
-            .post(format!("{}/v1/device/{op}", self.base))
-            .header("x-uplink-device", device_id)
-            .header("idempotency-key", request_id)
-            .header("x-uplink-timestamp", ts.to_string())
-            .header("x-uplink-signature", &env.sig)
-            .header("content-type", "application/json")
-            .body(env.body)
-            .send()
-            .await
-            .expect("device request");
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn session_count(&self, device_id: &str) -> i64 {
-        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM sessions WHERE device_id = $1")
-            .bind(device_id)
-            .fetch_one(&self.state.store.pool)
-            .await
-            .expect("count");
-        n
-    }
-}
-
-async fn axum_serve(listener: tokio::net::TcpListener, router: axum::Router) {
-    let _ = axum::serve(listener, router).await;
-}
-
-fn rid() -> String {
-    Uuid::new_v4().simple().to_string()
-}
-
-fn md5_b64(data: &[u8]) -> String {
-    B64.encode(Md5::digest(data))
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    uplink_protocol::sha256_hex(data)
-}
-
-fn file(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
-fn create_body(job: Uuid, data: &[u8], part_size: usize) -> Value {
-    json!({"job_id": job, "file_name": "run-042.mcap", "size": data.len(), "sha256": sha256_hex(data), "part_size": part_size})
-}
-
-async fn put(http: &reqwest::Client, part: &Value, bytes: Vec<u8>) -> reqwest::Response {
-    let mut req = http.put(part["url"].as_str().expect("url")).body(bytes);
-    for h in part["headers"].as_array().expect("headers") {
-        req = req.header(h[0].as_str().expect("name"), h[1].as_str().expect("value"));
-    }
-    req.send().await.expect("PUT")
-}
-
-/// Creates a session for `data`, uploads every part and returns the session id.
-async fn upload_all(app: &TestApp, key: &PrivateKey, device: &str, data: &[u8]) -> String {
-    let part_size = 5 * MIB;
-    let (status, created) = app
-        .device(
-            key,
-            device,
-            "session.create",
-            &rid(),
-            &create_body(Uuid::new_v4(), data, part_size),
-        )
-        .await;
-    assert_eq!(status, 201, "{created}");
-    let sid = created["session_id"].as_str().expect("id").to_string();
-    let chunks: Vec<&[u8]> = if data.is_empty() {
-        vec![&[][..]]
-    } else {
-        data.chunks(part_size).collect()
-    };
-    assert_eq!(created["part_count"], chunks.len());
-    let parts: Vec<Value> = chunks
-        .iter()
-        .enumerate()
-        .map(|(i, c)| json!({"number": i + 1, "md5": md5_b64(c)}))
-        .collect();
-    let (status, presigned) = app
-        .device(
-            key,
-            device,
-            "parts.presign",
-            &rid(),
-            &json!({"session_id": sid, "parts": parts}),
-        )
-        .await;
-    assert_eq!(status, 200, "{presigned}");
-    for (i, p) in presigned["parts"]
-        .as_array()
-        .expect("parts")
-        .iter()
-        .enumerate()
-    {
-        let resp = put(&app.http, p, chunks[i].to_vec()).await;
-        assert_eq!(
-            resp.status().as_u16(),
-            200,
-            "PUT part {}: {}",
-            i + 1,
-            resp.text().await.unwrap_or_default()
-        );
-        let etag = resp.headers()["etag"]
-            .to_str()
-            .expect("etag")
-            .trim_matches('"')
-            .to_string();
-        assert_eq!(etag, hex::encode(Md5::digest(chunks[i])));
-    }
-    sid
-}
-
+use common::*;
 #[tokio::test]
 async fn multipart_upload_completes_and_verifies() {
     let app = TestApp::spawn().await;
@@ -333,7 +39,10 @@ async fn multipart_upload_completes_and_verifies() {
     let (size, _) = app
         .state
         .storage
-        .head(done["object_key"].as_str().expect("key"))
+        .head(&uplink_api::storage::Object {
+            bucket: done["bucket"].as_str().expect("bucket"),
+            key: done["object_key"].as_str().expect("key"),
+        })
         .await
         .expect("head");
     assert_eq!(size, data.len() as u64);
@@ -971,15 +680,27 @@ async fn cleanup_expires_idle_sessions_and_aborts_orphans() {
         .execute(&app.state.store.pool)
         .await
         .expect("backdate");
-    // An upload under our prefix that no session knows.
+    // An upload no session knows: the API died between recording its intent and writing
+    // the session.
     let orphan_key = format!(
-        "{}devices/robot-cl/orphan/file.bin",
+        "{}default/default/robot-cl/orphan/file.bin",
         app.state.config.s3.key_prefix
     );
+    let bucket = app.state.storage.bucket.clone();
+    let orphan_obj = uplink_api::storage::Object {
+        bucket: &bucket,
+        key: &orphan_key,
+    };
+    sqlx::query("INSERT INTO upload_intents (bucket, object_key) VALUES ($1, $2)")
+        .bind(&bucket)
+        .bind(&orphan_key)
+        .execute(&app.state.store.pool)
+        .await
+        .expect("intent");
     let orphan = app
         .state
         .storage
-        .create_multipart(&orphan_key)
+        .create_multipart(&orphan_obj, &Default::default())
         .await
         .expect("create orphan");
 
@@ -1010,7 +731,7 @@ async fn cleanup_expires_idle_sessions_and_aborts_orphans() {
     let gone = app
         .state
         .storage
-        .list_parts(&s.object_key, s.upload_id.as_deref().expect("upload id"))
+        .list_parts(&s.object(), s.upload_id.as_deref().expect("upload id"))
         .await;
     assert!(
         gone.is_err(),
@@ -1019,7 +740,7 @@ async fn cleanup_expires_idle_sessions_and_aborts_orphans() {
     assert!(
         app.state
             .storage
-            .list_parts(&orphan_key, &orphan)
+            .list_parts(&orphan_obj, &orphan)
             .await
             .is_err(),
         "orphan must be aborted"

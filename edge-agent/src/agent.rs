@@ -16,7 +16,10 @@ use tracing::{debug, info, warn};
 use uplink_protocol::command::{AckState, Action, Command, CommandAck};
 use uplink_protocol::envelope::{CommandEnvelope, CommandError, MAX_PAYLOAD_BYTES};
 use uplink_protocol::flow::{self as flow_wire, FlowConfig, DEFAULT_PRIORITY};
-use uplink_protocol::ops::{CreateSession, Op, SessionInfo, SessionRef, SessionState};
+use uplink_protocol::ops::{
+    parts_digest, CompleteSession, CreateSession, FileManifest, Op, SessionInfo, SessionRef,
+    SessionState,
+};
 use uplink_protocol::plan::{self, MIB};
 use uplink_protocol::sign::PublicKey;
 use uplink_protocol::telemetry::{JobState, Progress};
@@ -729,7 +732,16 @@ impl Agent {
         self.check_identity(&rec).await?;
 
         let session_id = match rec.session_id {
-            None => self.create_session(&rec).await?,
+            None => {
+                let info = self.create_session(&rec).await?;
+                // Storage already held this content: the session is complete without upload.
+                if info.state == SessionState::Completed {
+                    info!(job_id = %id, session_id = %info.session_id, object_key = %info.object_key, "Content already stored; nothing to upload");
+                    self.finish_done(&rec, &info).await?;
+                    return Ok(StepEnd::Finished);
+                }
+                info.session_id
+            }
             Some(session_id) => {
                 let info = self.reconcile(&rec, session_id).await?;
                 if info.state == SessionState::Completed {
@@ -867,7 +879,7 @@ impl Agent {
         }
     }
 
-    async fn create_session(&self, rec: &JobRecord) -> Result<Uuid, JobError> {
+    async fn create_session(&self, rec: &JobRecord) -> Result<SessionInfo, JobError> {
         let (Some(identity), Some(part_size), Some(sha256)) =
             (rec.identity, rec.part_size, rec.sha256.clone())
         else {
@@ -904,7 +916,7 @@ impl Agent {
             .call(move |c| store::set_session(c, id, sid, now))
             .await?;
         info!(job_id = %id, session_id = %sid, object_key = %info.object_key, "Session created");
-        Ok(sid)
+        Ok(info)
     }
 
     /// Asks `session.status` and makes the parts agree with storage.
@@ -932,12 +944,33 @@ impl Agent {
         }
     }
 
+    /// What this device says it uploaded; the signed request carrying it is the file's
+    /// chain of custody.
+    async fn manifest(&self, rec: &JobRecord, session_id: Uuid) -> Result<FileManifest, JobError> {
+        let id = rec.id;
+        let parts = self.store.call(move |c| store::parts(c, id)).await?;
+        Ok(FileManifest {
+            device_id: self.device_id.clone(),
+            session_id,
+            path: rec.path.display().to_string(),
+            size: rec.identity.map(|i| i.size).unwrap_or(0),
+            sha256: rec.sha256.clone().unwrap_or_default(),
+            part_count: parts.len() as u32,
+            parts_digest: parts_digest(parts.iter().map(|p| (p.number, p.md5.as_str()))),
+        })
+    }
+
     async fn complete(&self, rec: &JobRecord, session_id: Uuid) -> Result<(), JobError> {
         self.progress(rec, JobState::Completing, None, 0).await;
         let request_id = format!("complete-{}", Uuid::new_v4().simple());
+        let manifest = self.manifest(rec, session_id).await?;
+        let body = CompleteSession {
+            session_id,
+            manifest: Some(manifest),
+        };
         let mut info: SessionInfo = self
             .link
-            .call(Op::SessionComplete, &request_id, &SessionRef { session_id })
+            .call(Op::SessionComplete, &request_id, &body)
             .await?;
         for _ in 0..60 {
             match info.state {

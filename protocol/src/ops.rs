@@ -126,6 +126,42 @@ pub struct SessionRef {
     pub session_id: Uuid,
 }
 
+/// `session.complete`: the session, and the device's manifest of the file. The request is
+/// signed by the device, so the stored request is the file's chain of custody.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompleteSession {
+    pub session_id: Uuid,
+    /// Absent from agents that predate manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<FileManifest>,
+}
+
+/// What the device says it uploaded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileManifest {
+    pub device_id: String,
+    pub session_id: Uuid,
+    /// The file's path on the device.
+    pub path: String,
+    pub size: u64,
+    /// Hex SHA-256 of the whole file.
+    pub sha256: String,
+    pub part_count: u32,
+    /// [`parts_digest`] of the part MD5s.
+    pub parts_digest: String,
+}
+
+/// Hex SHA-256 over `"{number}:{md5}\n"` for each part in order (MD5s as base64, as sent to
+/// `parts.presign`): binds every part MD5 into a manifest small enough for one message.
+pub fn parts_digest<'a>(parts: impl IntoIterator<Item = (u32, &'a str)>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (n, md5) in parts {
+        h.update(format!("{n}:{md5}\n").as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
 /// Session states (see `docs/architecture.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -12,6 +12,9 @@ pub struct Problem {
     pub code: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// RFC 7807 extension members (e.g. `used`, `limit`, `requested` of a quota refusal).
+    #[serde(flatten, default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Problem {
@@ -22,6 +25,7 @@ impl Problem {
             status,
             code: code.to_string(),
             detail: detail.into(),
+            extra: serde_json::Map::new(),
         }
     }
 }

@@ -827,8 +827,8 @@ impl Stack {
         let device_id = cmd["device_id"].as_str().unwrap_or("");
         assert_eq!(
             key,
-            format!("devices/{device_id}/{session_id}/{file_name}"),
-            "object key layout"
+            format!("default/default/{device_id}/{session_id}/{file_name}"),
+            "object key layout ({{project}}/{{dataset}}/{{device}}/{{session}}/{{filename}})"
         );
         let dest = self.dir.path().join(format!("download-{session_id}"));
         let code = s3_download(&self.env, bucket, key, &dest).await;
@@ -897,6 +897,14 @@ impl Stack {
 
     /// Keys of the multipart uploads still open in the bucket under `prefix`
     /// (S3 ListMultipartUploads, SigV4-signed with curl).
+    /// Keys of the multipart uploads open for `dev`'s objects (default key layout).
+    pub async fn open_uploads_of(&self, dev: &Device) -> Vec<String> {
+        let needle = format!("/{}/", dev.id);
+        let mut open = self.s3_open_uploads("").await;
+        open.retain(|k| k.contains(&needle));
+        open
+    }
+
     pub async fn s3_open_uploads(&self, prefix: &str) -> Vec<String> {
         // Sorted, encoded and with `uploads=`: curl signs the query as written.
         let url = format!(
@@ -947,7 +955,7 @@ impl Stack {
             Value::Array(sessions.clone())
         );
         assert_eq!(sessions[0]["session_id"], session["session_id"]);
-        let open = self.s3_open_uploads(&format!("devices/{}/", dev.id)).await;
+        let open = self.open_uploads_of(dev).await;
         assert!(open.is_empty(), "multipart uploads left open: {open:?}");
         assert_eq!(self.agent_db_integrity(dev), "ok", "agent.db integrity");
         session

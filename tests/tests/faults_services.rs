@@ -106,7 +106,7 @@ async fn change_during_upload(name: &str, change: impl FnOnce(&std::path::Path))
             assert_eq!(code, 404, "no object at s3://{bucket}/{key}");
         }
     }
-    let open = stack.s3_open_uploads(&format!("devices/{}/", dev.id)).await;
+    let open = stack.open_uploads_of(&dev).await;
     assert!(open.is_empty(), "multipart uploads left open: {open:?}");
     assert_eq!(stack.agent_db_integrity(&dev), "ok");
 }

@@ -51,7 +51,7 @@ async fn verify_object(stack: &Stack, dev: &Device, session: &Value, file: &Sour
         .expect("name");
     assert_eq!(
         session["object_key"].as_str(),
-        Some(format!("devices/{}/datasets/{DATASET}/{sid}/{name}", dev.id).as_str()),
+        Some(format!("default/{DATASET}/{}/{sid}/{name}", dev.id).as_str()),
         "object key layout with a dataset: {session}"
     );
     assert_eq!(session["dataset"], DATASET, "{session}");
@@ -274,8 +274,8 @@ async fn bad_datasets_and_watches_are_refused_with_clear_errors() {
     let sid = reply.body["session_id"].as_str().expect("session_id");
     assert_eq!(
         reply.body["object_key"].as_str(),
-        Some(format!("devices/{}/{sid}/x.bin", dev.id).as_str()),
-        "no dataset: the key layout is unchanged"
+        Some(format!("default/default/{}/{sid}/x.bin", dev.id).as_str()),
+        "no dataset label: the project's default dataset"
     );
     let reply = stack
         .device_http

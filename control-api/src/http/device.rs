@@ -46,6 +46,9 @@ struct Verified {
     request_id: String,
     op: Op,
     body: String,
+    ts: i64,
+    signature: String,
+    public_key: String,
 }
 
 async fn verify(
@@ -121,6 +124,9 @@ async fn verify(
         request_id: request_id.to_string(),
         op,
         body,
+        ts,
+        signature: sig.to_string(),
+        public_key: device.public_key,
     })
 }
 
@@ -252,11 +258,18 @@ async fn run_op(st: &AppState, req: &Verified) -> Result<(u16, serde_json::Value
             Ok((200, to_json(sessions::status(st, dev, r.session_id).await?)))
         }
         Op::SessionComplete => {
-            let r: SessionRef = parse_body(&req.body)?;
-            Ok((
-                200,
-                to_json(sessions::complete(st, dev, &actor, r.session_id).await?),
-            ))
+            let signed = sessions::SignedRequest {
+                device_id: req.device_id.clone(),
+                op: req.op.as_str().to_string(),
+                request_id: req.request_id.clone(),
+                ts: req.ts,
+                signature: req.signature.clone(),
+                public_key: req.public_key.clone(),
+                body: req.body.clone(),
+            };
+            let info =
+                sessions::complete(st, dev, &actor, parse_body(&req.body)?, Some(signed)).await?;
+            Ok((200, to_json(info)))
         }
         Op::SessionAbort => {
             let r: SessionRef = parse_body(&req.body)?;
@@ -312,11 +325,13 @@ async fn command_ack(
     .await?;
     if let Some(age) = age {
         st.counters.command_acked(ack.state.is_final(), age);
+        let project = st.store.device(device_id).await?.map(|d| d.project_id);
         crate::store::audit(
             &mut tx,
             actor,
             "command.ack",
             &ack.command_id.to_string(),
+            project.as_deref(),
             serde_json::json!({"state": ack.state.as_str(), "reason": ack.reason, "session_id": ack.session_id}),
         )
         .await?;

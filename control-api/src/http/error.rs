@@ -23,6 +23,15 @@ pub enum ApiError {
     Unprocessable(&'static str, String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The project's quota cannot hold `requested` more bytes (413).
+    #[error("project {project} quota exceeded")]
+    QuotaExceeded {
+        project: String,
+        used: i64,
+        reserved: i64,
+        limit: i64,
+        requested: i64,
+    },
     /// A dependency (database, storage) is down; the caller should retry.
     #[error("{0} unavailable: {1}")]
     Unavailable(&'static str, String),
@@ -39,7 +48,9 @@ impl ApiError {
             ApiError::NotFound(..) => StatusCode::NOT_FOUND,
             ApiError::Conflict(..) => StatusCode::CONFLICT,
             ApiError::Unprocessable(..) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge(_) | ApiError::QuotaExceeded { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -59,6 +70,31 @@ impl ApiError {
             }
             ApiError::PayloadTooLarge(d) => {
                 Problem::new(status, "payload_too_large", title, Some(d.clone()))
+            }
+            ApiError::QuotaExceeded {
+                project,
+                used,
+                reserved,
+                limit,
+                requested,
+            } => {
+                let mut p = Problem::new(
+                    status,
+                    "quota_exceeded",
+                    title,
+                    Some(format!(
+                        "project {project} has {used} bytes stored and {reserved} reserved of {limit}; {requested} more do not fit"
+                    )),
+                );
+                for (k, v) in [
+                    ("used", used),
+                    ("reserved", reserved),
+                    ("limit", limit),
+                    ("requested", requested),
+                ] {
+                    p.extra.insert(k.into(), (*v).into());
+                }
+                p
             }
             ApiError::Unavailable(what, _) => Problem::new(
                 status,

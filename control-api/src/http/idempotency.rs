@@ -39,7 +39,13 @@ pub async fn operator_idempotency(
     if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
         return next.run(req).await;
     }
-    match replay_or_run(&st, key, req, next).await {
+    // Keys are per caller: two API keys never see each other's answers.
+    let caller = req
+        .extensions()
+        .get::<super::auth::Caller>()
+        .map(|c| c.principal.name.clone())
+        .unwrap_or_default();
+    match replay_or_run(&st, caller, key, req, next).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -47,6 +53,7 @@ pub async fn operator_idempotency(
 
 async fn replay_or_run(
     st: &AppState,
+    caller: String,
     key: String,
     req: Request,
     next: Next,
@@ -57,6 +64,8 @@ async fn replay_or_run(
             "Idempotency-Key is 1-64 of [A-Za-z0-9_-]".into(),
         ));
     }
+    let shown = key;
+    let key = format!("{caller}:{shown}");
     let (parts, body) = req.into_parts();
     let body = to_bytes(body, MAX_PAYLOAD_BYTES).await.map_err(|_| {
         ApiError::PayloadTooLarge(format!(
@@ -90,7 +99,7 @@ async fn replay_or_run(
         if m != method || p != path || body_sha256 != digest {
             return Err(ApiError::Unprocessable(
                 "idempotency_key_reused",
-                format!("Idempotency-Key {key} was already used for a different request"),
+                format!("Idempotency-Key {shown} was already used for a different request"),
             ));
         }
         let mut r = Response::new(Body::from(response));

@@ -1,17 +1,19 @@
 //! HTTP routing. One module per audience: `device` (signed requests), `operator`, `bridge`.
 
+pub mod auth;
 pub mod bridge;
 pub mod device;
 pub mod error;
 pub mod idempotency;
 pub mod operator;
+pub mod projects;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
@@ -54,14 +56,6 @@ fn bearer(req: &Request) -> Option<&str> {
         .to_str()
         .ok()?
         .strip_prefix("Bearer ")
-}
-
-async fn require_operator(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    match bearer(&req) {
-        Some(t) if token_matches(t, st.config.operator_token.expose()) => next.run(req).await,
-        _ => ApiError::Unauthorized("unauthorized", "operator bearer token required".into())
-            .into_response(),
-    }
 }
 
 async fn require_bridge(State(st): State<AppState>, req: Request, next: Next) -> Response {
@@ -109,6 +103,39 @@ fn request_span(req: &Request) -> tracing::Span {
 pub fn router(state: AppState) -> Router {
     let operator = Router::new()
         .route(
+            "/v1/projects",
+            post(projects::create_project).get(projects::list_projects),
+        )
+        .route(
+            "/v1/projects/{id}",
+            get(projects::get_project).patch(projects::patch_project),
+        )
+        .route(
+            "/v1/projects/{id}/datasets",
+            post(projects::create_dataset).get(projects::list_datasets),
+        )
+        .route(
+            "/v1/projects/{id}/datasets/{name}",
+            get(projects::get_dataset).patch(projects::patch_dataset),
+        )
+        .route(
+            "/v1/projects/{id}/datasets/{name}/seal",
+            post(projects::seal_dataset),
+        )
+        .route(
+            "/v1/projects/{id}/datasets/{name}/manifest",
+            get(projects::dataset_manifest),
+        )
+        .route(
+            "/v1/keys",
+            post(projects::create_key).get(projects::list_keys),
+        )
+        .route("/v1/keys/{id}", delete(projects::revoke_key))
+        .route(
+            "/v1/sessions/{id}/manifest",
+            get(projects::session_manifest),
+        )
+        .route(
             "/v1/devices",
             post(operator::register_device).get(operator::list_devices),
         )
@@ -132,7 +159,7 @@ pub fn router(state: AppState) -> Router {
         ))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
-            require_operator,
+            auth::authenticate,
         ));
     let bridge = Router::new()
         .route("/v1/bridge/mqtt-auth", post(bridge::mqtt_auth))

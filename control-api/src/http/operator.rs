@@ -1,4 +1,5 @@
-//! The operator API: devices, commands, sessions. Bearer `operator_token`.
+//! The operator API: devices, commands, sessions, audit. Every handler checks the caller's
+//! role on the project the resource belongs to (see [`crate::domain::access`]).
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -10,22 +11,60 @@ use uplink_protocol::ops::SessionState;
 use uplink_protocol::{sign, topics, unix_now};
 use uuid::Uuid;
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::ApiJson;
+use crate::domain::access::Need;
 use crate::domain::session::Event;
-use crate::store::{self, audit, Actor, Device, Session};
+use crate::store::{self, audit, Actor, Device, Session, SessionFilter};
 use crate::{sessions, AppState};
 
 #[derive(Deserialize)]
 pub struct NewDevice {
     pub device_id: String,
     pub public_key: String,
+    /// The project the device belongs to (default `default`).
+    #[serde(default = "default_project")]
+    pub project_id: String,
+}
+
+fn default_project() -> String {
+    "default".into()
+}
+
+pub fn project_missing(project: &str) -> impl FnOnce() -> ApiError + '_ {
+    move || ApiError::NotFound("project_not_found", format!("no project {project}"))
+}
+
+fn device_missing(id: &str) -> impl FnOnce() -> ApiError + '_ {
+    move || ApiError::NotFound("device_not_found", format!("no device {id}"))
+}
+
+/// The device, if the caller may `need` it; another project's device is not found.
+pub async fn visible_device(
+    st: &AppState,
+    caller: &Caller,
+    id: &str,
+    need: Need,
+) -> Result<Device, ApiError> {
+    let device = st.store.device(id).await?.ok_or_else(device_missing(id))?;
+    caller.allow(Some(&device.project_id), need, device_missing(id))?;
+    Ok(device)
 }
 
 pub async fn register_device(
     State(st): State<AppState>,
+    caller: Caller,
     ApiJson(req): ApiJson<NewDevice>,
 ) -> Result<(StatusCode, Json<Device>), ApiError> {
+    caller.allow(
+        Some(&req.project_id),
+        Need::Operate,
+        project_missing(&req.project_id),
+    )?;
+    if st.store.project(&req.project_id).await?.is_none() {
+        return Err(project_missing(&req.project_id)());
+    }
     if !topics::valid_device_id(&req.device_id) {
         return Err(ApiError::Unprocessable(
             "invalid_device_id",
@@ -47,10 +86,11 @@ pub async fn register_device(
     })?;
     let mut tx = st.store.pool.begin().await?;
     let device: Option<Device> = sqlx::query_as(
-        "INSERT INTO devices (device_id, public_key) VALUES ($1, $2) ON CONFLICT (device_id) DO NOTHING RETURNING *",
+        "INSERT INTO devices (device_id, public_key, project_id) VALUES ($1, $2, $3) ON CONFLICT (device_id) DO NOTHING RETURNING *",
     )
     .bind(&req.device_id)
     .bind(sign::encode_public(&key))
+    .bind(&req.project_id)
     .fetch_optional(&mut *tx)
     .await?;
     let Some(device) = device else {
@@ -61,9 +101,10 @@ pub async fn register_device(
     };
     audit(
         &mut tx,
-        &Actor::operator(),
+        &caller.actor(),
         "device.register",
         &req.device_id,
+        Some(&req.project_id),
         serde_json::json!({}),
     )
     .await?;
@@ -72,19 +113,37 @@ pub async fn register_device(
     Ok((StatusCode::CREATED, Json(device)))
 }
 
-pub async fn list_devices(State(st): State<AppState>) -> Result<Json<Vec<Device>>, ApiError> {
-    Ok(Json(st.store.devices().await?))
+#[derive(Deserialize)]
+pub struct DeviceQuery {
+    pub project_id: Option<String>,
+}
+
+pub async fn list_devices(
+    State(st): State<AppState>,
+    caller: Caller,
+    Query(q): Query<DeviceQuery>,
+) -> Result<Json<Vec<Device>>, ApiError> {
+    let project = scope(&caller, q.project_id.as_deref())?;
+    Ok(Json(st.store.devices(project).await?))
+}
+
+/// The project a listing is limited to: the one asked for (if visible), else the caller's.
+pub fn scope<'a>(caller: &'a Caller, asked: Option<&'a str>) -> Result<Option<&'a str>, ApiError> {
+    match asked {
+        Some(p) => {
+            caller.allow(Some(p), Need::Read, project_missing(p))?;
+            Ok(Some(p))
+        }
+        None => Ok(caller.principal.visible()),
+    }
 }
 
 pub async fn get_device(
     State(st): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Device>, ApiError> {
-    st.store
-        .device(&id)
-        .await?
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound("device_not_found", format!("no device {id}")))
+    Ok(Json(visible_device(&st, &caller, &id, Need::Read).await?))
 }
 
 #[derive(Deserialize)]
@@ -97,9 +156,11 @@ pub struct DevicePatch {
 
 pub async fn patch_device(
     State(st): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     ApiJson(patch): ApiJson<DevicePatch>,
 ) -> Result<Json<Device>, ApiError> {
+    visible_device(&st, &caller, &id, Need::Operate).await?;
     let public_key = match &patch.public_key {
         Some(k) => Some(sign::encode_public(&sign::decode_public(k).map_err(
             |_| {
@@ -127,9 +188,10 @@ pub async fn patch_device(
     // The audit log never holds key material, only that it changed.
     audit(
         &mut tx,
-        &Actor::operator(),
+        &caller.actor(),
         "device.update",
         &id,
+        Some(&device.project_id),
         serde_json::json!({"enabled": patch.enabled, "key_rotated": public_key.is_some()}),
     )
     .await?;
@@ -141,6 +203,7 @@ pub async fn patch_device(
 #[derive(Deserialize)]
 pub struct AuditQuery {
     pub subject: Option<String>,
+    pub project_id: Option<String>,
     /// Only events with a larger id (for paging forward).
     pub after: Option<i64>,
     pub limit: Option<i64>,
@@ -154,20 +217,26 @@ pub struct AuditEvent {
     pub action: String,
     pub subject: String,
     pub request_id: Option<String>,
+    pub project_id: Option<String>,
     pub detail: serde_json::Value,
 }
 
-/// The append-only audit log, oldest first.
+/// The append-only audit log, oldest first. A project-scoped key sees its project's events.
 pub async fn list_audit(
     State(st): State<AppState>,
+    caller: Caller,
     Query(q): Query<AuditQuery>,
 ) -> Result<Json<Vec<AuditEvent>>, ApiError> {
+    let project = scope(&caller, q.project_id.as_deref())?;
     let rows = sqlx::query_as(
-        "SELECT * FROM audit_events WHERE ($1::text IS NULL OR subject = $1) AND id > $2 ORDER BY id LIMIT $3",
+        "SELECT id, at, actor, action, subject, request_id, project_id, detail FROM audit_events
+         WHERE ($1::text IS NULL OR subject = $1) AND id > $2 AND ($4::text IS NULL OR project_id = $4)
+         ORDER BY id LIMIT $3",
     )
     .bind(&q.subject)
     .bind(q.after.unwrap_or(0))
     .bind(q.limit.unwrap_or(100).clamp(1, 1000))
+    .bind(project)
     .fetch_all(&st.store.pool)
     .await?;
     Ok(Json(rows))
@@ -180,12 +249,11 @@ pub async fn issue_command(
     action: Action,
     actor: &Actor,
 ) -> Result<store::Command, ApiError> {
-    if st.store.device(device_id).await?.is_none() {
-        return Err(ApiError::NotFound(
-            "device_not_found",
-            format!("no device {device_id}"),
-        ));
-    }
+    let device = st
+        .store
+        .device(device_id)
+        .await?
+        .ok_or_else(device_missing(device_id))?;
     if let Err(reason) = action.validate() {
         return Err(ApiError::Unprocessable(
             match action {
@@ -229,6 +297,7 @@ pub async fn issue_command(
         actor,
         "command.issue",
         &command.command_id.to_string(),
+        Some(&device.project_id),
         serde_json::json!({"device_id": device_id, "action": row.action}),
     )
     .await?;
@@ -240,10 +309,12 @@ pub async fn issue_command(
 
 pub async fn create_command(
     State(st): State<AppState>,
+    caller: Caller,
     Path(device_id): Path<String>,
     ApiJson(action): ApiJson<Action>,
 ) -> Result<(StatusCode, Json<store::Command>), ApiError> {
-    let row = issue_command(&st, &device_id, action, &Actor::operator()).await?;
+    visible_device(&st, &caller, &device_id, Need::Operate).await?;
+    let row = issue_command(&st, &device_id, action, &caller.actor()).await?;
     Ok((StatusCode::CREATED, Json(row)))
 }
 
@@ -251,21 +322,28 @@ pub async fn create_command(
 pub struct ListQuery {
     pub device_id: Option<String>,
     pub state: Option<String>,
+    pub project_id: Option<String>,
+    pub dataset: Option<String>,
     pub limit: Option<i64>,
 }
 
 pub async fn list_commands(
     State(st): State<AppState>,
+    caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<store::Command>>, ApiError> {
+    let project = scope(&caller, q.project_id.as_deref())?;
     expire_commands(&st).await?;
     let rows = sqlx::query_as(
-        "SELECT * FROM commands WHERE ($1::text IS NULL OR device_id = $1) AND ($2::text IS NULL OR state = $2)
-         ORDER BY created_at DESC LIMIT $3",
+        "SELECT c.* FROM commands c JOIN devices d USING (device_id)
+         WHERE ($1::text IS NULL OR c.device_id = $1) AND ($2::text IS NULL OR c.state = $2)
+           AND ($4::text IS NULL OR d.project_id = $4)
+         ORDER BY c.created_at DESC LIMIT $3",
     )
     .bind(&q.device_id)
     .bind(&q.state)
     .bind(q.limit.unwrap_or(100).clamp(1, 1000))
+    .bind(project)
     .fetch_all(&st.store.pool)
     .await?;
     Ok(Json(rows))
@@ -273,15 +351,23 @@ pub async fn list_commands(
 
 pub async fn get_command(
     State(st): State<AppState>,
+    caller: Caller,
     Path(id): Path<Uuid>,
 ) -> Result<Json<store::Command>, ApiError> {
     expire_commands(&st).await?;
-    sqlx::query_as("SELECT * FROM commands WHERE command_id = $1")
+    let missing = || ApiError::NotFound("command_not_found", format!("no command {id}"));
+    let command: store::Command = sqlx::query_as("SELECT * FROM commands WHERE command_id = $1")
         .bind(id)
         .fetch_optional(&st.store.pool)
         .await?
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound("command_not_found", format!("no command {id}")))
+        .ok_or_else(missing)?;
+    let device = st
+        .store
+        .device(&command.device_id)
+        .await?
+        .ok_or_else(missing)?;
+    caller.allow(Some(&device.project_id), Need::Read, missing)?;
+    Ok(Json(command))
 }
 
 /// Commands nobody acknowledged before they expired end as `expired`.
@@ -294,8 +380,10 @@ pub async fn expire_commands(st: &AppState) -> Result<(), ApiError> {
 
 pub async fn list_sessions(
     State(st): State<AppState>,
+    caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<Session>>, ApiError> {
+    let project = scope(&caller, q.project_id.as_deref())?;
     if let Some(s) = &q.state {
         if SessionState::parse(s).is_none() {
             return Err(ApiError::BadRequest(
@@ -306,34 +394,48 @@ pub async fn list_sessions(
     }
     Ok(Json(
         st.store
-            .sessions(
-                q.device_id.as_deref(),
-                q.state.as_deref(),
-                q.limit.unwrap_or(100).clamp(1, 1000),
-            )
+            .sessions(&SessionFilter {
+                device_id: q.device_id.as_deref(),
+                state: q.state.as_deref(),
+                project,
+                dataset: q.dataset.as_deref(),
+                limit: q.limit.unwrap_or(100).clamp(1, 1000),
+            })
             .await?,
     ))
 }
 
-async fn session_or_404(st: &AppState, id: Uuid) -> Result<Session, ApiError> {
-    st.store
-        .session(id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound("session_not_found", format!("no session {id}")))
+/// The session, if the caller may `need` it.
+pub async fn visible_session(
+    st: &AppState,
+    caller: &Caller,
+    id: Uuid,
+    need: Need,
+) -> Result<Session, ApiError> {
+    let missing = || ApiError::NotFound("session_not_found", format!("no session {id}"));
+    let session = st.store.session(id).await?.ok_or_else(missing)?;
+    caller.allow(Some(&session.project_id), need, missing)?;
+    Ok(session)
 }
 
 pub async fn get_session(
     State(st): State<AppState>,
+    caller: Caller,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Session>, ApiError> {
-    Ok(Json(session_or_404(&st, id).await?))
+    Ok(Json(visible_session(&st, &caller, id, Need::Read).await?))
 }
 
 /// Moves the session (pause, resume or abort) and sends the device the matching command
 /// for the session's job.
-async fn steer_session(st: &AppState, id: Uuid, event: Event) -> Result<Json<Session>, ApiError> {
-    let actor = Actor::operator();
-    let session = session_or_404(st, id).await?;
+async fn steer_session(
+    st: &AppState,
+    caller: Caller,
+    id: Uuid,
+    event: Event,
+) -> Result<Json<Session>, ApiError> {
+    let actor = caller.actor();
+    let session = visible_session(st, &caller, id, Need::Operate).await?;
     let job_id = session.job_id;
     let (session, action) = match event {
         Event::Abort => (
@@ -355,21 +457,24 @@ async fn steer_session(st: &AppState, id: Uuid, event: Event) -> Result<Json<Ses
 
 pub async fn pause_session(
     State(st): State<AppState>,
+    caller: Caller,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Session>, ApiError> {
-    steer_session(&st, id, Event::Pause).await
+    steer_session(&st, caller, id, Event::Pause).await
 }
 
 pub async fn resume_session(
     State(st): State<AppState>,
+    caller: Caller,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Session>, ApiError> {
-    steer_session(&st, id, Event::Resume).await
+    steer_session(&st, caller, id, Event::Resume).await
 }
 
 pub async fn abort_session(
     State(st): State<AppState>,
+    caller: Caller,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Session>, ApiError> {
-    steer_session(&st, id, Event::Abort).await
+    steer_session(&st, caller, id, Event::Abort).await
 }

@@ -1,0 +1,729 @@
+//! Projects, datasets (open → sealed, with a manifest), storage policies and API keys.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use uplink_protocol::ops::valid_dataset;
+use uplink_protocol::sign::{self, RequestToSign};
+use uplink_protocol::topics;
+use uuid::Uuid;
+
+use super::auth::{new_token, Caller};
+use super::error::ApiError;
+use super::operator::{project_missing, scope, visible_session};
+use super::ApiJson;
+use crate::domain::access::{Need, Role};
+use crate::domain::policy::StoragePolicy;
+use crate::sessions::SignedRequest;
+use crate::store::{audit, Dataset, Project};
+use crate::AppState;
+
+/// Parses and checks a policy; a named bucket must be reachable.
+async fn checked_policy(st: &AppState, v: serde_json::Value) -> Result<StoragePolicy, ApiError> {
+    let policy: StoragePolicy = serde_json::from_value(v)
+        .map_err(|e| ApiError::Unprocessable("invalid_policy", format!("policy: {e}")))?;
+    let problems = policy.problems();
+    if !problems.is_empty() {
+        return Err(ApiError::Unprocessable(
+            "invalid_policy",
+            problems.join("; "),
+        ));
+    }
+    if let Some(b) = &policy.bucket {
+        if st.storage.check_bucket(b).await.is_err() {
+            return Err(ApiError::Unprocessable(
+                "bucket_unreachable",
+                format!("bucket {b} does not exist or the API's credentials cannot reach it"),
+            ));
+        }
+    }
+    Ok(policy)
+}
+
+fn to_value(p: &StoragePolicy) -> serde_json::Value {
+    serde_json::to_value(p).unwrap_or_default()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewProject {
+    pub project_id: String,
+    pub name: Option<String>,
+    pub quota_bytes: Option<i64>,
+    #[serde(default)]
+    pub policy: serde_json::Value,
+}
+
+fn check_quota(q: Option<i64>) -> Result<(), ApiError> {
+    match q {
+        Some(q) if q < 0 => Err(ApiError::Unprocessable(
+            "invalid_quota",
+            "quota_bytes must be 0 or more (null: no quota)".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+pub async fn create_project(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<NewProject>,
+) -> Result<(StatusCode, Json<Project>), ApiError> {
+    caller.allow(None, Need::Global, || {
+        ApiError::NotFound("not_found", "no such endpoint".into())
+    })?;
+    if !topics::valid_device_id(&req.project_id) {
+        return Err(ApiError::Unprocessable(
+            "invalid_project_id",
+            "project ids are 1-64 of [A-Za-z0-9._-], not starting with a dot".into(),
+        ));
+    }
+    check_quota(req.quota_bytes)?;
+    let policy = if req.policy.is_null() {
+        StoragePolicy::default()
+    } else {
+        checked_policy(&st, req.policy).await?
+    };
+    let mut tx = st.store.pool.begin().await?;
+    let project: Option<Project> = sqlx::query_as(
+        "INSERT INTO projects (project_id, name, quota_bytes, policy) VALUES ($1, $2, $3, $4)
+         ON CONFLICT DO NOTHING RETURNING *",
+    )
+    .bind(&req.project_id)
+    .bind(req.name.as_deref().unwrap_or(&req.project_id))
+    .bind(req.quota_bytes)
+    .bind(to_value(&policy))
+    .fetch_optional(&mut *tx)
+    .await?;
+    let project = project.ok_or_else(|| {
+        ApiError::Conflict(
+            "project_exists",
+            format!("project {} already exists", req.project_id),
+        )
+    })?;
+    sqlx::query("INSERT INTO datasets (project_id, name) VALUES ($1, 'default')")
+        .bind(&req.project_id)
+        .execute(&mut *tx)
+        .await?;
+    audit(
+        &mut tx,
+        &caller.actor(),
+        "project.create",
+        &req.project_id,
+        Some(&req.project_id),
+        serde_json::json!({"quota_bytes": req.quota_bytes, "policy": project.policy}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(project)))
+}
+
+pub async fn list_projects(
+    State(st): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<Project>>, ApiError> {
+    Ok(Json(
+        sqlx::query_as(
+            "SELECT * FROM projects WHERE ($1::text IS NULL OR project_id = $1) ORDER BY project_id",
+        )
+        .bind(caller.principal.visible())
+        .fetch_all(&st.store.pool)
+        .await?,
+    ))
+}
+
+async fn visible_project(
+    st: &AppState,
+    caller: &Caller,
+    id: &str,
+    need: Need,
+) -> Result<Project, ApiError> {
+    caller.allow(Some(id), need, project_missing(id))?;
+    st.store.project(id).await?.ok_or_else(project_missing(id))
+}
+
+pub async fn get_project(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Project>, ApiError> {
+    Ok(Json(visible_project(&st, &caller, &id, Need::Read).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectPatch {
+    pub name: Option<String>,
+    /// Needs an unscoped admin. `null` removes the quota.
+    #[serde(default, with = "double_option")]
+    pub quota_bytes: Option<Option<i64>>,
+    pub policy: Option<serde_json::Value>,
+}
+
+/// Tells an absent field (`None`) from an explicit `null` (`Some(None)`).
+mod double_option {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de>,
+    {
+        Option::<T>::deserialize(d).map(Some)
+    }
+}
+
+pub async fn patch_project(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(patch): ApiJson<ProjectPatch>,
+) -> Result<Json<Project>, ApiError> {
+    visible_project(&st, &caller, &id, Need::Admin).await?;
+    if let Some(q) = patch.quota_bytes {
+        caller.allow(Some(&id), Need::Global, project_missing(&id))?;
+        check_quota(q)?;
+    }
+    let policy = match patch.policy {
+        Some(v) => Some(to_value(&checked_policy(&st, v).await?)),
+        None => None,
+    };
+    let mut tx = st.store.pool.begin().await?;
+    let project: Project = sqlx::query_as(
+        "UPDATE projects SET name = COALESCE($2, name), policy = COALESCE($3, policy),
+                             quota_bytes = CASE WHEN $4 THEN $5 ELSE quota_bytes END
+         WHERE project_id = $1 RETURNING *",
+    )
+    .bind(&id)
+    .bind(&patch.name)
+    .bind(&policy)
+    .bind(patch.quota_bytes.is_some())
+    .bind(patch.quota_bytes.flatten())
+    .fetch_one(&mut *tx)
+    .await?;
+    audit(
+        &mut tx,
+        &caller.actor(),
+        "project.update",
+        &id,
+        Some(&id),
+        serde_json::json!({"name": patch.name, "quota_bytes": patch.quota_bytes, "policy": policy}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(project))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewDataset {
+    pub name: String,
+    /// Needs an admin.
+    pub policy: Option<serde_json::Value>,
+    /// `jsonl`, `csv` or `parquet`; needs an admin.
+    pub validator: Option<String>,
+}
+
+fn check_validator(v: &Option<String>) -> Result<(), ApiError> {
+    match v.as_deref() {
+        None | Some("jsonl" | "csv" | "parquet") => Ok(()),
+        Some(other) => Err(ApiError::Unprocessable(
+            "invalid_validator",
+            format!("validator {other:?} is not one of jsonl, csv, parquet"),
+        )),
+    }
+}
+
+fn dataset_missing<'a>(project: &'a str, name: &'a str) -> impl FnOnce() -> ApiError + 'a {
+    move || {
+        ApiError::NotFound(
+            "dataset_not_found",
+            format!("no dataset {name} in project {project}"),
+        )
+    }
+}
+
+pub async fn create_dataset(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(project): Path<String>,
+    ApiJson(req): ApiJson<NewDataset>,
+) -> Result<(StatusCode, Json<Dataset>), ApiError> {
+    let need = if req.policy.is_some() || req.validator.is_some() {
+        Need::Admin
+    } else {
+        Need::Operate
+    };
+    visible_project(&st, &caller, &project, need).await?;
+    if !valid_dataset(&req.name) {
+        return Err(ApiError::Unprocessable(
+            "invalid_dataset",
+            "dataset names are 1-64 of A-Z a-z 0-9 . _ -, not starting with a dot".into(),
+        ));
+    }
+    check_validator(&req.validator)?;
+    let policy = match req.policy {
+        Some(v) => checked_policy(&st, v).await?,
+        None => StoragePolicy::default(),
+    };
+    let mut tx = st.store.pool.begin().await?;
+    let dataset: Option<Dataset> = sqlx::query_as(
+        "INSERT INTO datasets (project_id, name, policy, validator) VALUES ($1, $2, $3, $4)
+         ON CONFLICT DO NOTHING RETURNING *",
+    )
+    .bind(&project)
+    .bind(&req.name)
+    .bind(to_value(&policy))
+    .bind(&req.validator)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let dataset = dataset.ok_or_else(|| {
+        ApiError::Conflict(
+            "dataset_exists",
+            format!("dataset {} already exists in project {project}", req.name),
+        )
+    })?;
+    audit(
+        &mut tx,
+        &caller.actor(),
+        "dataset.create",
+        &format!("{project}/{}", req.name),
+        Some(&project),
+        serde_json::json!({"policy": dataset.policy, "validator": dataset.validator}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(dataset)))
+}
+
+pub async fn list_datasets(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(project): Path<String>,
+) -> Result<Json<Vec<Dataset>>, ApiError> {
+    visible_project(&st, &caller, &project, Need::Read).await?;
+    Ok(Json(
+        sqlx::query_as("SELECT * FROM datasets WHERE project_id = $1 ORDER BY name")
+            .bind(&project)
+            .fetch_all(&st.store.pool)
+            .await?,
+    ))
+}
+
+async fn visible_dataset(
+    st: &AppState,
+    caller: &Caller,
+    project: &str,
+    name: &str,
+    need: Need,
+) -> Result<Dataset, ApiError> {
+    caller.allow(Some(project), need, project_missing(project))?;
+    st.store
+        .dataset(project, name)
+        .await?
+        .ok_or_else(dataset_missing(project, name))
+}
+
+pub async fn get_dataset(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((project, name)): Path<(String, String)>,
+) -> Result<Json<Dataset>, ApiError> {
+    Ok(Json(
+        visible_dataset(&st, &caller, &project, &name, Need::Read).await?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetPatch {
+    pub policy: Option<serde_json::Value>,
+    /// `null` removes the validator.
+    #[serde(default, with = "double_option")]
+    pub validator: Option<Option<String>>,
+}
+
+pub async fn patch_dataset(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((project, name)): Path<(String, String)>,
+    ApiJson(patch): ApiJson<DatasetPatch>,
+) -> Result<Json<Dataset>, ApiError> {
+    visible_dataset(&st, &caller, &project, &name, Need::Admin).await?;
+    if let Some(v) = &patch.validator {
+        check_validator(v)?;
+    }
+    let policy = match patch.policy {
+        Some(v) => Some(to_value(&checked_policy(&st, v).await?)),
+        None => None,
+    };
+    let mut tx = st.store.pool.begin().await?;
+    let dataset: Dataset = sqlx::query_as(
+        "UPDATE datasets SET policy = COALESCE($3, policy),
+                             validator = CASE WHEN $4 THEN $5 ELSE validator END
+         WHERE project_id = $1 AND name = $2 RETURNING *",
+    )
+    .bind(&project)
+    .bind(&name)
+    .bind(&policy)
+    .bind(patch.validator.is_some())
+    .bind(patch.validator.clone().flatten())
+    .fetch_one(&mut *tx)
+    .await?;
+    audit(
+        &mut tx,
+        &caller.actor(),
+        "dataset.update",
+        &format!("{project}/{name}"),
+        Some(&project),
+        serde_json::json!({"policy": policy, "validator": patch.validator}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(dataset))
+}
+
+/// One object of a dataset manifest.
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+pub struct ManifestEntry {
+    pub session_id: Uuid,
+    pub device_id: String,
+    pub file_name: String,
+    pub bucket: String,
+    pub object_key: String,
+    pub size: i64,
+    pub sha256: Option<String>,
+    pub validation: Option<String>,
+    pub completed_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub project_id: String,
+    pub dataset: String,
+    pub sealed: bool,
+    pub objects: Vec<ManifestEntry>,
+    pub total_bytes: i64,
+}
+
+/// Every accepted (or unvalidated) completed object of the dataset, once per object.
+async fn current_manifest(
+    exec: impl sqlx::PgExecutor<'_>,
+    project: &str,
+    name: &str,
+    sealed: bool,
+) -> Result<Manifest, ApiError> {
+    let objects: Vec<ManifestEntry> = sqlx::query_as(
+        "SELECT session_id, device_id, file_name, bucket, object_key, size, sha256, validation, completed_at
+         FROM sessions WHERE project_id = $1 AND dataset = $2 AND state = 'completed'
+           AND deduplicated_from IS NULL AND validation IS DISTINCT FROM 'rejected'
+         ORDER BY completed_at, session_id",
+    )
+    .bind(project)
+    .bind(name)
+    .fetch_all(exec)
+    .await?;
+    Ok(Manifest {
+        project_id: project.to_string(),
+        dataset: name.to_string(),
+        sealed,
+        total_bytes: objects.iter().map(|o| o.size).sum(),
+        objects,
+    })
+}
+
+/// Seals the dataset: it takes no new files, and its manifest is written once. Refused
+/// while sessions are still open or objects wait for validation.
+pub async fn seal_dataset(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((project, name)): Path<(String, String)>,
+) -> Result<Json<Manifest>, ApiError> {
+    let dataset = visible_dataset(&st, &caller, &project, &name, Need::Operate).await?;
+    if dataset.state == "sealed" {
+        return dataset
+            .manifest
+            .and_then(|m| serde_json::from_value(m).ok())
+            .map(Json)
+            .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("sealed dataset without manifest")));
+    }
+    let mut tx = st.store.pool.begin().await?;
+    // Locks the dataset: a session create for it waits, then sees it sealed.
+    sqlx::query("SELECT 1 FROM datasets WHERE project_id = $1 AND name = $2 FOR UPDATE")
+        .bind(&project)
+        .bind(&name)
+        .execute(&mut *tx)
+        .await?;
+    let (open, pending): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE state IN ('created', 'uploading', 'paused', 'completing')),
+                count(*) FILTER (WHERE validation = 'pending')
+         FROM sessions WHERE project_id = $1 AND dataset = $2",
+    )
+    .bind(&project)
+    .bind(&name)
+    .fetch_one(&mut *tx)
+    .await?;
+    if open > 0 || pending > 0 {
+        return Err(ApiError::Conflict(
+            "dataset_busy",
+            format!("{open} sessions are still open and {pending} objects wait for validation; seal when they are done"),
+        ));
+    }
+    let manifest = current_manifest(&mut *tx, &project, &name, true).await?;
+    let value = serde_json::to_value(&manifest).map_err(|e| ApiError::Internal(e.into()))?;
+    sqlx::query(
+        "UPDATE datasets SET state = 'sealed', sealed_at = now(), manifest = $3 WHERE project_id = $1 AND name = $2",
+    )
+    .bind(&project)
+    .bind(&name)
+    .bind(&value)
+    .execute(&mut *tx)
+    .await?;
+    audit(
+        &mut tx,
+        &caller.actor(),
+        "dataset.seal",
+        &format!("{project}/{name}"),
+        Some(&project),
+        serde_json::json!({"objects": manifest.objects.len(), "total_bytes": manifest.total_bytes,
+                           "manifest_sha256": uplink_protocol::sha256_hex(value.to_string().as_bytes())}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(manifest))
+}
+
+/// The sealed manifest, or for an open dataset what it would list now.
+pub async fn dataset_manifest(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path((project, name)): Path<(String, String)>,
+) -> Result<Json<Manifest>, ApiError> {
+    let dataset = visible_dataset(&st, &caller, &project, &name, Need::Read).await?;
+    if let Some(m) = dataset
+        .manifest
+        .and_then(|m| serde_json::from_value(m).ok())
+    {
+        return Ok(Json(m));
+    }
+    Ok(Json(
+        current_manifest(&st.store.pool, &project, &name, false).await?,
+    ))
+}
+
+#[derive(Serialize)]
+pub struct Custody {
+    /// What the device signed: device, path, size, SHA-256, part count and parts digest.
+    pub manifest: serde_json::Value,
+    /// The part MD5s the device sent when it asked for part URLs (their digest is signed).
+    pub part_md5s: serde_json::Value,
+    pub signed_request: SignedRequest,
+    /// Whether the signature verifies with the key the device had when it signed.
+    pub signature_valid: bool,
+    /// Whether `part_md5s` hash to the manifest's `parts_digest`.
+    pub parts_digest_valid: bool,
+    pub recorded_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The file's chain of custody: the device-signed manifest kept in the audit log.
+pub async fn session_manifest(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Custody>, ApiError> {
+    let session = visible_session(&st, &caller, id, Need::Read).await?;
+    // A deduplicated session's custody is its original's.
+    let subject = session.deduplicated_from.unwrap_or(session.session_id);
+    let row: Option<(serde_json::Value, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT detail, at FROM audit_events WHERE subject = $1 AND action = 'session.manifest' ORDER BY id LIMIT 1",
+    )
+    .bind(subject.to_string())
+    .fetch_optional(&st.store.pool)
+    .await?;
+    let (detail, recorded_at) = row.ok_or_else(|| {
+        ApiError::NotFound(
+            "manifest_not_found",
+            format!("session {id} has no device-signed manifest (not completed, or an agent without manifests)"),
+        )
+    })?;
+    let signed: SignedRequest = serde_json::from_value(detail["signed_request"].clone())
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    let signature_valid = sign::decode_public(&signed.public_key).is_ok_and(|key| {
+        RequestToSign {
+            device_id: &signed.device_id,
+            op: &signed.op,
+            request_id: &signed.request_id,
+            ts: signed.ts,
+            body: &signed.body,
+        }
+        .verify(&key, &signed.signature)
+        .is_ok()
+    });
+    let md5s: Vec<String> = serde_json::from_value(detail["part_md5s"].clone()).unwrap_or_default();
+    let digest = uplink_protocol::ops::parts_digest(
+        md5s.iter()
+            .enumerate()
+            .map(|(i, m)| (i as u32 + 1, m.as_str())),
+    );
+    let body: serde_json::Value = serde_json::from_str(&signed.body).unwrap_or_default();
+    Ok(Json(Custody {
+        manifest: body["manifest"].clone(),
+        parts_digest_valid: body["manifest"]["parts_digest"] == digest.as_str(),
+        part_md5s: detail["part_md5s"].clone(),
+        signature_valid,
+        signed_request: signed,
+        recorded_at,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    pub name: String,
+    pub role: Role,
+    /// `null`/absent: every project (needs an unscoped admin).
+    pub project_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct ApiKey {
+    pub key_id: String,
+    pub name: String,
+    pub role: String,
+    pub project_id: Option<String>,
+    pub created_by: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub last_used_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub revoked_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+#[derive(Serialize)]
+pub struct CreatedKey {
+    #[serde(flatten)]
+    pub key: ApiKey,
+    /// Shown once: only its hash is stored.
+    pub token: String,
+}
+
+fn key_need(project: Option<&str>) -> Need {
+    if project.is_some() {
+        Need::Admin
+    } else {
+        Need::Global
+    }
+}
+
+pub async fn create_key(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<NewKey>,
+) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
+    let project = req.project_id.as_deref();
+    match project {
+        Some(p) => {
+            visible_project(&st, &caller, p, Need::Admin).await?;
+        }
+        None => caller.allow(None, Need::Global, || {
+            ApiError::NotFound("not_found", "no such endpoint".into())
+        })?,
+    }
+    if req.name.is_empty() || req.name.len() > 128 || req.name.chars().any(char::is_control) {
+        return Err(ApiError::Unprocessable(
+            "invalid_name",
+            "name must be 1-128 characters, no control characters".into(),
+        ));
+    }
+    let t = new_token();
+    let mut tx = st.store.pool.begin().await?;
+    let key: ApiKey = sqlx::query_as(
+        "INSERT INTO api_keys (key_id, secret_hash, name, role, project_id, created_by) VALUES ($1, $2, $3, $4, $5, $6)
+         RETURNING key_id, name, role, project_id, created_by, created_at, last_used_at, revoked_at",
+    )
+    .bind(&t.key_id)
+    .bind(&t.secret_hash)
+    .bind(&req.name)
+    .bind(req.role.as_str())
+    .bind(project)
+    .bind(&caller.principal.name)
+    .fetch_one(&mut *tx)
+    .await?;
+    audit(
+        &mut tx,
+        &caller.actor(),
+        "key.create",
+        &format!("key:{}", t.key_id),
+        project,
+        serde_json::json!({"name": req.name, "role": req.role.as_str()}),
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(key_id = %t.key_id, role = req.role.as_str(), project = ?project, "API key created");
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedKey {
+            key,
+            token: t.token,
+        }),
+    ))
+}
+
+#[derive(Deserialize)]
+pub struct KeyQuery {
+    pub project_id: Option<String>,
+}
+
+pub async fn list_keys(
+    State(st): State<AppState>,
+    caller: Caller,
+    Query(q): Query<KeyQuery>,
+) -> Result<Json<Vec<ApiKey>>, ApiError> {
+    let project = scope(&caller, q.project_id.as_deref())?;
+    caller.allow(project, key_need(project), || {
+        ApiError::NotFound("not_found", "no such endpoint".into())
+    })?;
+    Ok(Json(
+        sqlx::query_as(
+            "SELECT key_id, name, role, project_id, created_by, created_at, last_used_at, revoked_at FROM api_keys
+             WHERE ($1::text IS NULL OR project_id = $1) ORDER BY created_at",
+        )
+        .bind(project)
+        .fetch_all(&st.store.pool)
+        .await?,
+    ))
+}
+
+/// Revokes a key at once: its next request is refused.
+pub async fn revoke_key(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<ApiKey>, ApiError> {
+    let missing = || ApiError::NotFound("key_not_found", format!("no key {id}"));
+    let project: Option<Option<String>> =
+        sqlx::query_scalar("SELECT project_id FROM api_keys WHERE key_id = $1")
+            .bind(&id)
+            .fetch_optional(&st.store.pool)
+            .await?;
+    let project = project.ok_or_else(missing)?;
+    caller.allow(project.as_deref(), key_need(project.as_deref()), missing)?;
+    let mut tx = st.store.pool.begin().await?;
+    let key: ApiKey = sqlx::query_as(
+        "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE key_id = $1
+         RETURNING key_id, name, role, project_id, created_by, created_at, last_used_at, revoked_at",
+    )
+    .bind(&id)
+    .fetch_one(&mut *tx)
+    .await?;
+    audit(
+        &mut tx,
+        &caller.actor(),
+        "key.revoke",
+        &format!("key:{id}"),
+        project.as_deref(),
+        serde_json::json!({}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(key))
+}

@@ -1,0 +1,747 @@
+//! Projects, datasets, storage policies, API keys and roles, quota, dedupe and the signed
+//! manifest, against a real PostgreSQL and a real S3 server.
+
+mod common;
+
+use common::*;
+use reqwest::Method;
+
+/// Registers `device_id` in `project` (as the bootstrap operator).
+async fn register_in(app: &TestApp, project: &str, device_id: &str) -> PrivateKey {
+    let key = sign::generate();
+    let (status, body) = app
+        .operator(
+            Method::POST,
+            "/v1/devices",
+            Some(json!({"device_id": device_id, "public_key": sign::encode_public(&key.verifying_key()), "project_id": project})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    key
+}
+
+async fn new_project(app: &TestApp, body: Value) {
+    let (status, reply) = app.operator(Method::POST, "/v1/projects", Some(body)).await;
+    assert_eq!(status, 201, "{reply}");
+}
+
+/// Creates an API key; returns its token.
+async fn new_key(app: &TestApp, role: &str, project: Option<&str>) -> String {
+    let (status, reply) = app
+        .operator(
+            Method::POST,
+            "/v1/keys",
+            Some(json!({"name": format!("{role} key"), "role": role, "project_id": project})),
+        )
+        .await;
+    assert_eq!(status, 201, "{reply}");
+    reply["token"]
+        .as_str()
+        .expect("token shown once")
+        .to_string()
+}
+
+fn create_in(job: Uuid, data: &[u8], dataset: Option<&str>, name: &str) -> Value {
+    let mut b = json!({"job_id": job, "file_name": name, "size": data.len(),
+                       "sha256": sha256_hex(data), "part_size": 5 * MIB});
+    if let Some(d) = dataset {
+        b["dataset"] = json!(d);
+    }
+    b
+}
+
+/// Uploads `data` (one part) in a new session and completes it with the device's manifest.
+async fn upload(
+    app: &TestApp,
+    key: &PrivateKey,
+    device: &str,
+    dataset: Option<&str>,
+    name: &str,
+    data: &[u8],
+) -> Value {
+    let (status, created) = app
+        .device(
+            key,
+            device,
+            "session.create",
+            &rid(),
+            &create_in(Uuid::new_v4(), data, dataset, name),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    if created["state"] == "completed" {
+        return created;
+    }
+    let sid = created["session_id"].as_str().expect("id").to_string();
+    let md5 = md5_b64(data);
+    let (status, presigned) = app
+        .device(
+            key,
+            device,
+            "parts.presign",
+            &rid(),
+            &json!({"session_id": sid, "parts": [{"number": 1, "md5": md5}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{presigned}");
+    let resp = put(&app.http, &presigned["parts"][0], data.to_vec()).await;
+    assert_eq!(resp.status().as_u16(), 200);
+    let manifest = json!({"device_id": device, "session_id": sid, "path": format!("/data/{name}"),
+        "size": data.len(), "sha256": sha256_hex(data), "part_count": 1,
+        "parts_digest": uplink_protocol::ops::parts_digest([(1, md5.as_str())])});
+    let (status, done) = app
+        .device(
+            key,
+            device,
+            "session.complete",
+            &rid(),
+            &json!({"session_id": sid, "manifest": manifest}),
+        )
+        .await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["state"], "completed");
+    done
+}
+
+#[tokio::test]
+async fn every_role_against_every_endpoint_and_project() {
+    let app = TestApp::spawn().await;
+    new_project(&app, json!({"project_id": "a"})).await;
+    new_project(&app, json!({"project_id": "b"})).await;
+    let dev_a = register_in(&app, "a", "dev-a").await;
+    let dev_b = register_in(&app, "b", "dev-b").await;
+    let sa = upload(&app, &dev_a, "dev-a", None, "a.bin", b"in project a").await;
+    let sb = upload(&app, &dev_b, "dev-b", None, "b.bin", b"in project b").await;
+    let (sa, sb) = (
+        sa["session_id"].as_str().expect("id").to_string(),
+        sb["session_id"].as_str().expect("id").to_string(),
+    );
+    let viewer = new_key(&app, "viewer", Some("a")).await;
+    let operator = new_key(&app, "operator", Some("a")).await;
+    let admin = new_key(&app, "admin", Some("a")).await;
+    let global_viewer = new_key(&app, "viewer", None).await;
+    let global_admin = new_key(&app, "admin", None).await;
+    let pk = || sign::encode_public(&sign::generate().verifying_key());
+
+    // (method, path, body) and the status each caller gets:
+    // [viewer a, operator a, admin a, global viewer, global admin].
+    type Case = (Method, String, Option<Value>, [u16; 5]);
+    let cases: Vec<Case> = vec![
+        (
+            Method::GET,
+            "/v1/projects/a".into(),
+            None,
+            [200, 200, 200, 200, 200],
+        ),
+        (
+            Method::GET,
+            "/v1/projects/b".into(),
+            None,
+            [404, 404, 404, 200, 200],
+        ),
+        (
+            Method::POST,
+            "/v1/projects".into(),
+            Some(json!({"project_id": "c1"})),
+            [403, 403, 403, 403, 201],
+        ),
+        (
+            Method::PATCH,
+            "/v1/projects/a".into(),
+            Some(json!({"name": "A"})),
+            [403, 403, 200, 403, 200],
+        ),
+        (
+            Method::PATCH,
+            "/v1/projects/a".into(),
+            Some(json!({"quota_bytes": 1000000000})),
+            [403, 403, 403, 403, 200],
+        ),
+        (
+            Method::PATCH,
+            "/v1/projects/b".into(),
+            Some(json!({"name": "B"})),
+            [404, 404, 404, 403, 200],
+        ),
+        (
+            Method::GET,
+            "/v1/devices/dev-a".into(),
+            None,
+            [200, 200, 200, 200, 200],
+        ),
+        (
+            Method::GET,
+            "/v1/devices/dev-b".into(),
+            None,
+            [404, 404, 404, 200, 200],
+        ),
+        (
+            Method::PATCH,
+            "/v1/devices/dev-a".into(),
+            Some(json!({"enabled": true})),
+            [403, 200, 200, 403, 200],
+        ),
+        (
+            Method::PATCH,
+            "/v1/devices/dev-b".into(),
+            Some(json!({"enabled": true})),
+            [404, 404, 404, 403, 200],
+        ),
+        (
+            Method::POST,
+            "/v1/devices".into(),
+            Some(json!({"device_id": "new-a", "public_key": pk(), "project_id": "a"})),
+            [403, 201, 409, 403, 409],
+        ),
+        (
+            Method::POST,
+            "/v1/devices".into(),
+            Some(json!({"device_id": "new-b", "public_key": pk(), "project_id": "b"})),
+            [404, 404, 404, 403, 201],
+        ),
+        (
+            Method::POST,
+            "/v1/devices/dev-a/commands".into(),
+            Some(json!({"type": "pause", "job_id": Uuid::new_v4()})),
+            [403, 201, 201, 403, 201],
+        ),
+        (
+            Method::POST,
+            "/v1/devices/dev-b/commands".into(),
+            Some(json!({"type": "pause", "job_id": Uuid::new_v4()})),
+            [404, 404, 404, 403, 201],
+        ),
+        (
+            Method::GET,
+            format!("/v1/sessions/{sa}"),
+            None,
+            [200, 200, 200, 200, 200],
+        ),
+        (
+            Method::GET,
+            format!("/v1/sessions/{sb}"),
+            None,
+            [404, 404, 404, 200, 200],
+        ),
+        (
+            Method::GET,
+            format!("/v1/sessions/{sa}/manifest"),
+            None,
+            [200, 200, 200, 200, 200],
+        ),
+        (
+            Method::GET,
+            format!("/v1/sessions/{sb}/manifest"),
+            None,
+            [404, 404, 404, 200, 200],
+        ),
+        // Completed sessions cannot be paused (409) but only an operator gets that far.
+        (
+            Method::POST,
+            format!("/v1/sessions/{sa}/pause"),
+            None,
+            [403, 409, 409, 403, 409],
+        ),
+        (
+            Method::POST,
+            format!("/v1/sessions/{sb}/abort"),
+            None,
+            [404, 404, 404, 403, 409],
+        ),
+        (
+            Method::GET,
+            "/v1/projects/a/datasets".into(),
+            None,
+            [200, 200, 200, 200, 200],
+        ),
+        (
+            Method::GET,
+            "/v1/projects/b/datasets".into(),
+            None,
+            [404, 404, 404, 200, 200],
+        ),
+        (
+            Method::POST,
+            "/v1/projects/a/datasets".into(),
+            Some(json!({"name": "runs"})),
+            [403, 201, 409, 403, 409],
+        ),
+        (
+            Method::POST,
+            "/v1/projects/a/datasets".into(),
+            Some(json!({"name": "tables", "validator": "csv"})),
+            [403, 403, 201, 403, 409],
+        ),
+        (
+            Method::PATCH,
+            "/v1/projects/a/datasets/runs".into(),
+            Some(json!({"validator": "jsonl"})),
+            [403, 403, 200, 403, 200],
+        ),
+        (
+            Method::POST,
+            "/v1/projects/b/datasets".into(),
+            Some(json!({"name": "x"})),
+            [404, 404, 404, 403, 201],
+        ),
+        (
+            Method::GET,
+            "/v1/projects/a/datasets/default/manifest".into(),
+            None,
+            [200, 200, 200, 200, 200],
+        ),
+        (
+            Method::GET,
+            "/v1/projects/b/datasets/default/manifest".into(),
+            None,
+            [404, 404, 404, 200, 200],
+        ),
+        (
+            Method::GET,
+            "/v1/keys?project_id=a".into(),
+            None,
+            [403, 403, 200, 403, 200],
+        ),
+        (
+            Method::GET,
+            "/v1/keys".into(),
+            None,
+            [403, 403, 200, 403, 200],
+        ),
+        (
+            Method::GET,
+            "/v1/keys?project_id=b".into(),
+            None,
+            [404, 404, 404, 403, 200],
+        ),
+        (
+            Method::POST,
+            "/v1/keys".into(),
+            Some(json!({"name": "n", "role": "viewer", "project_id": "a"})),
+            [403, 403, 201, 403, 201],
+        ),
+        (
+            Method::POST,
+            "/v1/keys".into(),
+            Some(json!({"name": "n", "role": "admin"})),
+            [403, 403, 403, 403, 201],
+        ),
+    ];
+    let callers = [&viewer, &operator, &admin, &global_viewer, &global_admin];
+    let mut wrong = Vec::new();
+    for (method, path, body, want) in &cases {
+        for (i, token) in callers.iter().enumerate() {
+            let (status, reply) = app.call(method.clone(), path, body.clone(), token).await;
+            if status != want[i] {
+                wrong.push(format!(
+                    "{method} {path} as caller {i}: got {status}, want {}: {reply}",
+                    want[i]
+                ));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} wrong answers:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+
+    // Listings show only the caller's project.
+    let (_, devices) = app.call(Method::GET, "/v1/devices", None, &viewer).await;
+    let ids: Vec<&str> = devices
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|d| d["device_id"].as_str())
+        .collect();
+    assert!(ids.contains(&"dev-a") && !ids.contains(&"dev-b"), "{ids:?}");
+    let (_, sessions) = app.call(Method::GET, "/v1/sessions", None, &viewer).await;
+    assert!(sessions
+        .as_array()
+        .expect("list")
+        .iter()
+        .all(|s| s["project_id"] == "a"));
+    let (_, audit) = app.call(Method::GET, "/v1/audit", None, &viewer).await;
+    let audit = audit.as_array().expect("audit");
+    assert!(!audit.is_empty() && audit.iter().all(|e| e["project_id"] == "a"));
+    // Operator actions carry who and the request id.
+    let e = audit
+        .iter()
+        .find(|e| e["action"] == "dataset.create" && e["subject"] == "a/runs")
+        .expect("dataset.create in the audit log");
+    assert!(
+        e["actor"].as_str().expect("actor").starts_with("key:"),
+        "{e}"
+    );
+    assert!(
+        e["request_id"].as_str().is_some_and(|r| !r.is_empty()),
+        "{e}"
+    );
+
+    // A revoked key is refused at once; an unknown or malformed token too.
+    let key_id = admin
+        .strip_prefix("upk_")
+        .and_then(|r| r.split_once('_'))
+        .expect("token shape")
+        .0
+        .to_string();
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/v1/keys/{key_id}"),
+            None,
+            &operator,
+        )
+        .await;
+    assert_eq!(status, 403, "an operator cannot revoke keys");
+    let (status, revoked) = app
+        .call(
+            Method::DELETE,
+            &format!("/v1/keys/{key_id}"),
+            None,
+            &global_admin,
+        )
+        .await;
+    assert_eq!(status, 200, "{revoked}");
+    assert!(revoked["revoked_at"].is_string());
+    for bad in [admin.as_str(), "upk_nope_nope", "not-a-token"] {
+        let (status, reply) = app.call(Method::GET, "/v1/projects/a", None, bad).await;
+        assert_eq!(status, 401, "{bad}: {reply}");
+    }
+    // The stored key is a hash: the secret is nowhere in the database.
+    let secret = admin.rsplit('_').next().expect("secret");
+    let (found,): (bool,) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM api_keys WHERE secret_hash LIKE '%' || $1 || '%' OR name LIKE '%' || $1 || '%')",
+    )
+    .bind(secret)
+    .fetch_one(&app.state.store.pool)
+    .await
+    .expect("query");
+    assert!(!found);
+}
+
+#[tokio::test]
+async fn quota_is_reserved_atomically_and_settled() {
+    let app = TestApp::spawn().await;
+    let part = 5 * MIB;
+    new_project(
+        &app,
+        json!({"project_id": "q", "quota_bytes": 4 * part + 100}),
+    )
+    .await;
+    let key = register_in(&app, "q", "dev-q").await;
+    let data = file(part, 1);
+    // Ten creates at once for 5 MiB each: exactly four fit.
+    let creates = (0..10u8).map(|i| {
+        let (app, key) = (&app, &key);
+        let body = json!({"job_id": Uuid::new_v4(), "file_name": format!("f{i}.bin"), "size": part,
+                          "sha256": sha256_hex(&file(part, i)), "part_size": part});
+        async move {
+            app.device(key, "dev-q", "session.create", &rid(), &body)
+                .await
+        }
+    });
+    let results = futures::future::join_all(creates).await;
+    let ok: Vec<&Value> = results
+        .iter()
+        .filter(|r| r.0 == 201)
+        .map(|r| &r.1)
+        .collect();
+    let refused: Vec<&Value> = results
+        .iter()
+        .filter(|r| r.0 == 413)
+        .map(|r| &r.1)
+        .collect();
+    assert_eq!(ok.len(), 4, "{results:?}");
+    assert_eq!(refused.len(), 6, "{results:?}");
+    let p = refused[0];
+    assert_eq!(p["code"], "quota_exceeded", "{p}");
+    assert_eq!(p["limit"], 4 * part + 100);
+    assert_eq!(p["requested"], part);
+    assert_eq!(
+        p["used"].as_i64().expect("used") + p["reserved"].as_i64().expect("reserved"),
+        4 * part as i64
+    );
+    let (_, project) = app.operator(Method::GET, "/v1/projects/q", None).await;
+    assert_eq!(project["reserved_bytes"], 4 * part);
+
+    // Aborting one gives its bytes back.
+    let aborted = ok[0]["session_id"].as_str().expect("id");
+    let (status, _) = app
+        .operator(Method::POST, &format!("/v1/sessions/{aborted}/abort"), None)
+        .await;
+    assert_eq!(status, 200);
+    let (_, project) = app.operator(Method::GET, "/v1/projects/q", None).await;
+    assert_eq!(project["reserved_bytes"], 3 * part);
+    // A completed upload moves its bytes from reserved to used.
+    let done = upload(&app, &key, "dev-q", None, "done.bin", &data).await;
+    assert_eq!(done["size"], part);
+    let (_, project) = app.operator(Method::GET, "/v1/projects/q", None).await;
+    assert_eq!(project["used_bytes"], part, "{project}");
+    assert_eq!(project["reserved_bytes"], 3 * part, "{project}");
+    // Now full: one byte more is refused, and raising the quota lets it in.
+    let (status, p) = app
+        .device(
+            &key,
+            "dev-q",
+            "session.create",
+            &rid(),
+            &create_in(Uuid::new_v4(), &file(101, 9), None, "x"),
+        )
+        .await;
+    assert_eq!(status, 413, "{p}");
+    let (status, _) = app
+        .operator(
+            Method::PATCH,
+            "/v1/projects/q",
+            Some(json!({"quota_bytes": null})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, p) = app
+        .device(
+            &key,
+            "dev-q",
+            "session.create",
+            &rid(),
+            &create_in(Uuid::new_v4(), &file(101, 9), None, "x"),
+        )
+        .await;
+    assert_eq!(status, 201, "{p}");
+}
+
+#[tokio::test]
+async fn same_content_in_a_dataset_is_stored_once() {
+    let app = TestApp::spawn().await;
+    let key = app.register("dev-d").await;
+    let data = file(3000, 7);
+    let first = upload(&app, &key, "dev-d", Some("runs"), "a.bin", &data).await;
+    let second = upload(&app, &key, "dev-d", Some("runs"), "again.bin", &data).await;
+    assert_eq!(second["state"], "completed", "{second}");
+    assert_eq!(second["object_key"], first["object_key"]);
+    assert_ne!(second["session_id"], first["session_id"]);
+    let (_, view) = app
+        .operator(
+            Method::GET,
+            &format!(
+                "/v1/sessions/{}",
+                second["session_id"].as_str().expect("id")
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(view["deduplicated_from"], first["session_id"], "{view}");
+    // Nothing was presigned for the copy.
+    let (parts,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM session_parts WHERE session_id = $1")
+            .bind(Uuid::parse_str(second["session_id"].as_str().expect("id")).expect("uuid"))
+            .fetch_one(&app.state.store.pool)
+            .await
+            .expect("count");
+    assert_eq!(parts, 0);
+    // Another dataset, or other bytes, are uploaded.
+    let other = upload(&app, &key, "dev-d", Some("other"), "a.bin", &data).await;
+    assert_ne!(other["object_key"], first["object_key"]);
+    let changed = upload(&app, &key, "dev-d", Some("runs"), "a.bin", &file(3000, 8)).await;
+    assert_ne!(changed["object_key"], first["object_key"]);
+    // The dataset manifest lists each object once.
+    let (_, m) = app
+        .operator(
+            Method::GET,
+            "/v1/projects/default/datasets/runs/manifest",
+            None,
+        )
+        .await;
+    assert_eq!(m["objects"].as_array().expect("objects").len(), 2, "{m}");
+}
+
+#[tokio::test]
+async fn completion_keeps_the_device_signed_manifest() {
+    let app = TestApp::spawn().await;
+    let key = app.register("dev-m").await;
+    let data = file(4000, 3);
+    let done = upload(&app, &key, "dev-m", None, "m.bin", &data).await;
+    let sid = done["session_id"].as_str().expect("id");
+    let (status, custody) = app
+        .operator(Method::GET, &format!("/v1/sessions/{sid}/manifest"), None)
+        .await;
+    assert_eq!(status, 200, "{custody}");
+    assert_eq!(custody["signature_valid"], true, "{custody}");
+    assert_eq!(custody["parts_digest_valid"], true, "{custody}");
+    assert_eq!(custody["manifest"]["sha256"], sha256_hex(&data));
+    assert_eq!(custody["manifest"]["path"], "/data/m.bin");
+    assert_eq!(custody["part_md5s"][0], md5_b64(&data));
+    // Tampering with the stored record is detected.
+    sqlx::query(
+        "UPDATE audit_events SET detail = jsonb_set(detail, '{signed_request,body}', to_jsonb(replace(detail->'signed_request'->>'body', 'm.bin', 'x.bin')))
+         WHERE action = 'session.manifest'",
+    )
+    .execute(&app.state.store.pool)
+    .await
+    .expect("tamper");
+    let (_, custody) = app
+        .operator(Method::GET, &format!("/v1/sessions/{sid}/manifest"), None)
+        .await;
+    assert_eq!(custody["signature_valid"], false, "{custody}");
+
+    // A manifest that does not match the session is refused, and nothing completes.
+    let other = file(2000, 4);
+    let (_, created) = app
+        .device(
+            &key,
+            "dev-m",
+            "session.create",
+            &rid(),
+            &create_in(Uuid::new_v4(), &other, None, "o.bin"),
+        )
+        .await;
+    let sid = created["session_id"].as_str().expect("id");
+    let (status, p) = app
+        .device(
+            &key,
+            "dev-m",
+            "session.complete",
+            &rid(),
+            &json!({"session_id": sid, "manifest": {
+            "device_id": "dev-m", "session_id": sid, "path": "/o.bin", "size": 2000,
+            "sha256": sha256_hex(&data), "part_count": 1, "parts_digest": "00"}}),
+        )
+        .await;
+    assert_eq!(status, 422, "{p}");
+    assert_eq!(p["code"], "manifest_mismatch");
+    assert!(
+        p["detail"].as_str().expect("detail").contains("sha256"),
+        "{p}"
+    );
+}
+
+#[tokio::test]
+async fn policies_shape_keys_and_sealed_datasets_take_nothing_new() {
+    let app = TestApp::spawn().await;
+    new_project(&app, json!({"project_id": "p", "policy": {"key_template": "{project}/{dataset}/{device}/{date}/{filename}"}})).await;
+    let key = register_in(&app, "p", "dev-p").await;
+    let (status, _) = app
+        .operator(
+            Method::POST,
+            "/v1/projects/p/datasets",
+            Some(json!({"name": "short", "policy": {"presign_ttl_secs": 120}})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    // Bad policies are refused with every reason.
+    let (status, p) = app
+        .operator(
+            Method::PATCH,
+            "/v1/projects/p",
+            Some(json!({"policy": {"key_template": "{nope}", "presign_ttl_secs": 1}})),
+        )
+        .await;
+    assert_eq!(status, 422, "{p}");
+    let detail = p["detail"].as_str().expect("detail");
+    assert!(
+        detail.contains("key_template") && detail.contains("presign_ttl_secs"),
+        "{detail}"
+    );
+    let (status, p) = app
+        .operator(
+            Method::PATCH,
+            "/v1/projects/p",
+            Some(json!({"policy": {"bucket": "no-such-bucket-here"}})),
+        )
+        .await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (422, Some("bucket_unreachable")),
+        "{p}"
+    );
+
+    let date = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let prefix = &app.state.config.s3.key_prefix;
+    let first = upload(&app, &key, "dev-p", Some("short"), "run.mcap", b"first").await;
+    assert_eq!(
+        first["object_key"],
+        format!("{prefix}p/short/dev-p/{date}/run.mcap")
+    );
+    // Same name, same day, other bytes: stored beside it, never over it.
+    let second = upload(&app, &key, "dev-p", Some("short"), "run.mcap", b"second").await;
+    let sid = second["session_id"].as_str().expect("id");
+    assert_eq!(
+        second["object_key"],
+        format!("{prefix}p/short/dev-p/{date}/{sid}/run.mcap")
+    );
+    // The dataset's presign lifetime applies.
+    let (_, created) = app
+        .device(
+            &key,
+            "dev-p",
+            "session.create",
+            &rid(),
+            &create_in(Uuid::new_v4(), b"third", Some("short"), "t.bin"),
+        )
+        .await;
+    let open_sid = created["session_id"].as_str().expect("id").to_string();
+    let (_, presigned) = app
+        .device(
+            &key,
+            "dev-p",
+            "parts.presign",
+            &rid(),
+            &json!({"session_id": open_sid, "parts": [{"number": 1, "md5": md5_b64(b"third")}]}),
+        )
+        .await;
+    let lifetime = presigned["parts"][0]["expires_at"]
+        .as_i64()
+        .expect("expires_at")
+        - unix_now();
+    assert!((100..=125).contains(&lifetime), "{lifetime}");
+    assert!(presigned["parts"][0]["url"]
+        .as_str()
+        .expect("url")
+        .contains("X-Amz-Expires=120"));
+
+    // Sealing waits for open sessions, then writes the manifest once.
+    let (status, p) = app
+        .operator(Method::POST, "/v1/projects/p/datasets/short/seal", None)
+        .await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (409, Some("dataset_busy")),
+        "{p}"
+    );
+    let (status, _) = app
+        .operator(
+            Method::POST,
+            &format!("/v1/sessions/{open_sid}/abort"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, m) = app
+        .operator(Method::POST, "/v1/projects/p/datasets/short/seal", None)
+        .await;
+    assert_eq!(status, 200, "{m}");
+    assert_eq!(m["sealed"], true);
+    let objects = m["objects"].as_array().expect("objects");
+    assert_eq!(objects.len(), 2, "{m}");
+    assert_eq!(objects[0]["sha256"], sha256_hex(b"first"));
+    assert_eq!(m["total_bytes"], 11);
+    let (status, p) = app
+        .device(
+            &key,
+            "dev-p",
+            "session.create",
+            &rid(),
+            &create_in(Uuid::new_v4(), b"late", Some("short"), "late.bin"),
+        )
+        .await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (409, Some("dataset_sealed")),
+        "{p}"
+    );
+    let (_, d) = app
+        .operator(Method::GET, "/v1/projects/p/datasets/short", None)
+        .await;
+    assert_eq!(d["state"], "sealed");
+}
