@@ -29,6 +29,8 @@ pub fn can_transition(from: JobState, to: JobState) -> bool {
         (Queued, Hashing)
             | (Hashing, Open)
             | (Open, Uploading)
+            // The dataset already held this content: the session completed without upload.
+            | (Open, Done)
             | (Uploading, Paused)
             | (Paused, Uploading)
             | (Uploading, Completing)
