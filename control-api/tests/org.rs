@@ -269,13 +269,13 @@ async fn every_role_against_every_endpoint_and_project() {
         (
             Method::POST,
             "/v1/projects/a/datasets".into(),
-            Some(json!({"name": "tables", "validator": "csv"})),
+            Some(json!({"name": "tables", "policy": {"presign_ttl_secs": 600}})),
             [403, 403, 201, 403, 409],
         ),
         (
             Method::PATCH,
             "/v1/projects/a/datasets/runs".into(),
-            Some(json!({"validator": "jsonl"})),
+            Some(json!({"policy": {"presign_ttl_secs": 600}})),
             [403, 403, 200, 403, 200],
         ),
         (
@@ -629,6 +629,19 @@ async fn policies_shape_keys_and_sealed_datasets_take_nothing_new() {
         )
         .await;
     assert_eq!(status, 201);
+    // Validators are not built: naming one is refused, not silently ignored.
+    let (status, p) = app
+        .operator(
+            Method::POST,
+            "/v1/projects/p/datasets",
+            Some(json!({"name": "v", "validator": "csv"})),
+        )
+        .await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (422, Some("validator_unavailable")),
+        "{p}"
+    );
     // Bad policies are refused with every reason.
     let (status, p) = app
         .operator(

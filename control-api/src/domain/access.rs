@@ -6,7 +6,7 @@
 //! |---|---|---|---|---|
 //! | `Read` | yes | yes | yes | every `GET` |
 //! | `Operate` | | yes | yes | devices, commands, pause/resume/abort, datasets (create, seal) |
-//! | `Admin` | | | yes | API keys, webhooks, storage policies, validators |
+//! | `Admin` | | | yes | API keys, storage policies, project name |
 //! | `Global` | | | unscoped admin | projects (create, quota), unscoped keys |
 
 use serde::{Deserialize, Serialize};
