@@ -165,7 +165,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
             host: cfg.mqtt.host.clone(),
             port: cfg.mqtt.port,
             username: cfg.mqtt.username.clone(),
-            password: cfg.mqtt.password.clone(),
+            password: loaded.mqtt_password,
             key: loaded.key,
             policy: RetryPolicy::new(Duration::from_secs(cfg.request_timeout_secs)),
         },

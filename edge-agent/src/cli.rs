@@ -13,7 +13,7 @@ use uplink_protocol::telemetry::JobState;
 use uplink_protocol::unix_now;
 use uuid::Uuid;
 
-use crate::config::{self, Config, ConfigError};
+use crate::config::{self, Config, ConfigError, Secret};
 use crate::store::{self, JobRecord, NewJob, StoreError};
 use crate::{flow, policy};
 use uplink_protocol::flow::DEFAULT_PRIORITY;
@@ -435,7 +435,7 @@ fn check_state_dir(dir: &Path) -> Check {
     }
 }
 
-async fn check_mqtt(cfg: &Config, key: &sign::PrivateKey) -> Check {
+async fn check_mqtt(cfg: &Config, key: &sign::PrivateKey, password: Option<&Secret>) -> Check {
     use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet};
     let mut opts = MqttOptions::new(cfg.device_id.clone(), cfg.mqtt.host.clone(), cfg.mqtt.port);
     opts.set_keep_alive(Duration::from_secs(10))
@@ -445,7 +445,7 @@ async fn check_mqtt(cfg: &Config, key: &sign::PrivateKey) -> Check {
         .username
         .clone()
         .unwrap_or_else(|| cfg.device_id.clone());
-    let password = match &cfg.mqtt.password {
+    let password = match password {
         Some(p) => p.expose().to_string(),
         None => sign::mqtt_password(key, &cfg.device_id, unix_now()),
     };
@@ -596,10 +596,11 @@ pub async fn doctor(file: Option<&Path>) -> u8 {
             Err(_) => Check::Fail(format!("{addr}: no answer within 3 s")),
         },
     );
-    let mqtt = match (&key, tcp_ok) {
-        (Some(key), true) => check_mqtt(&cfg, key).await,
-        (None, _) => Check::Fail("no usable device key".into()),
-        (_, false) => Check::Fail("broker not reachable".into()),
+    let mqtt = match (&key, tcp_ok, cfg.mqtt.static_password()) {
+        (_, _, Err(problem)) => Check::Fail(problem.to_string()),
+        (Some(key), true, Ok(password)) => check_mqtt(&cfg, key, password.as_ref()).await,
+        (None, _, _) => Check::Fail("no usable device key".into()),
+        (_, false, _) => Check::Fail("broker not reachable".into()),
     };
     report("mqtt connect", mqtt);
     report("clock", check_clock(cfg.api_url.as_deref()).await);

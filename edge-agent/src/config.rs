@@ -68,6 +68,53 @@ pub struct MqttConfig {
     /// Overrides the default password (derived from the device key).
     #[serde(default)]
     pub password: Option<Secret>,
+    /// Reads the static password from this file instead of `password` (one line; a
+    /// trailing newline is ignored), so it can live next to the device key rather than in
+    /// the configuration. For brokers with their own accounts, e.g. Mosquitto's
+    /// `password_file` (docs/security.md).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+impl MqttConfig {
+    /// The static password: `password`, or the contents of `password_file`; `None` means
+    /// the password derived from the device key. The problem never quotes the secret.
+    pub fn static_password(&self) -> Result<Option<Secret>, Problem> {
+        match (&self.password, &self.password_file) {
+            (Some(_), Some(_)) => Err(Problem::new(
+                "mqtt.password_file",
+                "set either mqtt.password or mqtt.password_file, not both",
+            )),
+            (Some(p), None) if p.expose().is_empty() => Err(Problem::new(
+                "mqtt.password",
+                "must not be empty (leave it unset for the password derived from the device key)",
+            )),
+            (Some(p), None) => Ok(Some(p.clone())),
+            (None, Some(file)) => read_password_file(file).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// One line of `file`, without its line ending; never empty.
+fn read_password_file(file: &Path) -> Result<Secret, Problem> {
+    let bad = |message: String| Problem::new("mqtt.password_file", message);
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| bad(format!("cannot read {}: {e}", file.display())))?;
+    let line = text
+        .strip_suffix('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .unwrap_or(&text);
+    if line.is_empty() {
+        return Err(bad(format!("{} is empty", file.display())));
+    }
+    if line.contains(['\n', '\r']) {
+        return Err(bad(format!(
+            "{} must hold the password on one line",
+            file.display()
+        )));
+    }
+    Ok(Secret::new(line))
 }
 
 impl Default for MqttConfig {
@@ -77,6 +124,7 @@ impl Default for MqttConfig {
             port: default_port(),
             username: None,
             password: None,
+            password_file: None,
         }
     }
 }
@@ -125,6 +173,9 @@ pub struct Loaded {
     pub roots: Vec<PathBuf>,
     /// The `[[watch]]` entries, checked.
     pub watches: Vec<Watch>,
+    /// The static MQTT password ([`MqttConfig::static_password`]); `None` = derived from
+    /// the device key at each connect.
+    pub mqtt_password: Option<Secret>,
 }
 
 /// Reads the file (when given; it must exist) and the environment, without validating.
@@ -267,10 +318,23 @@ impl Config {
         if self.mqtt.port == 0 {
             bad("mqtt.port", "must not be 0".into());
         }
+        if self.mqtt.username.as_deref().is_some_and(str::is_empty) {
+            bad(
+                "mqtt.username",
+                "must not be empty (leave it unset for the device id)".into(),
+            );
+        }
         let (watches, watch_problems) = watch::validate(&self.watch, &roots);
         for message in watch_problems {
             bad("watch", message);
         }
+        let mqtt_password = match self.mqtt.static_password() {
+            Ok(p) => p,
+            Err(problem) => {
+                problems.push(problem);
+                None
+            }
+        };
 
         match (key, command_key, problems.is_empty()) {
             (Some(key), Some(command_key), true) => Ok(Loaded {
@@ -279,6 +343,7 @@ impl Config {
                 command_key,
                 roots,
                 watches,
+                mqtt_password,
             }),
             _ => Err(ConfigError::Invalid(problems)),
         }
@@ -428,6 +493,102 @@ mod tests {
         for (cfg, field) in cases {
             assert_eq!(fields(cfg.validate().unwrap_err()), vec![field]);
         }
+    }
+
+    #[test]
+    fn mqtt_password_comes_from_the_file_or_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = valid(dir.path());
+        assert_eq!(base.clone().validate().unwrap().mqtt_password, None);
+
+        let file = dir.path().join("mqtt.password");
+        for text in ["s3cret-pw\n", "s3cret-pw\r\n", "s3cret-pw"] {
+            std::fs::write(&file, text).unwrap();
+            let cfg = Config {
+                mqtt: MqttConfig {
+                    password_file: Some(file.clone()),
+                    ..MqttConfig::default()
+                },
+                ..base.clone()
+            };
+            let loaded = cfg.validate().unwrap();
+            assert_eq!(
+                loaded.mqtt_password,
+                Some(Secret::new("s3cret-pw")),
+                "{text:?}"
+            );
+        }
+        let cfg = Config {
+            mqtt: MqttConfig {
+                password: Some(Secret::new("inline")),
+                ..MqttConfig::default()
+            },
+            ..base
+        };
+        assert_eq!(
+            cfg.validate().unwrap().mqtt_password,
+            Some(Secret::new("inline"))
+        );
+    }
+
+    #[test]
+    fn bad_mqtt_credentials_are_named_without_the_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = valid(dir.path());
+        let file = dir.path().join("mqtt.password");
+        let with = |mqtt: MqttConfig| Config {
+            mqtt,
+            ..base.clone()
+        };
+        let problems = |cfg: Config| match cfg.validate().unwrap_err() {
+            ConfigError::Invalid(p) => p,
+            other => panic!("unexpected {other}"),
+        };
+
+        std::fs::write(&file, "hunter2\n").unwrap();
+        let both = problems(with(MqttConfig {
+            password: Some(Secret::new("hunter2")),
+            password_file: Some(file.clone()),
+            ..MqttConfig::default()
+        }));
+        assert_eq!(both.len(), 1);
+        assert_eq!(both[0].field, "mqtt.password_file");
+        assert!(both[0].message.contains("not both"), "{}", both[0]);
+
+        for (text, why) in [
+            ("", "is empty"),
+            ("\n", "is empty"),
+            ("hunter2\nhunter3\n", "one line"),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let p = problems(with(MqttConfig {
+                password_file: Some(file.clone()),
+                ..MqttConfig::default()
+            }));
+            assert_eq!(p.len(), 1, "{text:?}");
+            assert_eq!(p[0].field, "mqtt.password_file");
+            assert!(p[0].message.contains(why), "{text:?}: {}", p[0]);
+            assert!(!p[0].message.contains("hunter"), "{}", p[0]);
+        }
+
+        let missing = problems(with(MqttConfig {
+            password_file: Some(dir.path().join("nope")),
+            ..MqttConfig::default()
+        }));
+        assert_eq!(missing[0].field, "mqtt.password_file");
+        assert!(missing[0].message.contains("cannot read"), "{}", missing[0]);
+
+        let empty = problems(with(MqttConfig {
+            password: Some(Secret::new("")),
+            ..MqttConfig::default()
+        }));
+        assert_eq!(empty[0].field, "mqtt.password");
+
+        let no_user = problems(with(MqttConfig {
+            username: Some(String::new()),
+            ..MqttConfig::default()
+        }));
+        assert_eq!(no_user[0].field, "mqtt.username");
     }
 
     #[test]

@@ -142,10 +142,36 @@ fn an_unknown_field_names_its_line() {
     assert_fails_with(
         &out,
         &[format!(
-            "{}:8:1: mqtt.hots: unknown field (expected one of: host, port, username, password)",
+            "{}:8:1: mqtt.hots: unknown field (expected one of: host, port, username, password, password_file)",
             file.display()
         )],
     );
+}
+
+#[test]
+fn a_password_and_a_password_file_conflict_without_printing_either() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret_file = dir.path().join("mqtt.password");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).expect("write password file");
+    let text = format!(
+        "{}password_file = \"{}\"\n",
+        valid(dir.path()),
+        secret_file.display()
+    );
+    let file = write(dir.path(), &text);
+    let out = check_config(&file, &[]);
+    assert_fails_with(
+        &out,
+        &[format!(
+            "{}:10:1: mqtt.password_file: set either mqtt.password or mqtt.password_file, not both",
+            file.display()
+        )],
+    );
+    // Alone, the file is taken.
+    let text = text.replace(&format!("password = \"{SECRET}\"\n"), "");
+    let file = write(dir.path(), &text);
+    let out = check_config(&file, &[]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
 }
 
 #[test]

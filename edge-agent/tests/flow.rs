@@ -427,6 +427,7 @@ fn config(dir: &Path, port: u16, device_key: &PrivateKey, cmd_key: &PrivateKey) 
             port,
             username: None,
             password: None,
+            password_file: None,
         },
         watch: vec![],
     }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use uplink_protocol::envelope::{RequestEnvelope, ResponseEnvelope};
@@ -142,13 +142,70 @@ impl Drop for MqttDevice {
     }
 }
 
+/// Who an MQTT client connects as.
+#[derive(Debug, Clone)]
+pub struct MqttLogin {
+    pub client_id: String,
+    /// `None`: no credentials in the CONNECT (an anonymous client).
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl MqttLogin {
+    /// Client id = username = `user`, with `password`.
+    pub fn user(user: &str, password: &str) -> MqttLogin {
+        MqttLogin {
+            client_id: user.to_string(),
+            username: Some(user.to_string()),
+            password: Some(password.to_string()),
+        }
+    }
+
+    /// How the agent logs in by default: client id = username = device id, password
+    /// derived from the device key now.
+    pub fn derived(device_id: &str, key: &PrivateKey) -> MqttLogin {
+        let password = sign::mqtt_password(key, device_id, uplink_protocol::unix_now());
+        MqttLogin::user(device_id, &password)
+    }
+}
+
+/// Why [`MqttDevice::connect_with`] got no connection.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConnectFailure {
+    /// The broker answered the CONNECT with this refusal.
+    Refused(ConnectReturnCode),
+    /// Anything else: no TCP connection, no CONNACK in time.
+    Failed(String),
+}
+
+/// What arrived on a connection during [`MqttDevice::collect`].
+#[derive(Debug, Default)]
+pub struct Collected {
+    /// Publishes (topic, payload), oldest first.
+    pub publishes: Vec<(String, Vec<u8>)>,
+    /// Connection errors (a disconnect by the broker shows up here).
+    pub errors: Vec<String>,
+}
+
 impl MqttDevice {
     /// Connects as `device_id` with the password derived from `key` (username = client id
     /// = device id) and waits for the broker's CONNACK.
     pub async fn connect(port: u16, device_id: &str, key: &PrivateKey) -> MqttDevice {
-        let password = sign::mqtt_password(key, device_id, uplink_protocol::unix_now());
-        let mut opts = MqttOptions::new(device_id, "127.0.0.1", port);
-        opts.set_credentials(device_id, password);
+        match Self::connect_with(port, &MqttLogin::derived(device_id, key)).await {
+            Ok(dev) => dev,
+            Err(ConnectFailure::Refused(code)) => panic!("broker refused {device_id}: {code:?}"),
+            Err(ConnectFailure::Failed(e)) => {
+                panic!("MQTT connect as {device_id} to 127.0.0.1:{port} failed: {e}")
+            }
+        }
+    }
+
+    /// Connects with `login` and waits for the broker's CONNACK (at most 20 s).
+    pub async fn connect_with(port: u16, login: &MqttLogin) -> Result<MqttDevice, ConnectFailure> {
+        let mut opts = MqttOptions::new(login.client_id.clone(), "127.0.0.1", port);
+        if let Some(user) = &login.username {
+            opts.set_credentials(user.clone(), login.password.clone().unwrap_or_default());
+        }
         opts.set_keep_alive(Duration::from_secs(10));
         opts.set_clean_session(true);
         opts.set_max_packet_size(256 * 1024, 256 * 1024);
@@ -164,8 +221,11 @@ impl MqttDevice {
                     }
                     Ok(_) => continue,
                     Err(e) => {
-                        let stop = tx.send(MqttEvent::Error(e.to_string())).is_err();
-                        if stop {
+                        let ev = match e {
+                            ConnectionError::ConnectionRefused(code) => MqttEvent::ConnAck(code),
+                            e => MqttEvent::Error(e.to_string()),
+                        };
+                        if tx.send(ev).is_err() {
                             return;
                         }
                         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -186,19 +246,50 @@ impl MqttDevice {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             match tokio::time::timeout_at(deadline, dev.events.recv()).await {
-                Ok(Some(MqttEvent::ConnAck(ConnectReturnCode::Success))) => break,
-                Ok(Some(MqttEvent::ConnAck(code))) => {
-                    panic!("broker refused {device_id}: {code:?}")
-                }
-                Ok(Some(MqttEvent::Error(e))) => {
-                    panic!("MQTT connect as {device_id} to 127.0.0.1:{port} failed: {e}")
-                }
+                Ok(Some(MqttEvent::ConnAck(ConnectReturnCode::Success))) => return Ok(dev),
+                Ok(Some(MqttEvent::ConnAck(code))) => return Err(ConnectFailure::Refused(code)),
+                Ok(Some(MqttEvent::Error(e))) => return Err(ConnectFailure::Failed(e)),
                 Ok(Some(MqttEvent::Publish(t, p))) => dev.pending.push((t, p)),
                 Ok(Some(MqttEvent::SubAck)) => {}
-                Ok(None) | Err(_) => panic!("no CONNACK from 127.0.0.1:{port} within 20 s"),
+                Ok(None) | Err(_) => {
+                    return Err(ConnectFailure::Failed(format!(
+                        "no CONNACK from 127.0.0.1:{port} within 20 s"
+                    )))
+                }
             }
         }
-        dev
+    }
+
+    /// Everything that arrives within `wait` (and what earlier calls kept aside).
+    pub async fn collect(&mut self, wait: Duration) -> Collected {
+        let mut got = Collected {
+            publishes: std::mem::take(&mut self.pending),
+            errors: Vec::new(),
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(MqttEvent::Publish(t, p))) => got.publishes.push((t, p)),
+                Ok(Some(MqttEvent::Error(e))) => got.errors.push(e),
+                Ok(Some(MqttEvent::ConnAck(code))) => got.errors.push(format!("CONNACK {code:?}")),
+                Ok(Some(MqttEvent::SubAck)) => {}
+                Ok(None) | Err(_) => return got,
+            }
+        }
+    }
+
+    /// Sends DISCONNECT and waits (at most 2 s) until the connection is closed.
+    pub async fn disconnect(mut self) {
+        if self.client.disconnect().await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while let Some(ev) = self.events.recv().await {
+                    if matches!(ev, MqttEvent::Error(_)) {
+                        return;
+                    }
+                }
+            })
+            .await;
+        }
     }
 
     /// Subscribes (QoS 1) and waits for the SUBACK.

@@ -28,7 +28,7 @@ pub mod process;
 pub mod proxy;
 pub mod stack;
 
-pub use device::{DeviceHttp, MqttDevice, Reply};
+pub use device::{Collected, ConnectFailure, DeviceHttp, MqttDevice, MqttLogin, Reply};
 pub use files::SourceFile;
 pub use stack::{AgentOptions, Device, Service, Stack, StackOptions};
 

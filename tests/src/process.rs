@@ -91,14 +91,19 @@ impl Process {
 
     /// Sends SIGTERM (the process is then expected to exit on its own: see [`Process::exited`]).
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends the signal `name` (`TERM`, `HUP`, …) to the running process.
+    pub fn signal(&self, name: &str) {
         let pid = self
             .pid()
             .unwrap_or_else(|| panic!("{} is not running", self.name));
         let sent = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([&format!("-{name}"), &pid.to_string()])
             .status()
             .expect("run kill");
-        assert!(sent.success(), "kill -TERM {pid} ({})", self.name);
+        assert!(sent.success(), "kill -{name} {pid} ({})", self.name);
     }
 
     pub fn pid(&self) -> Option<u32> {

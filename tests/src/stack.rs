@@ -27,6 +27,12 @@ pub struct StackOptions {
     /// Run Mosquitto (anonymous clients allowed) and the bridge in `external` mode instead
     /// of the bridge's embedded broker.
     pub external_broker: bool,
+    /// Like `external_broker`, but Mosquitto runs the set-up of docs/security.md
+    /// ([`MOSQUITTO_CONF`], [`MOSQUITTO_ACL`]): no anonymous clients, a password file made
+    /// with `mosquitto_passwd`, per-device topic ACLs. The bridge logs in as
+    /// [`MOSQUITTO_BRIDGE_USER`]; each registered device gets a random password
+    /// ([`Device::mqtt_password`]) that its agent reads from `[mqtt] password_file`.
+    pub mosquitto_acl: bool,
     /// Presigned URLs point straight at S3 instead of the counting proxy (benchmarks).
     pub direct_s3: bool,
     /// Extra environment variables for the API and the bridge.
@@ -44,6 +50,7 @@ impl Default for StackOptions {
             replay_window_secs: 300,
             api_extra_toml: String::new(),
             external_broker: false,
+            mosquitto_acl: false,
             direct_s3: false,
             service_env: Vec::new(),
             api_proxy: false,
@@ -99,6 +106,52 @@ pub struct Device {
     /// The agent's allowed root.
     pub root: PathBuf,
     pub state_dir: PathBuf,
+    /// Its static MQTT password in Mosquitto's password file (username = device id);
+    /// `None` unless [`StackOptions::mosquitto_acl`].
+    pub mqtt_password: Option<String>,
+}
+
+/// The Mosquitto configuration of docs/security.md (production paths and port; the stack
+/// rewrites those).
+pub const MOSQUITTO_CONF: &str = include_str!("../../configs/mosquitto/uplink.conf");
+/// The Mosquitto ACL file of docs/security.md, used as is.
+pub const MOSQUITTO_ACL: &str = include_str!("../../configs/mosquitto/uplink.acl");
+/// The bridge's account in [`MOSQUITTO_ACL`].
+pub const MOSQUITTO_BRIDGE_USER: &str = "uplink-bridge";
+
+/// A random password for a Mosquitto account.
+fn random_password() -> String {
+    format!("pw-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// [`MOSQUITTO_CONF`] for a test: listening on `127.0.0.1:port`, with the password and
+/// ACL files at the given paths, logging everything to stderr.
+pub fn mosquitto_test_conf(port: u16, passwd: &Path, acl: &Path) -> String {
+    let mut conf = MOSQUITTO_CONF.to_string();
+    for (from, to) in [
+        (
+            "\nlistener 1883\n",
+            format!("\nlistener {port} 127.0.0.1\n"),
+        ),
+        (
+            " /etc/mosquitto/uplink.passwd\n",
+            format!(" {}\n", path_str(passwd)),
+        ),
+        (
+            " /etc/mosquitto/uplink.acl\n",
+            format!(" {}\n", path_str(acl)),
+        ),
+    ] {
+        assert!(
+            conf.contains(from),
+            "configs/mosquitto/uplink.conf no longer holds {from:?}"
+        );
+        conf = conf.replace(from, &to);
+    }
+    // Test-only: keep root (Mosquitto would switch to user `mosquitto`, who cannot read the
+    // stack's private directory), no persistence, every log line.
+    conf.push_str("user root\npersistence false\nlog_dest stderr\nlog_type all\n");
+    conf
 }
 
 static PORTS: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
@@ -137,6 +190,8 @@ pub struct Stack {
     api: Mutex<Process>,
     bridge: Mutex<Process>,
     mosquitto: Mutex<Option<Process>>,
+    /// Mosquitto's password file ([`StackOptions::mosquitto_acl`]).
+    mosquitto_passwd: Option<PathBuf>,
     agents: Mutex<BTreeMap<String, Process>>,
     // Last: removed after the processes are gone.
     pub dir: tempfile::TempDir,
@@ -266,16 +321,40 @@ impl Stack {
             None
         };
         let mut mosquitto = None;
-        let broker_toml = if opts.external_broker {
+        let mut mosquitto_passwd = None;
+        let mut bridge_login = String::new();
+        let broker_toml = if opts.external_broker || opts.mosquitto_acl {
             let conf = dir.path().join("mosquitto.conf");
-            std::fs::write(
-                &conf,
+            let text = if opts.mosquitto_acl {
+                let passwd = dir.path().join("mosquitto.passwd");
+                let acl = dir.path().join("uplink.acl");
+                std::fs::write(&acl, MOSQUITTO_ACL).expect("write uplink.acl");
+                let password = random_password();
+                run_output(
+                    &env.mosquitto_passwd(),
+                    &[
+                        "-c",
+                        "-b",
+                        path_str(&passwd),
+                        MOSQUITTO_BRIDGE_USER,
+                        &password,
+                    ],
+                );
+                bridge_login = format!(
+                    "username = {}\npassword = {}\n",
+                    toml_str(MOSQUITTO_BRIDGE_USER),
+                    toml_str(&password)
+                );
+                let text = mosquitto_test_conf(mqtt_port, &passwd, &acl);
+                mosquitto_passwd = Some(passwd);
+                text
+            } else {
                 format!(
                     "listener {mqtt_port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
                      log_dest stderr\nlog_type all\n"
-                ),
-            )
-            .expect("write mosquitto.conf");
+                )
+            };
+            std::fs::write(&conf, text).expect("write mosquitto.conf");
             let mut m = Process::new(
                 "mosquitto",
                 &env.mosquitto,
@@ -284,7 +363,7 @@ impl Stack {
             );
             m.start();
             mosquitto = Some(m);
-            format!("mode = \"external\"\nhost = \"127.0.0.1\"\nport = {mqtt_port}\n")
+            format!("mode = \"external\"\nhost = \"127.0.0.1\"\nport = {mqtt_port}\n{bridge_login}")
         } else {
             format!(
                 "mode = \"embedded\"\nlisten = {}\n",
@@ -333,6 +412,7 @@ impl Stack {
             api: Mutex::new(api),
             bridge: Mutex::new(bridge),
             mosquitto: Mutex::new(mosquitto),
+            mosquitto_passwd,
             agents: Mutex::new(BTreeMap::new()),
             dir,
         };
@@ -470,6 +550,10 @@ impl Stack {
             )
             .await;
         assert_eq!(reply.status, 201, "POST /v1/devices: {reply}");
+        let mqtt_password = match &self.mosquitto_passwd {
+            Some(_) => Some(self.add_mosquitto_user(&id).await),
+            None => None,
+        };
         Device {
             id,
             key,
@@ -478,6 +562,44 @@ impl Stack {
             dir,
             root,
             state_dir,
+            mqtt_password,
+        }
+    }
+
+    /// Gives `user` a random password in Mosquitto's password file (`mosquitto_passwd -b`),
+    /// has Mosquitto reload it (SIGHUP) and waits until that login is accepted.
+    /// [`StackOptions::mosquitto_acl`] stacks only.
+    pub async fn add_mosquitto_user(&self, user: &str) -> String {
+        let passwd = self
+            .mosquitto_passwd
+            .as_ref()
+            .expect("add_mosquitto_user needs StackOptions::mosquitto_acl");
+        let password = random_password();
+        run_output(
+            &self.env.mosquitto_passwd(),
+            &["-b", path_str(passwd), user, &password],
+        );
+        lock(&self.mosquitto)
+            .as_ref()
+            .expect("mosquitto runs")
+            .signal("HUP");
+        let login = crate::device::MqttLogin::user(user, &password);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match crate::device::MqttDevice::connect_with(self.mqtt_port, &login).await {
+                Ok(probe) => {
+                    probe.disconnect().await;
+                    return password;
+                }
+                Err(e) => {
+                    self.assert_alive();
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "mosquitto does not accept the new account {user} within 20 s: {e:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
         }
     }
 
@@ -490,6 +612,15 @@ impl Stack {
             previous.kill();
         }
         let config = dev.dir.join("agent.toml");
+        // The static Mosquitto password, read from a file as docs/security.md advises.
+        let mqtt_login = match &dev.mqtt_password {
+            Some(password) => {
+                let file = dev.dir.join("mqtt.password");
+                std::fs::write(&file, format!("{password}\n")).expect("write mqtt.password");
+                format!("password_file = {}\n", toml_str(path_str(&file)))
+            }
+            None => String::new(),
+        };
         std::fs::write(
             &config,
             format!(
@@ -502,7 +633,7 @@ impl Stack {
                  part_size_mib = {part}\n\
                  request_timeout_secs = {rto}\n\
                  {extra}\n\
-                 \n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\n",
+                 \n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\n{mqtt_login}",
                 id = toml_str(&dev.id),
                 key = toml_str(path_str(&dev.key_file)),
                 cmdkey = toml_str(&self.command_public_key),
@@ -846,7 +977,7 @@ impl Stack {
             let mut m = lock(&self.mosquitto);
             let m = m
                 .as_mut()
-                .expect("restart_mosquitto needs StackOptions::external_broker");
+                .expect("restart_mosquitto needs StackOptions::external_broker or mosquitto_acl");
             m.kill();
             m.start();
         }
