@@ -57,6 +57,9 @@ pub struct HttpAnswer {
     pub status: u16,
     pub content_type: Option<String>,
     pub body: Bytes,
+    /// The API's signature over the answer (`X-Uplink-Answer-Signature`), passed on to the
+    /// device in the `res` envelope.
+    pub signature: Option<String>,
 }
 
 /// One entry of `GET /v1/bridge/commands/due`.
@@ -170,11 +173,17 @@ impl ApiClient {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let signature = res
+            .headers()
+            .get("x-uplink-answer-signature")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let body = res.bytes().await.map_err(ApiError::Unreachable)?;
         Ok(HttpAnswer {
             status,
             content_type,
             body,
+            signature,
         })
     }
 

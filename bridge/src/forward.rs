@@ -153,8 +153,16 @@ fn code_for_status(status: u16) -> (&'static str, &'static str) {
     }
 }
 
-/// Maps the device API's answer to the response envelope published on `res`.
+/// Maps the device API's answer to the response envelope published on `res`, with the
+/// API's signature (an answer the bridge had to make up is unsigned).
 pub fn response_from_api(request_id: &str, answer: &HttpAnswer) -> ResponseEnvelope {
+    let envelope = envelope_from_api(request_id, answer);
+    // The signature covers what the API sent; a replaced answer keeps none.
+    let same = envelope.status == answer.status;
+    envelope.with_sig(answer.signature.clone().filter(|_| same))
+}
+
+fn envelope_from_api(request_id: &str, answer: &HttpAnswer) -> ResponseEnvelope {
     let status = answer.status;
     if (200..300).contains(&status) {
         if answer.body.iter().all(u8::is_ascii_whitespace) {
@@ -441,6 +449,7 @@ mod tests {
             status,
             content_type: Some(ct.into()),
             body: Bytes::from(body.to_string()),
+            signature: None,
         }
     }
 
@@ -454,6 +463,16 @@ mod tests {
 
         let r = response_from_api("r", &answer(204, "", ""));
         assert_eq!(r, ResponseEnvelope::ok("r", 204, serde_json::json!({})));
+
+        // The API's signature goes along; an answer the bridge replaces carries none.
+        let signed = |status, body: &str| HttpAnswer {
+            signature: Some("c2ln".into()),
+            ..answer(status, "application/json", body)
+        };
+        let r = response_from_api("r", &signed(201, r#"{"a":1}"#));
+        assert_eq!(r.sig.as_deref(), Some("c2ln"));
+        let r = response_from_api("r", &signed(200, "not json"));
+        assert_eq!((r.status, r.sig), (502, None));
 
         let p = Problem::new(
             409,

@@ -167,6 +167,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
             username: cfg.mqtt.username.clone(),
             password: loaded.mqtt_password,
             key: loaded.key,
+            command_key: loaded.command_key,
             policy: RetryPolicy::new(Duration::from_secs(cfg.request_timeout_secs)),
         },
         shutdown.clone(),

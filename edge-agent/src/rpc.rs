@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uplink_protocol::envelope::{RequestEnvelope, ResponseEnvelope, MAX_PAYLOAD_BYTES};
 use uplink_protocol::ops::Op;
-use uplink_protocol::sign::{self, PrivateKey};
+use uplink_protocol::sign::{self, PrivateKey, PublicKey, SignError};
 use uplink_protocol::telemetry::{Presence, Status};
 use uplink_protocol::topics::{self, Channel};
 use uplink_protocol::{unix_now, VERSION};
@@ -125,6 +125,8 @@ pub struct LinkSettings {
     pub username: Option<String>,
     pub password: Option<Secret>,
     pub key: PrivateKey,
+    /// The control API's command key: answers on `res` must carry its signature.
+    pub command_key: PublicKey,
     pub policy: RetryPolicy,
 }
 
@@ -135,6 +137,7 @@ pub struct Link {
     client: AsyncClient,
     device_id: String,
     key: PrivateKey,
+    command_key: PublicKey,
     policy: RetryPolicy,
     pending: Pending,
     queue_depth: Arc<AtomicU32>,
@@ -210,6 +213,7 @@ impl Link {
             client,
             device_id: settings.device_id.clone(),
             key: settings.key.clone(),
+            command_key: settings.command_key,
             policy: settings.policy,
             pending: Arc::new(Mutex::new(HashMap::new())),
             queue_depth: Arc::new(AtomicU32::new(0)),
@@ -428,8 +432,20 @@ impl Link {
         }
     }
 
-    /// Routes an answer from `res` to its waiting request.
+    /// Routes an answer from `res` to its waiting request. Only answers the control API
+    /// signed for this device count; an unsigned one only as "retry later" (a 5xx the
+    /// bridge made when it could not reach the API). Anything else on `res` is someone
+    /// else's and is dropped: the request is re-sent and gets the API's answer.
     fn deliver(&self, answer: ResponseEnvelope) {
+        let authentic = match answer.verify(&self.command_key, &self.device_id) {
+            Ok(()) => true,
+            Err(SignError::Missing) => answer.status >= 500,
+            Err(_) => false,
+        };
+        if !authentic {
+            warn!(request_id = %answer.request_id, status = answer.status, "Answer not signed by the control API; ignored");
+            return;
+        }
         let tx = self
             .pending
             .lock()
@@ -591,6 +607,7 @@ async fn goodbye(eventloop: &mut EventLoop, link: &Link, device: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use uplink_protocol::problem::Problem;
 
     #[test]
     fn options_carry_will_credentials_and_packet_limit() {
@@ -602,6 +619,7 @@ mod tests {
             username: None,
             password: None,
             key: key.clone(),
+            command_key: key.verifying_key(),
             policy: RetryPolicy::new(Duration::from_secs(10)),
         };
         let opts = mqtt_options(&settings);
@@ -628,6 +646,54 @@ mod tests {
             (login.username.as_str(), login.password.as_str()),
             ("u", "p")
         );
+    }
+
+    #[tokio::test]
+    async fn only_answers_the_api_signed_for_this_device_reach_a_request() {
+        let api = sign::generate();
+        let shutdown = CancellationToken::new();
+        let parts = Link::start(
+            LinkSettings {
+                device_id: "robot-17".into(),
+                host: "127.0.0.1".into(),
+                port: 9,
+                username: None,
+                password: None,
+                key: sign::generate(),
+                command_key: api.verifying_key(),
+                policy: RetryPolicy::new(Duration::from_secs(10)),
+            },
+            shutdown.clone(),
+        );
+        let link = parts.link;
+        let wait = |id: &str| {
+            let (tx, rx) = oneshot::channel();
+            link.pending.lock().unwrap().insert(id.into(), tx);
+            rx
+        };
+        let answer = || ResponseEnvelope::ok("r1", 200, serde_json::json!({"url": "http://x"}));
+        let mut rx = wait("r1");
+        link.deliver(answer());
+        link.deliver(answer().sign(&sign::generate(), "robot-17"));
+        link.deliver(answer().sign(&api, "robot-18"));
+        link.deliver(ResponseEnvelope::problem(
+            "r1",
+            Problem::new(409, "x", "x", None),
+        ));
+        assert!(
+            rx.try_recv().is_err(),
+            "unsigned or forged answers are dropped"
+        );
+        link.deliver(answer().sign(&api, "robot-17"));
+        assert_eq!(rx.try_recv().unwrap().status, 200);
+        // An unsigned 5xx (a bridge that could not reach the API) only means "retry".
+        let mut rx = wait("r2");
+        link.deliver(ResponseEnvelope::problem(
+            "r2",
+            Problem::new(503, "api_unavailable", "x", None),
+        ));
+        assert_eq!(rx.try_recv().unwrap().status, 503);
+        shutdown.cancel();
     }
 
     #[test]

@@ -180,6 +180,8 @@ async fn start_cloud(port: u16, device_key: PublicKey, s3_addr: SocketAddr, s3: 
     let sessions: Arc<Mutex<HashMap<Uuid, Session>>> = Arc::default();
     let idem: Arc<Mutex<HashMap<String, (String, ResponseEnvelope)>>> = Arc::default();
     let (st, ss, responder) = (statuses.clone(), sessions.clone(), client.clone());
+    let cmd_key = sign::generate();
+    let signer = cmd_key.clone();
     tokio::spawn(async move {
         loop {
             let ev = match eventloop.poll().await {
@@ -220,7 +222,7 @@ async fn start_cloud(port: u16, device_key: PublicKey, s3_addr: SocketAddr, s3: 
                                 answer
                             }
                             None => {
-                                let answer = answer(&env, &ss, s3_addr, &s3);
+                                let answer = answer(&env, &ss, s3_addr, &s3).sign(&signer, device);
                                 idem.lock().unwrap().insert(
                                     env.request_id.clone(),
                                     (env.body.clone(), answer.clone()),
@@ -248,7 +250,7 @@ async fn start_cloud(port: u16, device_key: PublicKey, s3_addr: SocketAddr, s3: 
         acks,
         statuses,
         sessions,
-        cmd_key: sign::generate(),
+        cmd_key,
     }
 }
 

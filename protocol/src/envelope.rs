@@ -70,6 +70,9 @@ impl RequestEnvelope {
 }
 
 /// The answer to a request, on `res`: `result` when `status` < 400, else `problem`.
+/// `sig` is the control API's signature (its command key) over the device, request id,
+/// status and answer (see [`answer_canonical`]); agents accept an unsigned answer only as
+/// "retry later" (status 5xx, made by a bridge that could not reach the API).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResponseEnvelope {
     pub v: u32,
@@ -79,6 +82,54 @@ pub struct ResponseEnvelope {
     pub result: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<Problem>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
+}
+
+/// JSON with object keys sorted at every level: the same value always gives the same text,
+/// whatever order its producer wrote.
+pub fn canonical_json(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            let fields: Vec<String> = keys
+                .into_iter()
+                .map(|k| {
+                    format!(
+                        "{}:{}",
+                        serde_json::to_string(k).unwrap_or_default(),
+                        canonical_json(&map[k])
+                    )
+                })
+                .collect();
+            format!("{{{}}}", fields.join(","))
+        }
+        Value::Array(items) => format!(
+            "[{}]",
+            items
+                .iter()
+                .map(canonical_json)
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// What the control API signs for an answer: device, request id, status and the SHA-256 of
+/// the canonical answer JSON (the result, or the problem document).
+pub fn answer_canonical(
+    device_id: &str,
+    request_id: &str,
+    status: u16,
+    answer: &serde_json::Value,
+) -> String {
+    format!(
+        "uplink/v1/res\n{device_id}\n{request_id}\n{status}\n{}",
+        crate::sha256_hex(canonical_json(answer).as_bytes())
+    )
 }
 
 impl ResponseEnvelope {
@@ -89,6 +140,7 @@ impl ResponseEnvelope {
             status,
             result: Some(result),
             problem: None,
+            sig: None,
         }
     }
 
@@ -99,7 +151,41 @@ impl ResponseEnvelope {
             status: problem.status,
             result: None,
             problem: Some(problem),
+            sig: None,
         }
+    }
+
+    pub fn with_sig(mut self, sig: Option<String>) -> Self {
+        self.sig = sig;
+        self
+    }
+
+    /// The answer the signature covers.
+    pub fn answer(&self) -> serde_json::Value {
+        match (&self.result, &self.problem) {
+            (_, Some(p)) => serde_json::to_value(p).unwrap_or_default(),
+            (Some(r), None) => r.clone(),
+            (None, None) => serde_json::Value::Null,
+        }
+    }
+
+    /// Signs the answer for `device_id` (the control API).
+    pub fn sign(mut self, key: &PrivateKey, device_id: &str) -> Self {
+        self.sig = Some(crate::sign::sign_answer(
+            key,
+            &answer_canonical(device_id, &self.request_id, self.status, &self.answer()),
+        ));
+        self
+    }
+
+    /// Whether the control API signed this answer for `device_id`.
+    pub fn verify(&self, key: &PublicKey, device_id: &str) -> Result<(), SignError> {
+        let sig = self.sig.as_deref().ok_or(SignError::Missing)?;
+        crate::sign::verify_answer(
+            key,
+            &answer_canonical(device_id, &self.request_id, self.status, &self.answer()),
+            sig,
+        )
     }
 }
 
@@ -162,6 +248,46 @@ mod tests {
     use super::*;
     use crate::command::Action;
     use uuid::Uuid;
+
+    #[test]
+    fn answers_are_signed_for_one_device_and_survive_reordering() {
+        let key = sign::generate();
+        let public = key.verifying_key();
+        let signed = ResponseEnvelope::ok(
+            "r1",
+            201,
+            serde_json::json!({"b": [1, {"y": 2, "x": "é"}], "a": null}),
+        )
+        .sign(&key, "robot-17");
+        // Through a bridge that re-serialises with keys in another order.
+        let text = serde_json::to_string(&signed)
+            .unwrap()
+            .replace(r#""b":"#, r#""c":0,"b":"#);
+        let mut back: ResponseEnvelope =
+            serde_json::from_str(&serde_json::to_string(&signed).unwrap()).unwrap();
+        assert!(back.verify(&public, "robot-17").is_ok());
+        assert_eq!(back.verify(&public, "robot-18"), Err(SignError::Mismatch));
+        let forged: ResponseEnvelope = serde_json::from_str(&text).unwrap();
+        assert_eq!(forged.verify(&public, "robot-17"), Err(SignError::Mismatch));
+        back.status = 200;
+        assert_eq!(back.verify(&public, "robot-17"), Err(SignError::Mismatch));
+        let problem = ResponseEnvelope::problem("r2", Problem::new(409, "x", "Conflict", None))
+            .sign(&key, "d");
+        let back: ResponseEnvelope =
+            serde_json::from_str(&serde_json::to_string(&problem).unwrap()).unwrap();
+        assert!(back.verify(&public, "d").is_ok());
+        assert_eq!(
+            ResponseEnvelope::ok("r3", 200, serde_json::json!({})).verify(&public, "d"),
+            Err(SignError::Missing)
+        );
+        let mut reordered = serde_json::Map::new();
+        reordered.insert("z".into(), 1.into());
+        reordered.insert("a".into(), 2.into());
+        assert_eq!(
+            canonical_json(&serde_json::Value::Object(reordered)),
+            r#"{"a":2,"z":1}"#
+        );
+    }
 
     #[test]
     fn request_round_trip_and_verify() {

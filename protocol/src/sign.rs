@@ -25,6 +25,8 @@ pub enum SignError {
     Mismatch,
     #[error("MQTT password is not of the form v1.<timestamp>.<signature>")]
     BadPassword,
+    #[error("not signed")]
+    Missing,
 }
 
 /// A fresh key pair from the operating system's random source.
@@ -113,6 +115,16 @@ pub fn sign_command(key: &SigningKey, command_json: &str) -> String {
 
 pub fn verify_command(key: &VerifyingKey, command_json: &str, sig: &str) -> Result<(), SignError> {
     verify_text(key, &command_canonical(command_json), sig)
+}
+
+/// Signs an answer's canonical text (see [`crate::envelope::answer_canonical`]) with the
+/// command key.
+pub fn sign_answer(key: &SigningKey, canonical: &str) -> String {
+    sign_text(key, canonical)
+}
+
+pub fn verify_answer(key: &VerifyingKey, canonical: &str, sig: &str) -> Result<(), SignError> {
+    verify_text(key, canonical, sig)
 }
 
 fn mqtt_canonical(device_id: &str, ts: i64) -> String {

@@ -12,12 +12,13 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
 use uplink_protocol::command::{AckState, CommandAck};
+use uplink_protocol::envelope::answer_canonical;
 use uplink_protocol::ops::{Op, SessionRef};
 use uplink_protocol::sign::{self, RequestToSign};
 use uplink_protocol::telemetry::Progress;
 use uplink_protocol::{sha256_hex, topics, unix_now, valid_request_id};
 
-use super::error::{problem_response, ApiError};
+use super::error::ApiError;
 use crate::store::Actor;
 use crate::{sessions, AppState};
 
@@ -25,6 +26,8 @@ pub const DEVICE_HEADER: &str = "x-uplink-device";
 pub const TIMESTAMP_HEADER: &str = "x-uplink-timestamp";
 pub const SIGNATURE_HEADER: &str = "x-uplink-signature";
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+/// The API's signature over its answer (see `uplink_protocol::envelope::answer_canonical`).
+pub const ANSWER_SIGNATURE_HEADER: &str = "x-uplink-answer-signature";
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
     headers
@@ -136,9 +139,50 @@ pub async fn device_op(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let response = handle(&st, &op, &headers, body).await;
-    st.counters.device_request(response.status().as_u16());
+    let (status, answer) = handle(&st, &op, &headers, body).await;
+    st.counters.device_request(status);
+    signed_answer(&st, &headers, status, answer)
+}
+
+/// The answer as HTTP, signed with the command key for the device and request id the
+/// request named, so an agent can tell the API's answers from anyone else's (the bridge
+/// copies the signature into the `res` envelope).
+fn signed_answer(
+    st: &AppState,
+    headers: &HeaderMap,
+    status: u16,
+    answer: serde_json::Value,
+) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = if status >= 400 {
+        (
+            code,
+            [(axum::http::header::CONTENT_TYPE, "application/problem+json")],
+            answer.to_string(),
+        )
+            .into_response()
+    } else {
+        (code, Json(&answer)).into_response()
+    };
+    let named = |h| headers.get(h).and_then(|v| v.to_str().ok());
+    if let (Some(device), Some(request_id)) = (named(DEVICE_HEADER), named(IDEMPOTENCY_HEADER)) {
+        let sig = sign::sign_answer(
+            &st.command_key,
+            &answer_canonical(device, request_id, status, &answer),
+        );
+        if let Ok(v) = axum::http::HeaderValue::from_str(&sig) {
+            response.headers_mut().insert(ANSWER_SIGNATURE_HEADER, v);
+        }
+    }
     response
+}
+
+/// A refusal as (status, problem document); causes of 5xx are logged, never sent.
+fn refusal(e: ApiError) -> (u16, serde_json::Value) {
+    let problem = e.problem();
+    // Logs the cause the way every other error answer does.
+    drop(e.into_response());
+    (problem.status, to_json(&problem))
 }
 
 async fn handle(
@@ -146,34 +190,23 @@ async fn handle(
     op: &str,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
+) -> (u16, serde_json::Value) {
     let req = match verify(st, op, headers, body).await {
         Ok(r) => r,
         Err(e) => {
             tracing::info!(%op, code = %e.problem().code, "Device request refused");
-            return e.into_response();
+            return refusal(e);
         }
     };
     if req.op == Op::Progress {
         return match progress(st, &req).await {
-            Ok(()) => (StatusCode::OK, Json(serde_json::json!({}))).into_response(),
-            Err(e) => e.into_response(),
+            Ok(()) => (200, serde_json::json!({})),
+            Err(e) => refusal(e),
         };
     }
     match idempotent(st, &req).await {
-        Ok((status, json)) => {
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
-            if status.is_success() {
-                (status, Json(json)).into_response()
-            } else {
-                match serde_json::from_value(json) {
-                    Ok(problem) => problem_response(&problem),
-                    Err(_) => ApiError::Internal(anyhow::anyhow!("stored problem is unreadable"))
-                        .into_response(),
-                }
-            }
-        }
-        Err(e) => e.into_response(),
+        Ok(answer) => answer,
+        Err(e) => refusal(e),
     }
 }
 
