@@ -132,6 +132,9 @@ pub fn check_template(t: &str) -> Result<(), String> {
     let mut rest = t;
     let mut vars = Vec::new();
     while let Some(open) = rest.find('{') {
+        if rest[..open].contains('}') {
+            return Err("a stray '}' or a control character".into());
+        }
         let close = rest[open..]
             .find('}')
             .ok_or_else(|| "an unclosed '{'".to_string())?;
