@@ -15,7 +15,7 @@ use crate::domain::session::Event;
 use crate::domain::verify::{self, PlannedPart, VerifyError};
 use crate::http::error::ApiError;
 use crate::storage::{Object, ObjectOptions};
-use crate::store::{audit, Actor, Session};
+use crate::store::{audit, Actor, Device, Session};
 use crate::AppState;
 
 pub fn plan_of(s: &Session) -> PartPlan {
@@ -82,7 +82,7 @@ fn valid_sha256(hex: &str) -> bool {
 
 pub async fn create(
     st: &AppState,
-    device_id: &str,
+    device: &Device,
     actor: &Actor,
     req: CreateSession,
 ) -> Result<(u16, SessionInfo), ApiError> {
@@ -111,6 +111,7 @@ pub async fn create(
     let plan = plan::validate(req.size, req.part_size)
         .map_err(|e| ApiError::Unprocessable("invalid_part_plan", e.to_string()))?;
     let dataset = req.dataset.as_deref().unwrap_or(DEFAULT_DATASET);
+    let device_id = device.device_id.as_str();
 
     // One session per job: a repeated create for the same job answers with that session.
     let existing: Option<Session> =
@@ -136,9 +137,6 @@ pub async fn create(
         return Ok((200, info(&s, vec![])));
     }
 
-    let device = st.store.device(device_id).await?.ok_or_else(|| {
-        ApiError::Unauthorized("unknown_device", format!("no device {device_id}"))
-    })?;
     let project = device.project_id.as_str();
     open_dataset(st, project, dataset, actor).await?;
     let policy = effective_policy(st, project, dataset).await?;
@@ -153,7 +151,7 @@ pub async fn create(
         }
     }
     if let Some(original) = stored_copy(st, project, dataset, &req).await? {
-        return deduplicate(st, &device, dataset, actor, &req, &plan, original).await;
+        return deduplicate(st, device, dataset, actor, &req, &plan, original).await;
     }
     let session_id = Uuid::new_v4();
 
@@ -387,7 +385,7 @@ async fn stored_copy(
 /// and no quota is used.
 async fn deduplicate(
     st: &AppState,
-    device: &crate::store::Device,
+    device: &Device,
     dataset: &str,
     actor: &Actor,
     req: &CreateSession,
@@ -661,17 +659,16 @@ pub async fn complete(
         .transition(&session, Event::BeginComplete, actor, None)
         .await?;
     let plan = plan_of(&session);
+    // No part can be presigned any more: this list is final, for verification and custody.
+    let part_rows = st.store.planned_parts(session_id).await?;
 
     let etag = match &session.upload_id {
         Some(upload_id) => {
-            let planned: Vec<PlannedPart> = st
-                .store
-                .planned_parts(session_id)
-                .await?
-                .into_iter()
+            let planned: Vec<PlannedPart> = part_rows
+                .iter()
                 .map(|p| PlannedPart {
                     number: p.number as u32,
-                    md5_b64: p.md5,
+                    md5_b64: p.md5.clone(),
                 })
                 .collect();
             match st.storage.list_parts(&session.object(), upload_id).await {
@@ -768,13 +765,7 @@ pub async fn complete(
     .fetch_one(&mut *tx)
     .await?;
     if let (Some(manifest), Some(signed)) = (&req.manifest, &signed) {
-        let part_md5s: Vec<String> = st
-            .store
-            .planned_parts(session_id)
-            .await?
-            .into_iter()
-            .map(|p| p.md5)
-            .collect();
+        let part_md5s: Vec<&str> = part_rows.iter().map(|p| p.md5.as_str()).collect();
         audit(
             &mut tx,
             actor,

@@ -19,7 +19,7 @@ use uplink_protocol::telemetry::Progress;
 use uplink_protocol::{sha256_hex, topics, unix_now, valid_request_id};
 
 use super::error::ApiError;
-use crate::store::Actor;
+use crate::store::{Actor, Device};
 use crate::{sessions, AppState};
 
 pub const DEVICE_HEADER: &str = "x-uplink-device";
@@ -45,13 +45,13 @@ pub fn parse_body<T: DeserializeOwned>(body: &str) -> Result<T, ApiError> {
 
 /// A device request whose signature, device and timestamp have been checked.
 struct Verified {
-    device_id: String,
+    /// The registered device that signed the request.
+    device: Device,
     request_id: String,
     op: Op,
     body: String,
     ts: i64,
     signature: String,
-    public_key: String,
 }
 
 async fn verify(
@@ -123,13 +123,12 @@ async fn verify(
         ));
     }
     Ok(Verified {
-        device_id: device_id.to_string(),
         request_id: request_id.to_string(),
         op,
         body,
         ts,
         signature: sig.to_string(),
-        public_key: device.public_key,
+        device,
     })
 }
 
@@ -179,9 +178,7 @@ fn signed_answer(
 
 /// A refusal as (status, problem document); causes of 5xx are logged, never sent.
 fn refusal(e: ApiError) -> (u16, serde_json::Value) {
-    let problem = e.problem();
-    // Logs the cause the way every other error answer does.
-    drop(e.into_response());
+    let problem = e.logged_problem();
     (problem.status, to_json(&problem))
 }
 
@@ -217,14 +214,14 @@ async fn idempotent(st: &AppState, req: &Verified) -> Result<(u16, serde_json::V
     // released on commit or when the transaction is dropped.
     let mut tx = st.store.pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))")
-        .bind(&req.device_id)
+        .bind(&req.device.device_id)
         .bind(&req.request_id)
         .execute(&mut *tx)
         .await?;
     let stored: Option<(String, String, i32, serde_json::Value)> = sqlx::query_as(
         "SELECT op, body_sha256, status, response FROM device_requests WHERE device_id = $1 AND request_id = $2",
     )
-    .bind(&req.device_id)
+    .bind(&req.device.device_id)
     .bind(&req.request_id)
     .fetch_optional(&mut *tx)
     .await?;
@@ -238,7 +235,7 @@ async fn idempotent(st: &AppState, req: &Verified) -> Result<(u16, serde_json::V
                 ),
             ));
         }
-        tracing::debug!(device_id = %req.device_id, request_id = %req.request_id, "Duplicate request answered from store");
+        tracing::debug!(device_id = %req.device.device_id, request_id = %req.request_id, "Duplicate request answered from store");
         return Ok((status as u16, response));
     }
 
@@ -258,7 +255,7 @@ async fn idempotent(st: &AppState, req: &Verified) -> Result<(u16, serde_json::V
     sqlx::query(
         "INSERT INTO device_requests (device_id, request_id, op, body_sha256, status, response) VALUES ($1, $2, $3, $4, $5, $6)",
     )
-    .bind(&req.device_id)
+    .bind(&req.device.device_id)
     .bind(&req.request_id)
     .bind(req.op.as_str())
     .bind(&digest)
@@ -275,11 +272,12 @@ fn to_json<T: serde::Serialize>(v: T) -> serde_json::Value {
 }
 
 async fn run_op(st: &AppState, req: &Verified) -> Result<(u16, serde_json::Value), ApiError> {
-    let actor = Actor::device(&req.device_id, &req.request_id);
-    let dev = req.device_id.as_str();
+    let actor = Actor::device(&req.device.device_id, &req.request_id);
+    let dev = req.device.device_id.as_str();
     match req.op {
         Op::SessionCreate => {
-            let (status, info) = sessions::create(st, dev, &actor, parse_body(&req.body)?).await?;
+            let (status, info) =
+                sessions::create(st, &req.device, &actor, parse_body(&req.body)?).await?;
             Ok((status, to_json(info)))
         }
         Op::PartsPresign => Ok((
@@ -292,12 +290,12 @@ async fn run_op(st: &AppState, req: &Verified) -> Result<(u16, serde_json::Value
         }
         Op::SessionComplete => {
             let signed = sessions::SignedRequest {
-                device_id: req.device_id.clone(),
+                device_id: req.device.device_id.clone(),
                 op: req.op.as_str().to_string(),
                 request_id: req.request_id.clone(),
                 ts: req.ts,
                 signature: req.signature.clone(),
-                public_key: req.public_key.clone(),
+                public_key: req.device.public_key.clone(),
                 body: req.body.clone(),
             };
             let info =
@@ -311,7 +309,7 @@ async fn run_op(st: &AppState, req: &Verified) -> Result<(u16, serde_json::Value
             Ok((200, to_json(sessions::info(&session, vec![]))))
         }
         Op::CommandAck => {
-            command_ack(st, &actor, dev, parse_body(&req.body)?).await?;
+            command_ack(st, &actor, &req.device, parse_body(&req.body)?).await?;
             Ok((200, serde_json::json!({})))
         }
         Op::Progress => Err(ApiError::Internal(anyhow::anyhow!(
@@ -324,9 +322,10 @@ async fn run_op(st: &AppState, req: &Verified) -> Result<(u16, serde_json::Value
 async fn command_ack(
     st: &AppState,
     actor: &Actor,
-    device_id: &str,
+    device: &Device,
     ack: CommandAck,
 ) -> Result<(), ApiError> {
+    let device_id = device.device_id.as_str();
     let allowed_from: &[&str] = match ack.state {
         AckState::Accepted => &["pending", "published"],
         _ => &["pending", "published", "accepted"],
@@ -358,13 +357,12 @@ async fn command_ack(
     .await?;
     if let Some(age) = age {
         st.counters.command_acked(ack.state.is_final(), age);
-        let project = st.store.device(device_id).await?.map(|d| d.project_id);
         crate::store::audit(
             &mut tx,
             actor,
             "command.ack",
             &ack.command_id.to_string(),
-            project.as_deref(),
+            Some(&device.project_id),
             serde_json::json!({"state": ack.state.as_str(), "reason": ack.reason, "session_id": ack.session_id}),
         )
         .await?;
@@ -380,7 +378,7 @@ async fn progress(st: &AppState, req: &Verified) -> Result<(), ApiError> {
         "UPDATE sessions SET bytes_done = LEAST($3, size), rate_bps = $4, updated_at = now()
          WHERE device_id = $1 AND job_id = $2 AND state IN ('created', 'uploading', 'paused', 'completing')",
     )
-    .bind(&req.device_id)
+    .bind(&req.device.device_id)
     .bind(p.job_id)
     .bind(p.bytes_done.min(i64::MAX as u64) as i64)
     .bind(p.rate_bps.min(i64::MAX as u64) as i64)

@@ -119,16 +119,23 @@ pub fn problem_response(problem: &Problem) -> Response {
         .into_response()
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        match &self {
+impl ApiError {
+    /// The problem document to send; the cause of a 5xx is logged here, never sent.
+    pub fn logged_problem(&self) -> Problem {
+        match self {
             ApiError::Internal(e) => tracing::error!(error = %format!("{e:#}"), "Request failed"),
             ApiError::Unavailable(what, cause) => {
                 tracing::warn!(%what, %cause, "Dependency unavailable")
             }
             _ => {}
         }
-        problem_response(&self.problem())
+        self.problem()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        problem_response(&self.logged_problem())
     }
 }
 
