@@ -48,19 +48,13 @@ impl Caller {
                 Denied::NotVisible => missing(),
                 Denied::Forbidden => ApiError::Forbidden(
                     "forbidden",
-                    format!(
-                        "a{} {} key{} cannot do this",
-                        if self.principal.role == Role::Admin {
-                            "n"
-                        } else {
-                            ""
-                        },
-                        self.principal.role.as_str(),
-                        match &self.principal.project {
-                            Some(p) => format!(" of project {p}"),
-                            None => String::new(),
-                        }
-                    ),
+                    match &self.principal.project {
+                        Some(p) => format!(
+                            "the {} role of project {p} cannot do this",
+                            self.principal.role.as_str()
+                        ),
+                        None => format!("the {} role cannot do this", self.principal.role.as_str()),
+                    },
                 ),
             })
     }

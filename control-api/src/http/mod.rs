@@ -83,8 +83,13 @@ async fn command_key(State(st): State<AppState>) -> Json<serde_json::Value> {
     )
 }
 
-async fn not_found() -> ApiError {
+/// The answer for a path that does not exist (or that the caller may not know exists).
+pub(crate) fn no_such_endpoint() -> ApiError {
     ApiError::NotFound("not_found", "no such endpoint".into())
+}
+
+async fn not_found() -> ApiError {
+    no_such_endpoint()
 }
 
 /// Every log line of a request carries its id: the bridge's `X-Request-Id`

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::auth::{new_token, Caller};
 use super::error::ApiError;
 use super::operator::{project_missing, scope, visible_session};
-use super::ApiJson;
+use super::{no_such_endpoint, ApiJson};
 use crate::domain::access::{Need, Role};
 use crate::domain::policy::StoragePolicy;
 use crate::sessions::SignedRequest;
@@ -70,9 +70,7 @@ pub async fn create_project(
     caller: Caller,
     ApiJson(req): ApiJson<NewProject>,
 ) -> Result<(StatusCode, Json<Project>), ApiError> {
-    caller.allow(None, Need::Global, || {
-        ApiError::NotFound("not_found", "no such endpoint".into())
-    })?;
+    caller.allow(None, Need::Global, no_such_endpoint)?;
     if !topics::valid_device_id(&req.project_id) {
         return Err(ApiError::Unprocessable(
             "invalid_project_id",
@@ -604,6 +602,10 @@ pub struct ApiKey {
     pub revoked_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+/// The columns of an [`ApiKey`] (never `secret_hash`).
+const KEY_COLUMNS: &str =
+    "key_id, name, role, project_id, created_by, created_at, last_used_at, revoked_at";
+
 #[derive(Serialize)]
 pub struct CreatedKey {
     #[serde(flatten)]
@@ -630,9 +632,7 @@ pub async fn create_key(
         Some(p) => {
             visible_project(&st, &caller, p, Need::Admin).await?;
         }
-        None => caller.allow(None, Need::Global, || {
-            ApiError::NotFound("not_found", "no such endpoint".into())
-        })?,
+        None => caller.allow(None, Need::Global, no_such_endpoint)?,
     }
     if req.name.is_empty() || req.name.len() > 128 || req.name.chars().any(char::is_control) {
         return Err(ApiError::Unprocessable(
@@ -642,10 +642,10 @@ pub async fn create_key(
     }
     let t = new_token();
     let mut tx = st.store.pool.begin().await?;
-    let key: ApiKey = sqlx::query_as(
+    let key: ApiKey = sqlx::query_as(&format!(
         "INSERT INTO api_keys (key_id, secret_hash, name, role, project_id, created_by) VALUES ($1, $2, $3, $4, $5, $6)
-         RETURNING key_id, name, role, project_id, created_by, created_at, last_used_at, revoked_at",
-    )
+         RETURNING {KEY_COLUMNS}"
+    ))
     .bind(&t.key_id)
     .bind(&t.secret_hash)
     .bind(&req.name)
@@ -685,14 +685,11 @@ pub async fn list_keys(
     Query(q): Query<KeyQuery>,
 ) -> Result<Json<Vec<ApiKey>>, ApiError> {
     let project = scope(&caller, q.project_id.as_deref())?;
-    caller.allow(project, key_need(project), || {
-        ApiError::NotFound("not_found", "no such endpoint".into())
-    })?;
+    caller.allow(project, key_need(project), no_such_endpoint)?;
     Ok(Json(
-        sqlx::query_as(
-            "SELECT key_id, name, role, project_id, created_by, created_at, last_used_at, revoked_at FROM api_keys
-             WHERE ($1::text IS NULL OR project_id = $1) ORDER BY created_at",
-        )
+        sqlx::query_as(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE ($1::text IS NULL OR project_id = $1) ORDER BY created_at"
+        ))
         .bind(project)
         .fetch_all(&st.store.pool)
         .await?,
@@ -714,10 +711,9 @@ pub async fn revoke_key(
     let project = project.ok_or_else(missing)?;
     caller.allow(project.as_deref(), key_need(project.as_deref()), missing)?;
     let mut tx = st.store.pool.begin().await?;
-    let key: ApiKey = sqlx::query_as(
-        "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE key_id = $1
-         RETURNING key_id, name, role, project_id, created_by, created_at, last_used_at, revoked_at",
-    )
+    let key: ApiKey = sqlx::query_as(&format!(
+        "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE key_id = $1 RETURNING {KEY_COLUMNS}"
+    ))
     .bind(&id)
     .fetch_one(&mut *tx)
     .await?;
