@@ -40,6 +40,27 @@ pub struct Config {
     pub s3: S3Config,
     #[serde(default)]
     pub cleanup: CleanupConfig,
+    #[serde(default)]
+    pub events: EventsConfig,
+}
+
+/// The outbox: webhooks and `GET /v1/events`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// A webhook POST that has not answered in this long fails (and is retried).
+    pub webhook_timeout_secs: u64,
+    /// The longest wait between retries of a failing webhook (they double from 1 s).
+    pub webhook_max_backoff_secs: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            webhook_timeout_secs: 10,
+            webhook_max_backoff_secs: 300,
+        }
+    }
 }
 
 /// The cleanup worker: expires idle sessions and aborts orphan multipart uploads.
@@ -175,6 +196,15 @@ impl Config {
             invalid(
                 "s3.key_prefix",
                 "must be relative and must not contain '..'",
+            );
+        }
+        if !(1..=60).contains(&self.events.webhook_timeout_secs) {
+            invalid("events.webhook_timeout_secs", "must be between 1 and 60");
+        }
+        if !(1..=86400).contains(&self.events.webhook_max_backoff_secs) {
+            invalid(
+                "events.webhook_max_backoff_secs",
+                "must be between 1 and 86400 (a day)",
             );
         }
         if self.replay_window_secs == 0 {

@@ -8,12 +8,14 @@
 //! - [`storage`]: the S3 adapter (create, presign, list parts, complete, abort, head).
 //! - [`sessions`]: the session operations the device and operator APIs share.
 //! - [`cleanup`]: the worker that expires idle sessions and aborts orphan uploads.
+//! - [`events`]: the outbox: the audit log sequenced for `GET /v1/events` and webhooks.
 //! - [`metrics`]: Prometheus counters and gauges (`GET /metrics`).
 //! - [`http`]: routing, the device/operator/bridge endpoints, problem documents.
 
 pub mod cleanup;
 pub mod config;
 pub mod domain;
+pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod sessions;
@@ -39,6 +41,7 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub command_key: Arc<PrivateKey>,
     pub counters: Arc<metrics::Counters>,
+    pub events: events::Hub,
 }
 
 pub fn load_command_key(path: &std::path::Path) -> anyhow::Result<PrivateKey> {
@@ -80,6 +83,7 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         config: Arc::new(config),
         command_key: Arc::new(command_key),
         counters: Arc::default(),
+        events: events::Hub::default(),
     })
 }
 
@@ -99,7 +103,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 /// How long requests in flight at shutdown may take to finish.
 pub const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
 
-/// Serves the API on `listener` and runs the cleanup worker until `shutdown` is cancelled,
+/// Serves the API on `listener` and runs the cleanup worker and the event relay and
+/// webhook deliverer until `shutdown` is cancelled,
 /// then drains in-flight requests (at most [`DRAIN_LIMIT`]). [`run`] is [`build_state`] +
 /// bind + `serve`; a caller that must act between bind and serve (systemd readiness) calls
 /// the three itself.
@@ -109,6 +114,14 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let cleanup = tokio::spawn(cleanup::run(state.clone(), shutdown.clone()));
+    let events = tokio::spawn(events::run(state.clone(), shutdown.clone()));
+    // Long-polls end at once at shutdown instead of holding the drain.
+    let hub = state.events.clone();
+    let closing = shutdown.clone();
+    tokio::spawn(async move {
+        closing.cancelled().await;
+        hub.close();
+    });
     let served = axum::serve(listener, http::router(state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .into_future();
@@ -129,9 +142,11 @@ pub async fn serve(
         }
     };
     shutdown.cancel();
-    match cleanup.await {
-        Ok(()) => tracing::info!(task = "cleanup", "Task stopped"),
-        Err(e) => tracing::error!(task = "cleanup", error = %e, "Task panicked"),
+    for (task, handle) in [("cleanup", cleanup), ("events", events)] {
+        match handle.await {
+            Ok(()) => tracing::info!(task, "Task stopped"),
+            Err(e) => tracing::error!(task, error = %e, "Task panicked"),
+        }
     }
     served?;
     tracing::info!("API stopped");

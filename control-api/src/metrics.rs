@@ -21,6 +21,8 @@ pub struct Counters {
     pub sessions_completed: AtomicU64,
     pub bytes_completed: AtomicU64,
     pub commands_issued: AtomicU64,
+    pub webhooks_delivered: AtomicU64,
+    pub webhooks_failed: AtomicU64,
     /// Time from issue to the `accepted` ack, and to the final ack (microseconds).
     pub ack_accepted: Summary,
     pub ack_final: Summary,
@@ -54,6 +56,14 @@ impl Counters {
         } else {
             self.ack_accepted.observe(seconds);
         }
+    }
+
+    pub fn webhook_delivered(&self) {
+        Self::add(&self.webhooks_delivered, 1);
+    }
+
+    pub fn webhook_failed(&self) {
+        Self::add(&self.webhooks_failed, 1);
     }
 
     /// Counts a device request by its HTTP status.
@@ -123,6 +133,16 @@ pub async fn render(State(st): State<AppState>) -> Result<impl IntoResponse, Api
         "Commands signed and stored by this instance.",
         &[(String::new(), get(&c.commands_issued))],
     );
+    line(
+        &mut out,
+        "uplink_webhook_deliveries_total",
+        "counter",
+        "Webhook POSTs by this instance, by outcome (failed: not a 2xx, retried later).",
+        &[
+            ("{outcome=\"ok\"}".into(), get(&c.webhooks_delivered)),
+            ("{outcome=\"failed\"}".into(), get(&c.webhooks_failed)),
+        ],
+    );
 
     let name = "uplink_command_ack_seconds";
     let _ = writeln!(
@@ -176,6 +196,17 @@ pub async fn render(State(st): State<AppState>) -> Result<impl IntoResponse, Api
             ("{presence=\"online\"}".into(), online.max(0) as u64),
             ("{presence=\"all\"}".into(), total.max(0) as u64),
         ],
+    );
+    let unsequenced: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_events WHERE seq IS NULL")
+            .fetch_one(&st.store.pool)
+            .await?;
+    line(
+        &mut out,
+        "uplink_events_unsequenced",
+        "gauge",
+        "Audit events committed but not yet given a seq (waiting on an older transaction).",
+        &[(String::new(), unsequenced.max(0) as u64)],
     );
     line(
         &mut out,

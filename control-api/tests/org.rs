@@ -20,27 +20,6 @@ async fn register_in(app: &TestApp, project: &str, device_id: &str) -> PrivateKe
     key
 }
 
-async fn new_project(app: &TestApp, body: Value) {
-    let (status, reply) = app.operator(Method::POST, "/v1/projects", Some(body)).await;
-    assert_eq!(status, 201, "{reply}");
-}
-
-/// Creates an API key; returns its token.
-async fn new_key(app: &TestApp, role: &str, project: Option<&str>) -> String {
-    let (status, reply) = app
-        .operator(
-            Method::POST,
-            "/v1/keys",
-            Some(json!({"name": format!("{role} key"), "role": role, "project_id": project})),
-        )
-        .await;
-    assert_eq!(status, 201, "{reply}");
-    reply["token"]
-        .as_str()
-        .expect("token shown once")
-        .to_string()
-}
-
 fn create_in(job: Uuid, data: &[u8], dataset: Option<&str>, name: &str) -> Value {
     let mut b = json!({"job_id": job, "file_name": name, "size": data.len(),
                        "sha256": sha256_hex(data), "part_size": 5 * MIB});
@@ -121,6 +100,21 @@ async fn every_role_against_every_endpoint_and_project() {
     let admin = new_key(&app, "admin", Some("a")).await;
     let global_viewer = new_key(&app, "viewer", None).await;
     let global_admin = new_key(&app, "admin", None).await;
+    // Webhooks of a, of b and of every project; their receiver is never there.
+    let hook_url = "http://127.0.0.1:9/hook";
+    let mut hooks = Vec::new();
+    for project in [Some("a"), Some("b"), None] {
+        let (status, w) = app
+            .operator(
+                Method::POST,
+                "/v1/webhooks",
+                Some(json!({"url": hook_url, "project_id": project})),
+            )
+            .await;
+        assert_eq!(status, 201, "{w}");
+        hooks.push(w["webhook_id"].as_str().expect("id").to_string());
+    }
+    let (wa, wb, wall) = (&hooks[0], &hooks[1], &hooks[2]);
     let pk = || sign::encode_public(&sign::generate().verifying_key());
 
     // (method, path, body) and the status each caller gets:
@@ -325,6 +319,79 @@ async fn every_role_against_every_endpoint_and_project() {
             "/v1/keys".into(),
             Some(json!({"name": "n", "role": "admin"})),
             [403, 403, 403, 403, 201],
+        ),
+        (
+            Method::GET,
+            "/v1/events".into(),
+            None,
+            [200, 200, 200, 200, 200],
+        ),
+        (
+            Method::GET,
+            "/v1/events?project_id=b".into(),
+            None,
+            [404, 404, 404, 200, 200],
+        ),
+        (
+            Method::POST,
+            "/v1/webhooks".into(),
+            Some(json!({"url": hook_url, "project_id": "a"})),
+            [403, 403, 201, 403, 201],
+        ),
+        (
+            Method::POST,
+            "/v1/webhooks".into(),
+            Some(json!({"url": hook_url, "project_id": "b"})),
+            [404, 404, 404, 403, 201],
+        ),
+        (
+            Method::POST,
+            "/v1/webhooks".into(),
+            Some(json!({"url": hook_url})),
+            [403, 403, 403, 403, 201],
+        ),
+        (
+            Method::GET,
+            "/v1/webhooks".into(),
+            None,
+            [200, 200, 200, 200, 200],
+        ),
+        (
+            Method::GET,
+            format!("/v1/webhooks/{wa}"),
+            None,
+            [200, 200, 200, 200, 200],
+        ),
+        (
+            Method::GET,
+            format!("/v1/webhooks/{wb}"),
+            None,
+            [404, 404, 404, 200, 200],
+        ),
+        (
+            Method::GET,
+            format!("/v1/webhooks/{wall}"),
+            None,
+            [404, 404, 404, 200, 200],
+        ),
+        (
+            Method::DELETE,
+            format!("/v1/webhooks/{wall}"),
+            None,
+            [404, 404, 404, 403, 204],
+        ),
+        (
+            Method::DELETE,
+            format!("/v1/webhooks/{wb}"),
+            None,
+            [404, 404, 404, 403, 204],
+        ),
+        // Deleted by a's admin: the unscoped callers after it find nothing.
+        (
+            Method::DELETE,
+            format!("/v1/webhooks/{wa}"),
+            None,
+            [403, 403, 204, 404, 404],
         ),
     ];
     let callers = [&viewer, &operator, &admin, &global_viewer, &global_admin];
@@ -572,7 +639,22 @@ async fn completion_keeps_the_device_signed_manifest() {
     assert_eq!(custody["manifest"]["sha256"], sha256_hex(&data));
     assert_eq!(custody["manifest"]["path"], "/data/m.bin");
     assert_eq!(custody["part_md5s"][0], md5_b64(&data));
-    // Tampering with the stored record is detected.
+    // The audit log refuses changes...
+    let refused =
+        sqlx::query("UPDATE audit_events SET actor = 'someone' WHERE action = 'session.manifest'")
+            .execute(&app.state.store.pool)
+            .await
+            .expect_err("audit_events is append-only");
+    assert!(refused.to_string().contains("append-only"), "{refused}");
+    sqlx::query("DELETE FROM audit_events WHERE action = 'session.manifest'")
+        .execute(&app.state.store.pool)
+        .await
+        .expect_err("audit_events is append-only");
+    // ...but someone who owns the database can turn that off. Tampering is still detected.
+    sqlx::query("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only")
+        .execute(&app.state.store.pool)
+        .await
+        .expect("disable");
     sqlx::query(
         "UPDATE audit_events SET detail = jsonb_set(detail, '{signed_request,body}', to_jsonb(replace(detail->'signed_request'->>'body', 'm.bin', 'x.bin')))
          WHERE action = 'session.manifest'",

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod bridge;
 pub mod device;
 pub mod error;
+pub mod events;
 pub mod idempotency;
 pub mod operator;
 pub mod projects;
@@ -149,6 +150,15 @@ pub fn router(state: AppState) -> Router {
             get(operator::get_device).patch(operator::patch_device),
         )
         .route("/v1/audit", get(operator::list_audit))
+        .route("/v1/events", get(events::list_events))
+        .route(
+            "/v1/webhooks",
+            post(events::create_webhook).get(events::list_webhooks),
+        )
+        .route(
+            "/v1/webhooks/{id}",
+            get(events::get_webhook).delete(events::delete_webhook),
+        )
         .route("/v1/devices/{id}/commands", post(operator::create_command))
         .route("/v1/commands", get(operator::list_commands))
         .route("/v1/commands/{id}", get(operator::get_command))

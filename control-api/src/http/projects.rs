@@ -131,7 +131,7 @@ pub async fn list_projects(
     ))
 }
 
-async fn visible_project(
+pub(super) async fn visible_project(
     st: &AppState,
     caller: &Caller,
     id: &str,
@@ -614,7 +614,7 @@ pub struct CreatedKey {
     pub token: String,
 }
 
-fn key_need(project: Option<&str>) -> Need {
+pub(super) fn admin_need(project: Option<&str>) -> Need {
     if project.is_some() {
         Need::Admin
     } else {
@@ -685,7 +685,7 @@ pub async fn list_keys(
     Query(q): Query<KeyQuery>,
 ) -> Result<Json<Vec<ApiKey>>, ApiError> {
     let project = scope(&caller, q.project_id.as_deref())?;
-    caller.allow(project, key_need(project), no_such_endpoint)?;
+    caller.allow(project, admin_need(project), no_such_endpoint)?;
     Ok(Json(
         sqlx::query_as(&format!(
             "SELECT {KEY_COLUMNS} FROM api_keys WHERE ($1::text IS NULL OR project_id = $1) ORDER BY created_at"
@@ -709,7 +709,7 @@ pub async fn revoke_key(
             .fetch_optional(&st.store.pool)
             .await?;
     let project = project.ok_or_else(missing)?;
-    caller.allow(project.as_deref(), key_need(project.as_deref()), missing)?;
+    caller.allow(project.as_deref(), admin_need(project.as_deref()), missing)?;
     let mut tx = st.store.pool.begin().await?;
     let key: ApiKey = sqlx::query_as(&format!(
         "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE key_id = $1 RETURNING {KEY_COLUMNS}"

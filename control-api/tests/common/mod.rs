@@ -79,6 +79,7 @@ impl TestApp {
                 interval_secs: 0,
                 ..CleanupConfig::default()
             },
+            events: Default::default(),
             s3: S3Config {
                 endpoint: env("UPLINK_TEST_S3_ENDPOINT"),
                 public_endpoint: None,
@@ -99,6 +100,11 @@ impl TestApp {
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let router = uplink_api::http::router(state.clone());
         tokio::spawn(async move { axum_serve(listener, router).await });
+        // The event relay and webhook deliverer, as `uplink_api::serve` runs them.
+        tokio::spawn(uplink_api::events::run(
+            state.clone(),
+            tokio_util::sync::CancellationToken::new(),
+        ));
         TestApp {
             base,
             http: reqwest::Client::new(),
@@ -205,6 +211,29 @@ impl TestApp {
             .expect("count");
         n
     }
+}
+
+pub async fn new_project(app: &TestApp, body: Value) {
+    let (status, reply) = app
+        .operator(reqwest::Method::POST, "/v1/projects", Some(body))
+        .await;
+    assert_eq!(status, 201, "{reply}");
+}
+
+/// Creates an API key; returns its token.
+pub async fn new_key(app: &TestApp, role: &str, project: Option<&str>) -> String {
+    let (status, reply) = app
+        .operator(
+            reqwest::Method::POST,
+            "/v1/keys",
+            Some(json!({"name": format!("{role} key"), "role": role, "project_id": project})),
+        )
+        .await;
+    assert_eq!(status, 201, "{reply}");
+    reply["token"]
+        .as_str()
+        .expect("token shown once")
+        .to_string()
 }
 
 pub async fn axum_serve(listener: tokio::net::TcpListener, router: axum::Router) {
