@@ -840,3 +840,91 @@ async fn policies_shape_keys_and_sealed_datasets_take_nothing_new() {
         .await;
     assert_eq!(d["state"], "sealed");
 }
+
+/// An S3 client for the test server, to look at objects the way an auditor would.
+fn s3() -> aws_sdk_s3::Client {
+    let creds = aws_sdk_s3::config::Credentials::new(
+        env("UPLINK_TEST_S3_ACCESS_KEY"),
+        env("UPLINK_TEST_S3_SECRET_KEY"),
+        None,
+        None,
+        "test",
+    );
+    let conf = aws_sdk_s3::Config::builder()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .endpoint_url(env("UPLINK_TEST_S3_ENDPOINT"))
+        .credentials_provider(creds)
+        .force_path_style(true)
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+/// A policy's encryption, object lock, retention and legal hold reach the stored objects,
+/// multipart and single PUT (an empty file) alike, and storage then refuses to delete them.
+#[tokio::test]
+async fn policies_encrypt_and_lock_objects_in_storage() {
+    use aws_sdk_s3::types::{ObjectLockLegalHoldStatus, ObjectLockMode, ServerSideEncryption};
+    let app = TestApp::spawn().await;
+    let s3 = s3();
+    let bucket = format!("lock-{}", Uuid::new_v4().simple());
+    s3.create_bucket()
+        .bucket(&bucket)
+        .object_lock_enabled_for_bucket(true)
+        .send()
+        .await
+        .expect("create a bucket with object lock");
+    new_project(
+        &app,
+        json!({"project_id": "vault", "policy": {"bucket": bucket, "sse": "AES256",
+               "object_lock_mode": "GOVERNANCE", "retention_days": 1, "legal_hold": true}}),
+    )
+    .await;
+    let key = register_in(&app, "vault", "dev-v").await;
+    for (name, data) in [("m.bin", file(3000, 7)), ("empty.bin", Vec::new())] {
+        let done = upload(&app, &key, "dev-v", None, name, &data).await;
+        assert_eq!(done["state"], "completed", "{done}");
+        assert_eq!(done["bucket"], bucket.as_str());
+        let object_key = done["object_key"].as_str().expect("key");
+        let head = s3
+            .head_object()
+            .bucket(&bucket)
+            .key(object_key)
+            .send()
+            .await
+            .expect("head");
+        assert_eq!(head.content_length(), Some(data.len() as i64), "{name}");
+        assert_eq!(
+            head.server_side_encryption(),
+            Some(&ServerSideEncryption::Aes256),
+            "{name}"
+        );
+        assert_eq!(
+            head.object_lock_mode(),
+            Some(&ObjectLockMode::Governance),
+            "{name}"
+        );
+        assert_eq!(
+            head.object_lock_legal_hold_status(),
+            Some(&ObjectLockLegalHoldStatus::On),
+            "{name}"
+        );
+        let until = head
+            .object_lock_retain_until_date()
+            .expect("retain-until")
+            .secs();
+        let day = unix_now() + 86_400;
+        assert!((day - 600..=day + 600).contains(&until), "{name}: {until}");
+        let refused = s3
+            .delete_object()
+            .bucket(&bucket)
+            .key(object_key)
+            .set_version_id(head.version_id().map(str::to_string))
+            .send()
+            .await;
+        assert!(
+            refused.is_err(),
+            "{name}: a locked version cannot be deleted"
+        );
+    }
+}
