@@ -1,11 +1,11 @@
 //! Presence: retained `status` messages become `PUT /v1/bridge/devices/{id}/presence`.
 //!
-//! Only the newest status of each device matters, so the event loop drops each one into a
-//! [`PresenceQueue`] that keeps the latest per device (bounded by the number of devices,
-//! never blocking), and one worker sends them in order. A device going online wakes the
+//! The event loop drops each status into a [`PresenceQueue`] (a few per device, never
+//! blocking), and one worker sends them in order; the API checks each one's signature and
+//! order and keeps the newest. A device going online wakes the
 //! command pump, since the API makes its unacknowledged commands due at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -35,38 +35,53 @@ pub fn parse_status(device_id: &str, payload: &[u8]) -> Option<Status> {
     }
 }
 
-/// Latest unsent status per device.
+/// Statuses kept per device while the API is slow or down; older ones beyond it are
+/// dropped (the newest are what matters).
+const PER_DEVICE: usize = 8;
+
+/// Unsent statuses per device, oldest first. Not only the newest: a status is signed by
+/// its device and the API refuses forged or stale ones, so a forged status published right
+/// after a real one must not displace it here.
 #[derive(Debug, Default)]
 pub struct PresenceQueue {
-    pending: Mutex<HashMap<String, Status>>,
+    pending: Mutex<HashMap<String, VecDeque<Status>>>,
     notify: Notify,
 }
 
 impl PresenceQueue {
-    /// Records `status` as the newest for `device_id`, replacing an unsent older one.
+    /// Appends `status` for `device_id`, dropping the oldest beyond [`PER_DEVICE`].
     pub fn push(&self, device_id: &str, status: Status) {
-        self.pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(device_id.to_string(), status);
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            let queue = pending.entry(device_id.to_string()).or_default();
+            queue.push_back(status);
+            if queue.len() > PER_DEVICE {
+                queue.pop_front();
+                warn!(device_id, "Too many unsent statuses; dropped the oldest");
+            }
+        }
         self.notify.notify_one();
     }
 
-    fn take(&self) -> HashMap<String, Status> {
+    fn take(&self) -> HashMap<String, VecDeque<Status>> {
         std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// Puts back a status that could not be sent, unless a newer one arrived meanwhile.
-    fn requeue(&self, device_id: String, status: Status) {
-        self.pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(device_id)
-            .or_insert(status);
+    /// Puts back statuses that could not be sent, before any that arrived meanwhile.
+    fn requeue(&self, device_id: String, mut unsent: VecDeque<Status>) {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let queue = pending.entry(device_id).or_default();
+        unsent.append(queue);
+        while unsent.len() > PER_DEVICE {
+            unsent.pop_front();
+        }
+        *queue = unsent;
     }
 }
 
-/// Sends queued statuses until `shutdown`; wakes `pump` when a device comes online.
+/// Sends queued statuses until `shutdown`; wakes `pump` when a device comes online. A
+/// status the API refuses (a bad signature, older than what it has) is dropped; one it
+/// could not take now is retried.
 pub async fn run_worker(
     queue: Arc<PresenceQueue>,
     api: ApiClient,
@@ -79,18 +94,25 @@ pub async fn run_worker(
             () = queue.notify.notified() => {}
         }
         let mut failed = false;
-        for (device_id, status) in queue.take() {
-            match api.put_presence(&device_id, &status).await {
-                Ok(()) => {
-                    info!(%device_id, state = ?status.state, "Presence updated");
-                    if status.state == Presence::Online {
-                        pump.notify_one();
+        for (device_id, mut statuses) in queue.take() {
+            while let Some(status) = statuses.pop_front() {
+                match api.put_presence(&device_id, &status).await {
+                    Ok(()) => {
+                        info!(%device_id, state = ?status.state, "Presence updated");
+                        if status.state == Presence::Online {
+                            pump.notify_one();
+                        }
                     }
-                }
-                Err(e) => {
-                    warn!(%device_id, error = %e, "Could not update presence; will retry");
-                    queue.requeue(device_id, status);
-                    failed = true;
+                    Err(e) if e.is_transient() => {
+                        warn!(%device_id, error = %e, "Could not update presence; will retry");
+                        statuses.push_front(status);
+                        queue.requeue(device_id, statuses);
+                        failed = true;
+                        break;
+                    }
+                    Err(e) => {
+                        warn!(%device_id, error = %e, "Status refused by the control API; dropped");
+                    }
                 }
             }
         }
@@ -115,23 +137,41 @@ mod tests {
             agent_version: None,
             queue_depth: None,
             free_disk_bytes: None,
+            ts_ms: None,
+            sig: None,
         }
     }
 
     #[test]
-    fn queue_keeps_the_newest_status_per_device() {
+    fn queue_keeps_each_devices_statuses_in_order_and_bounded() {
         let q = PresenceQueue::default();
         q.push("a", status(Presence::Online));
         q.push("a", status(Presence::Offline));
         q.push("b", status(Presence::Online));
         let taken = q.take();
         assert_eq!(taken.len(), 2);
-        assert_eq!(taken["a"].state, Presence::Offline);
+        let states: Vec<Presence> = taken["a"].iter().map(|s| s.state).collect();
+        assert_eq!(states, [Presence::Online, Presence::Offline]);
         assert!(q.take().is_empty());
 
+        // Unsent statuses go back before newer ones.
         q.push("a", status(Presence::Online));
-        q.requeue("a".into(), status(Presence::Offline));
-        assert_eq!(q.take()["a"].state, Presence::Online);
+        q.requeue("a".into(), VecDeque::from([status(Presence::Offline)]));
+        let states: Vec<Presence> = q.take()["a"].iter().map(|s| s.state).collect();
+        assert_eq!(states, [Presence::Offline, Presence::Online]);
+
+        // Bounded: the oldest go first.
+        for i in 0..20 {
+            q.push(
+                "a",
+                Status {
+                    queue_depth: Some(i),
+                    ..status(Presence::Online)
+                },
+            );
+        }
+        let kept: Vec<Option<u32>> = q.take()["a"].iter().map(|s| s.queue_depth).collect();
+        assert_eq!(kept, (12..20).map(Some).collect::<Vec<_>>());
     }
 
     #[test]

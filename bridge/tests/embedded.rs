@@ -173,7 +173,11 @@ async fn bridge_with_embedded_broker() {
         agent_version: Some("0.1.0".into()),
         queue_depth: Some(2),
         free_disk_bytes: None,
-    };
+        ts_ms: Some(1_700_000_000_000),
+        sig: None,
+    }
+    // The bridge passes the device's signature on untouched; the API checks it.
+    .signed(&sign::generate(), DEVICE);
     device
         .publish(
             topics::topic(DEVICE, Channel::Status),

@@ -110,7 +110,10 @@ async fn bridge_with_external_broker_and_shared_subscriptions() {
         agent_version: None,
         queue_depth: None,
         free_disk_bytes: None,
-    };
+        ts_ms: Some(1_700_000_000_000),
+        sig: None,
+    }
+    .signed(&sign::generate(), DEVICE);
     device
         .publish(
             topics::topic(DEVICE, Channel::Status),

@@ -444,14 +444,51 @@ async fn commands_flow_through_the_bridge_api() {
         .bridge(reqwest::Method::GET, "/v1/bridge/commands/due", None)
         .await;
     assert!(due.as_array().expect("list").is_empty());
-    let (status, _) = app
-        .bridge(
+    // Presence must be signed by the device, and newer than what the API has.
+    let presence = |state: &str, ts_ms: i64, signer: &PrivateKey| {
+        let s: uplink_protocol::telemetry::Status =
+            serde_json::from_value(json!({"v": 1, "state": state, "ts_ms": ts_ms}))
+                .expect("status");
+        serde_json::to_value(s.signed(signer, "robot-c")).expect("json")
+    };
+    let put = |body: Value| {
+        app.bridge(
             reqwest::Method::PUT,
             "/v1/bridge/devices/robot-c/presence",
-            Some(json!({"v": 1, "state": "online"})),
+            Some(body),
         )
-        .await;
+    };
+    let t1 = unix_now() * 1000 - 10_000;
+    let (status, p) = put(json!({"v": 1, "state": "online", "ts_ms": t1})).await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (401, Some("bad_signature")),
+        "unsigned"
+    );
+    let (status, p) = put(presence("online", t1, &other)).await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (401, Some("bad_signature")),
+        "another device's key"
+    );
+    let (status, _) = put(presence("online", t1, &key)).await;
     assert_eq!(status, 204);
+    let (_, dev) = app
+        .operator(reqwest::Method::GET, "/v1/devices/robot-c", None)
+        .await;
+    assert_eq!(dev["online"], true);
+    // The connection's Last Will (same ts) takes it offline; a replay of an older one
+    // cannot, once the device is back.
+    let (status, _) = put(presence("offline", t1, &key)).await;
+    assert_eq!(status, 204);
+    let (status, _) = put(presence("online", t1 + 5000, &key)).await;
+    assert_eq!(status, 204);
+    let (status, p) = put(presence("offline", t1, &key)).await;
+    assert_eq!((status, p["code"].as_str()), (409, Some("stale_status")));
+    let (_, dev) = app
+        .operator(reqwest::Method::GET, "/v1/devices/robot-c", None)
+        .await;
+    assert_eq!(dev["online"], true, "{dev}");
     let (_, due) = app
         .bridge(reqwest::Method::GET, "/v1/bridge/commands/due", None)
         .await;
@@ -484,12 +521,8 @@ async fn commands_flow_through_the_bridge_api() {
         "published commands wait before re-sending"
     );
     // Reconnecting makes unacknowledged commands due again at once.
-    app.bridge(
-        reqwest::Method::PUT,
-        "/v1/bridge/devices/robot-c/presence",
-        Some(json!({"v": 1, "state": "online"})),
-    )
-    .await;
+    let (status, _) = put(presence("online", t1 + 9000, &key)).await;
+    assert_eq!(status, 204);
     let (_, due) = app
         .bridge(reqwest::Method::GET, "/v1/bridge/commands/due", None)
         .await;

@@ -7,7 +7,7 @@
 //! at once with the problem's detail.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -141,6 +141,9 @@ pub struct Link {
     policy: RetryPolicy,
     pending: Pending,
     queue_depth: Arc<AtomicU32>,
+    /// When the current MQTT connection began (unix ms): its `online` status and its Last
+    /// Will carry it.
+    conn_ms: AtomicI64,
     shutdown: CancellationToken,
 }
 
@@ -159,15 +162,49 @@ pub fn agent_version() -> String {
     env!("CARGO_PKG_VERSION").to_string()
 }
 
-fn status_payload(state: Presence, queue_depth: Option<u32>) -> Vec<u8> {
+/// Unix time in milliseconds, for presence ordering.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A `status` payload signed with the device key. `ts_ms`: when the connection began (for
+/// `online` and the Last Will), or now (for a goodbye).
+fn status_payload(
+    key: &sign::PrivateKey,
+    device_id: &str,
+    state: Presence,
+    queue_depth: Option<u32>,
+    ts_ms: i64,
+) -> Vec<u8> {
     let status = Status {
         v: VERSION,
         state,
         agent_version: Some(agent_version()),
         queue_depth,
         free_disk_bytes: None,
-    };
+        ts_ms: Some(ts_ms),
+        sig: None,
+    }
+    .signed(key, device_id);
     serde_json::to_vec(&status).unwrap_or_default()
+}
+
+/// The Last Will of a connection that begins at `conn_ms`: a retained, signed `offline`.
+fn last_will(settings: &LinkSettings, conn_ms: i64) -> LastWill {
+    LastWill::new(
+        topics::topic(&settings.device_id, Channel::Status),
+        status_payload(
+            &settings.key,
+            &settings.device_id,
+            Presence::Offline,
+            None,
+            conn_ms,
+        ),
+        QoS::AtLeastOnce,
+        true,
+    )
 }
 
 fn credentials(settings: &LinkSettings) -> (String, String) {
@@ -182,8 +219,9 @@ fn credentials(settings: &LinkSettings) -> (String, String) {
     (user, password)
 }
 
-/// Connection options: client id = device id, Last Will = retained `offline` status.
-pub fn mqtt_options(settings: &LinkSettings) -> MqttOptions {
+/// Connection options: client id = device id, Last Will = retained `offline` status of a
+/// connection that begins at `conn_ms`.
+pub fn mqtt_options(settings: &LinkSettings, conn_ms: i64) -> MqttOptions {
     let mut opts = MqttOptions::new(
         settings.device_id.clone(),
         settings.host.clone(),
@@ -192,12 +230,7 @@ pub fn mqtt_options(settings: &LinkSettings) -> MqttOptions {
     opts.set_keep_alive(KEEP_ALIVE)
         .set_clean_session(true)
         .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET)
-        .set_last_will(LastWill::new(
-            topics::topic(&settings.device_id, Channel::Status),
-            status_payload(Presence::Offline, None),
-            QoS::AtLeastOnce,
-            true,
-        ));
+        .set_last_will(last_will(settings, conn_ms));
     let (user, password) = credentials(settings);
     opts.set_credentials(user, password);
     opts
@@ -206,7 +239,9 @@ pub fn mqtt_options(settings: &LinkSettings) -> MqttOptions {
 impl Link {
     /// Starts the event loop task. It runs until `shutdown` fires.
     pub fn start(settings: LinkSettings, shutdown: CancellationToken) -> LinkParts {
-        let (client, eventloop) = AsyncClient::new(mqtt_options(&settings), CHANNEL_CAPACITY);
+        let conn_ms = now_ms();
+        let (client, eventloop) =
+            AsyncClient::new(mqtt_options(&settings, conn_ms), CHANNEL_CAPACITY);
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         let (conn_tx, conn_rx) = watch::channel(0u64);
         let link = Arc::new(Link {
@@ -217,6 +252,7 @@ impl Link {
             policy: settings.policy,
             pending: Arc::new(Mutex::new(HashMap::new())),
             queue_depth: Arc::new(AtomicU32::new(0)),
+            conn_ms: AtomicI64::new(conn_ms),
             shutdown: shutdown.clone(),
         });
         let task = tokio::spawn(event_loop(
@@ -247,7 +283,13 @@ impl Link {
     pub fn set_queue_depth(&self, depth: u32) {
         let old = self.queue_depth.swap(depth, Ordering::Relaxed);
         if old != depth {
-            let payload = status_payload(Presence::Online, Some(depth));
+            let payload = status_payload(
+                &self.key,
+                &self.device_id,
+                Presence::Online,
+                Some(depth),
+                self.conn_ms.load(Ordering::Relaxed),
+            );
             let topic = topics::topic(&self.device_id, Channel::Status);
             if let Err(e) = self
                 .client
@@ -524,7 +566,15 @@ async fn event_loop(
                 let mut status = Publish::new(
                     topics::topic(&device, Channel::Status),
                     QoS::AtLeastOnce,
-                    status_payload(Presence::Online, Some(depth)),
+                    // The same time as this connection's Last Will, so the API takes
+                    // the will (offline) as newer than this.
+                    status_payload(
+                        &link.key,
+                        &device,
+                        Presence::Online,
+                        Some(depth),
+                        link.conn_ms.load(Ordering::Relaxed),
+                    ),
                 );
                 status.retain = true;
                 eventloop.pending.push_front(Request::Publish(status));
@@ -568,6 +618,12 @@ async fn event_loop(
                 // The derived password carries a timestamp: make a fresh one for each attempt.
                 let (user, password) = credentials(&settings);
                 eventloop.mqtt_options.set_credentials(user, password);
+                // And a Last Will of the new connection.
+                let conn_ms = now_ms();
+                link.conn_ms.store(conn_ms, Ordering::Relaxed);
+                eventloop
+                    .mqtt_options
+                    .set_last_will(last_will(&settings, conn_ms));
             }
         }
     }
@@ -584,7 +640,7 @@ async fn goodbye(eventloop: &mut EventLoop, link: &Link, device: &str) {
         topics::topic(device, Channel::Status),
         QoS::AtLeastOnce,
         true,
-        status_payload(Presence::Offline, None),
+        status_payload(&link.key, device, Presence::Offline, None, now_ms()),
     );
     let _ = link.client.try_disconnect();
     let drain = async {
@@ -622,7 +678,7 @@ mod tests {
             command_key: key.verifying_key(),
             policy: RetryPolicy::new(Duration::from_secs(10)),
         };
-        let opts = mqtt_options(&settings);
+        let opts = mqtt_options(&settings, 1_700_000_000_000);
         assert_eq!(opts.client_id(), "robot-17");
         assert!(opts.max_packet_size() >= MAX_PAYLOAD_BYTES + 1024);
         let will = opts.last_will().unwrap();
@@ -630,6 +686,10 @@ mod tests {
         assert!(will.retain);
         let status: Status = serde_json::from_slice(&will.message).unwrap();
         assert_eq!(status.state, Presence::Offline);
+        assert_eq!(status.ts_ms, Some(1_700_000_000_000));
+        status
+            .verify(&key.verifying_key(), "robot-17")
+            .expect("the will is signed by the device");
         let login = opts.credentials().unwrap();
         assert_eq!(login.username, "robot-17");
         let ts =
@@ -641,7 +701,7 @@ mod tests {
             password: Some(Secret::new("p")),
             ..settings
         };
-        let login = mqtt_options(&overridden).credentials().unwrap();
+        let login = mqtt_options(&overridden, 0).credentials().unwrap();
         assert_eq!(
             (login.username.as_str(), login.password.as_str()),
             ("u", "p")

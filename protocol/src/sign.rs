@@ -127,6 +127,16 @@ pub fn verify_answer(key: &VerifyingKey, canonical: &str, sig: &str) -> Result<(
     verify_text(key, canonical, sig)
 }
 
+/// Signs a presence status's canonical text (see [`crate::telemetry::Status::canonical`])
+/// with the device key.
+pub fn sign_status(key: &SigningKey, canonical: &str) -> String {
+    sign_text(key, canonical)
+}
+
+pub fn verify_status(key: &VerifyingKey, canonical: &str, sig: &str) -> Result<(), SignError> {
+    verify_text(key, canonical, sig)
+}
+
 fn mqtt_canonical(device_id: &str, ts: i64) -> String {
     format!("uplink/v1/mqtt\n{device_id}\n{ts}")
 }

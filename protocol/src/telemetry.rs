@@ -80,7 +80,8 @@ pub enum Presence {
     Offline,
 }
 
-/// Retained presence on `status`; the Last Will carries `offline`.
+/// Retained presence on `status`; the Last Will carries `offline`. Signed by the device
+/// (`sig`, over [`Status::canonical`]) so that no one else can set its presence.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
     pub v: u32,
@@ -91,6 +92,52 @@ pub struct Status {
     pub queue_depth: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub free_disk_bytes: Option<u64>,
+    /// Unix milliseconds at which the device's MQTT connection began: the `online` status
+    /// and the Last Will of one connection carry the same value; a clean goodbye carries
+    /// its own time. The API keeps the newest (`ts_ms`, then `offline` after `online`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts_ms: Option<i64>,
+    /// Base64 Ed25519 signature by the device key over [`Status::canonical`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
+}
+
+impl Status {
+    /// What the signature covers: the device and every field but `sig`, as canonical JSON
+    /// (sorted keys), so a status re-serialised by the bridge still verifies.
+    pub fn canonical(&self, device_id: &str) -> String {
+        let unsigned = Status {
+            sig: None,
+            ..self.clone()
+        };
+        let value = serde_json::to_value(&unsigned).unwrap_or_default();
+        format!(
+            "uplink/v1/status\n{device_id}\n{}",
+            crate::envelope::canonical_json(&value)
+        )
+    }
+
+    /// The status signed by `device_id`'s key.
+    pub fn signed(self, key: &crate::sign::PrivateKey, device_id: &str) -> Status {
+        let sig = crate::sign::sign_status(key, &self.canonical(device_id));
+        Status {
+            sig: Some(sig),
+            ..self
+        }
+    }
+
+    /// Checks the signature with the device's public key.
+    pub fn verify(
+        &self,
+        key: &crate::sign::PublicKey,
+        device_id: &str,
+    ) -> Result<(), crate::sign::SignError> {
+        let sig = self
+            .sig
+            .as_deref()
+            .ok_or(crate::sign::SignError::BadSignatureEncoding)?;
+        crate::sign::verify_status(key, &self.canonical(device_id), sig)
+    }
 }
 
 #[cfg(test)]
@@ -118,6 +165,8 @@ mod tests {
             agent_version: None,
             queue_depth: None,
             free_disk_bytes: None,
+            ts_ms: None,
+            sig: None,
         };
         assert_eq!(
             serde_json::to_string(&s).unwrap(),
@@ -129,6 +178,49 @@ mod tests {
                 .queue_depth,
             Some(3)
         );
+        // Signed by one device: verifies for it, after a round trip through JSON with the
+        // keys reordered; not for another device, another key, or with a changed field.
+        let key = crate::sign::generate();
+        let signed = Status {
+            ts_ms: Some(1_700_000_000_123),
+            queue_depth: Some(2),
+            ..s
+        }
+        .signed(&key, "robot-17");
+        let value = serde_json::to_value(&signed).unwrap();
+        let reordered = format!(
+            r#"{{"sig":{},"ts_ms":1700000000123,"queue_depth":2,"state":"offline","v":1}}"#,
+            value["sig"]
+        );
+        let back: Status = serde_json::from_str(&reordered).unwrap();
+        assert!(back.verify(&key.verifying_key(), "robot-17").is_ok());
+        assert!(back.verify(&key.verifying_key(), "robot-18").is_err());
+        assert!(back
+            .verify(&crate::sign::generate().verifying_key(), "robot-17")
+            .is_err());
+        for changed in [
+            Status {
+                state: Presence::Online,
+                ..back.clone()
+            },
+            Status {
+                ts_ms: Some(1_700_000_000_124),
+                ..back.clone()
+            },
+            Status {
+                queue_depth: None,
+                ..back.clone()
+            },
+            Status {
+                sig: None,
+                ..back.clone()
+            },
+        ] {
+            assert!(
+                changed.verify(&key.verifying_key(), "robot-17").is_err(),
+                "{changed:?}"
+            );
+        }
         for st in JobState::ALL {
             assert_eq!(JobState::parse(st.as_str()), Some(st));
         }

@@ -762,6 +762,12 @@ impl Stack {
         lock(self.service(which)).terminate();
     }
 
+    /// The log of the API or the bridge so far.
+    pub fn log_of(&self, which: Service) -> String {
+        let path = lock(self.service(which)).log.clone();
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
     /// Waits until the API or the bridge has exited on its own: its status, or `None` if it
     /// is still running after `timeout`.
     pub async fn wait_exit(&self, which: Service, timeout: Duration) -> Option<ExitStatus> {

@@ -210,7 +210,8 @@ async fn devices_are_kept_apart_and_uploads_still_work() {
         }),
     );
     spy.publish_request(&b.id, &forged_request).await;
-    // B's presence is not signed: a retained `offline` on B's `status` would take it offline.
+    // A retained `offline` on B's `status` (unsigned: the API would refuse it too; the ACL
+    // stops it first).
     spy.client
         .publish(
             topics::topic(&b.id, Channel::Status),
@@ -220,7 +221,8 @@ async fn devices_are_kept_apart_and_uploads_still_work() {
         )
         .await
         .expect("queue publish");
-    // Answers on `res` are not signed: a forged one must not reach C.
+    // A forged answer on C's `res` (unsigned: C's agent would drop it too; the ACL stops it
+    // first).
     let forged_answer = ResponseEnvelope::ok(
         "forged-answer",
         200,

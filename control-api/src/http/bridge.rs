@@ -56,6 +56,46 @@ pub async fn mqtt_auth(
     }
 }
 
+/// Why a presence status is refused, or `None` to take it. A status must be signed by the
+/// device's key; then it is taken when it is not older than the newest taken so far
+/// (`ts_ms`, and `offline` after `online` at the same `ts_ms`: a connection's Last Will
+/// after its own `online`), or when it says `online` and is fresh (`ts_ms` within the replay
+/// window: a gateway whose clock stepped back still comes online).
+pub fn presence_refusal(
+    status: &Status,
+    device_id: &str,
+    key: &sign::PublicKey,
+    newest: Option<(i64, bool)>,
+    now_ms: i64,
+    window_ms: i64,
+) -> Option<ApiError> {
+    if status.verify(key, device_id).is_err() {
+        return Some(ApiError::Unauthorized(
+            "bad_signature",
+            format!("status of {device_id} is not signed by its key"),
+        ));
+    }
+    let Some(ts) = status.ts_ms else {
+        return Some(ApiError::BadRequest(
+            "invalid_status",
+            "status has no ts_ms".into(),
+        ));
+    };
+    let online = status.state == Presence::Online;
+    // Order: time, then offline after online.
+    let rank = |ts: i64, online: bool| (ts, !online);
+    let newer = newest.is_none_or(|(t, on)| rank(ts, online) >= rank(t, on));
+    let fresh = online && (now_ms - ts).abs() <= window_ms;
+    if newer || fresh {
+        None
+    } else {
+        Some(ApiError::Conflict(
+            "stale_status",
+            format!("status of {device_id} is older than the newest one taken"),
+        ))
+    }
+}
+
 pub async fn presence(
     State(st): State<AppState>,
     Path(device_id): Path<String>,
@@ -63,22 +103,38 @@ pub async fn presence(
 ) -> Result<StatusCode, ApiError> {
     let online = status.state == Presence::Online;
     let mut tx = st.store.pool.begin().await?;
-    let updated = sqlx::query(
+    let row: Option<(String, Option<i64>, bool)> = sqlx::query_as(
+        "SELECT public_key, presence_ts_ms, online FROM devices WHERE device_id = $1 FOR UPDATE",
+    )
+    .bind(&device_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((public_key, newest_ts, was_online)) = row else {
+        return Err(ApiError::NotFound(
+            "device_not_found",
+            format!("no device {device_id}"),
+        ));
+    };
+    let key = sign::decode_public(&public_key)
+        .map_err(|_| anyhow::anyhow!("stored key of {device_id} is invalid"))?;
+    let now_ms = unix_now() * 1000;
+    let window_ms = st.config.replay_window_secs as i64 * 1000;
+    let newest = newest_ts.map(|t| (t, was_online));
+    if let Some(refused) = presence_refusal(&status, &device_id, &key, newest, now_ms, window_ms) {
+        tracing::warn!(%device_id, error = %refused, "Presence status refused");
+        return Err(refused);
+    }
+    sqlx::query(
         "UPDATE devices SET online = $2, last_seen_at = now(), agent_version = COALESCE($3, agent_version),
-                            queue_depth = COALESCE($4, queue_depth) WHERE device_id = $1",
+                            queue_depth = COALESCE($4, queue_depth), presence_ts_ms = $5 WHERE device_id = $1",
     )
     .bind(&device_id)
     .bind(online)
     .bind(&status.agent_version)
     .bind(status.queue_depth.map(|q| q as i32))
+    .bind(status.ts_ms)
     .execute(&mut *tx)
     .await?;
-    if updated.rows_affected() == 0 {
-        return Err(ApiError::NotFound(
-            "device_not_found",
-            format!("no device {device_id}"),
-        ));
-    }
     if online {
         // A device that (re)connects gets its unacknowledged commands again at once.
         sqlx::query("UPDATE commands SET published_at = NULL WHERE device_id = $1 AND state IN ('pending', 'published')")
@@ -89,6 +145,66 @@ pub async fn presence(
     tx.commit().await?;
     tracing::info!(%device_id, online, "Device presence");
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(state: Presence, ts_ms: i64) -> Status {
+        Status {
+            v: 1,
+            state,
+            agent_version: None,
+            queue_depth: None,
+            free_disk_bytes: None,
+            ts_ms: Some(ts_ms),
+            sig: None,
+        }
+    }
+
+    #[test]
+    fn presence_takes_only_signed_newer_statuses() {
+        let key = sign::generate();
+        let public = key.verifying_key();
+        let window = 300_000;
+        let now = 1_800_000_000_000;
+        let code = |s: &Status, newest: Option<(i64, bool)>| {
+            presence_refusal(s, "robot-17", &public, newest, now, window).map(|e| e.problem().code)
+        };
+        let online = |t| status(Presence::Online, t).signed(&key, "robot-17");
+        let offline = |t| status(Presence::Offline, t).signed(&key, "robot-17");
+        let (t1, t2) = (now - 3_600_000, now - 1000);
+
+        // Unsigned, signed by another key or for another device: refused.
+        assert_eq!(
+            code(&status(Presence::Offline, t2), None).as_deref(),
+            Some("bad_signature")
+        );
+        let other = status(Presence::Offline, t2).signed(&sign::generate(), "robot-17");
+        assert_eq!(code(&other, None).as_deref(), Some("bad_signature"));
+        let elsewhere = status(Presence::Offline, t2).signed(&key, "robot-18");
+        assert_eq!(code(&elsewhere, None).as_deref(), Some("bad_signature"));
+
+        // A connection at t1: online, then its Last Will (same ts) is newer.
+        assert_eq!(code(&online(t1), None), None);
+        assert_eq!(code(&offline(t1), Some((t1, true))), None);
+        // A queue-depth update of the same connection is taken while online...
+        assert_eq!(code(&online(t1), Some((t1, true))), None);
+        // ...but replayed after the will (and no longer fresh), it is refused.
+        assert_eq!(
+            code(&online(t1), Some((t1, false))).as_deref(),
+            Some("stale_status")
+        );
+        // The next connection at t2 comes online; the old will replayed is refused.
+        assert_eq!(code(&online(t2), Some((t1, false))), None);
+        assert_eq!(
+            code(&offline(t1), Some((t2, true))).as_deref(),
+            Some("stale_status")
+        );
+        // A fresh online is taken even when the gateway's clock stepped back.
+        assert_eq!(code(&online(t2 - 5000), Some((t2, false))), None);
+    }
 }
 
 #[derive(Deserialize)]
