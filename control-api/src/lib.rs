@@ -11,6 +11,7 @@
 //! - [`events`]: the outbox: the audit log sequenced for `GET /v1/events` and webhooks.
 //! - [`metrics`]: Prometheus counters and gauges (`GET /metrics`).
 //! - [`http`]: routing, the device/operator/bridge endpoints, problem documents.
+//! - [`validate`]: per-dataset validators (JSONL, CSV, Parquet) for completed objects.
 
 pub mod cleanup;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod sessions;
 pub mod storage;
 pub mod store;
+pub mod validate;
 
 use std::future::IntoFuture as _;
 use std::sync::Arc;
