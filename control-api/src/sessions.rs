@@ -38,6 +38,8 @@ pub fn info(s: &Session, stored_parts: Vec<StoredPart>) -> SessionInfo {
         stored_parts,
         sha256: s.sha256.clone(),
         error: s.error.clone(),
+        validation: s.validation.clone(),
+        validation_error: s.validation_error.clone(),
     }
 }
 

@@ -284,6 +284,8 @@ fn answer(
                 stored_parts: vec![],
                 sha256: None,
                 error: None,
+                validation: None,
+                validation_error: None,
             };
             sessions.insert(
                 id,

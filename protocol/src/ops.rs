@@ -236,6 +236,13 @@ pub struct SessionInfo {
     pub sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// When the dataset has a validator: `pending`, `accepted` or `rejected` (after
+    /// completion; an object that is not yet completed has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<String>,
+    /// Why the object was rejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_error: Option<String>,
 }
 
 #[cfg(test)]
@@ -347,6 +354,22 @@ mod tests {
             }],
             sha256: None,
             error: None,
+            validation: None,
+            validation_error: None,
+        });
+        round_trip(SessionInfo {
+            session_id: id,
+            state: SessionState::Completed,
+            bucket: "b".into(),
+            object_key: "k".into(),
+            size: 1,
+            part_size: 5 << 20,
+            part_count: 1,
+            stored_parts: vec![],
+            sha256: Some("a".repeat(64)),
+            error: None,
+            validation: Some("rejected".into()),
+            validation_error: Some("line 1: expected value at column 1".into()),
         });
     }
 
