@@ -389,6 +389,51 @@ impl Storage {
         Ok(out)
     }
 
+    /// The whole object as a byte stream, read as the caller consumes it (nothing is
+    /// buffered beyond the SDK's own chunks). The SDK's stalled-stream protection turns a
+    /// body that stops arriving into a read error.
+    pub async fn get_stream(
+        &self,
+        obj: &Object<'_>,
+    ) -> Result<impl tokio::io::AsyncRead + Unpin + Send + 'static, StorageError> {
+        let out = self
+            .client
+            .get_object()
+            .bucket(obj.bucket)
+            .key(obj.key)
+            .send()
+            .await
+            .map_err(|e| call_error("GetObject", e))?;
+        Ok(out.body.into_async_read())
+    }
+
+    /// `len` bytes of the object from `offset`: a ranged GetObject (none for 0 bytes).
+    pub async fn get_range(
+        &self,
+        obj: &Object<'_>,
+        offset: u64,
+        len: u64,
+    ) -> Result<bytes::Bytes, StorageError> {
+        if len == 0 {
+            return Ok(bytes::Bytes::new());
+        }
+        let last = offset + len - 1;
+        let out = self
+            .client
+            .get_object()
+            .bucket(obj.bucket)
+            .key(obj.key)
+            .range(format!("bytes={offset}-{last}"))
+            .send()
+            .await
+            .map_err(|e| call_error("GetObject", e))?;
+        let body = out.body.collect().await.map_err(|e| StorageError::Call {
+            op: "GetObject",
+            message: DisplayErrorContext(&e).to_string(),
+        })?;
+        Ok(body.into_bytes())
+    }
+
     /// Size and ETag of a stored object.
     pub async fn head(&self, obj: &Object<'_>) -> Result<(u64, String), StorageError> {
         let out = self
