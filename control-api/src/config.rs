@@ -42,6 +42,8 @@ pub struct Config {
     pub cleanup: CleanupConfig,
     #[serde(default)]
     pub events: EventsConfig,
+    #[serde(default)]
+    pub validation: ValidationConfig,
 }
 
 /// The outbox: webhooks and `GET /v1/events`.
@@ -59,6 +61,37 @@ impl Default for EventsConfig {
         EventsConfig {
             webhook_timeout_secs: 10,
             webhook_max_backoff_secs: 300,
+        }
+    }
+}
+
+/// The validation worker: checks completed objects of datasets that have a validator.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidationConfig {
+    /// How often the worker looks for pending objects when nothing wakes it (a completion on
+    /// this instance wakes it at once; objects completed through another instance, and
+    /// retries, wait for this); 0 disables the worker on this instance.
+    pub interval_secs: u64,
+    /// Objects validated at once on this instance.
+    pub concurrency: u32,
+    /// A claim on an object lasts this long and is renewed while the object is read; an
+    /// object whose worker died is taken again once its claim runs out.
+    pub lease_secs: u64,
+    /// After a read error (storage unreachable) the object is tried again after this long,
+    /// doubling with each failed attempt up to `retry_max_secs`.
+    pub retry_initial_secs: u64,
+    pub retry_max_secs: u64,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        ValidationConfig {
+            interval_secs: 10,
+            concurrency: 2,
+            lease_secs: 60,
+            retry_initial_secs: 10,
+            retry_max_secs: 600,
         }
     }
 }
@@ -207,6 +240,22 @@ impl Config {
                 "must be between 1 and 86400 (a day)",
             );
         }
+        let v = &self.validation;
+        if !(1..=64).contains(&v.concurrency) {
+            invalid("validation.concurrency", "must be between 1 and 64");
+        }
+        if v.lease_secs < 3 {
+            invalid("validation.lease_secs", "must be at least 3");
+        }
+        if v.retry_initial_secs == 0 {
+            invalid("validation.retry_initial_secs", "must be positive");
+        }
+        if v.retry_max_secs < v.retry_initial_secs {
+            invalid(
+                "validation.retry_max_secs",
+                "must be at least validation.retry_initial_secs",
+            );
+        }
         if self.replay_window_secs == 0 {
             invalid("replay_window_secs", "must be positive");
         }
@@ -264,6 +313,7 @@ secret_access_key = "s"
         let text = std::fs::read_to_string(path).unwrap();
         let c = parse(&text).unwrap();
         assert_eq!(c.cleanup.interval_secs, 60);
+        assert_eq!(c.validation.lease_secs, 60);
     }
 
     #[test]

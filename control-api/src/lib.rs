@@ -11,7 +11,8 @@
 //! - [`events`]: the outbox: the audit log sequenced for `GET /v1/events` and webhooks.
 //! - [`metrics`]: Prometheus counters and gauges (`GET /metrics`).
 //! - [`http`]: routing, the device/operator/bridge endpoints, problem documents.
-//! - [`validate`]: per-dataset validators (JSONL, CSV, Parquet) for completed objects.
+//! - [`validate`]: pure per-dataset validators (JSONL, CSV, Parquet) for completed objects.
+//! - [`validation`]: the worker that reads completed objects back and records the verdict.
 
 pub mod cleanup;
 pub mod config;
@@ -23,6 +24,7 @@ pub mod sessions;
 pub mod storage;
 pub mod store;
 pub mod validate;
+pub mod validation;
 
 use std::future::IntoFuture as _;
 use std::sync::Arc;
@@ -44,6 +46,8 @@ pub struct AppState {
     pub command_key: Arc<PrivateKey>,
     pub counters: Arc<metrics::Counters>,
     pub events: events::Hub,
+    /// Wakes this instance's validation worker (a completion left an object pending).
+    pub validation_wake: Arc<tokio::sync::Notify>,
 }
 
 pub fn load_command_key(path: &std::path::Path) -> anyhow::Result<PrivateKey> {
@@ -86,11 +90,12 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         command_key: Arc::new(command_key),
         counters: Arc::default(),
         events: events::Hub::default(),
+        validation_wake: Arc::default(),
     })
 }
 
-/// Serves the API and runs the cleanup worker until `shutdown` is cancelled, then drains
-/// in-flight requests.
+/// Serves the API and runs the cleanup and validation workers until `shutdown` is
+/// cancelled, then drains in-flight requests.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let listen = config.listen;
     let state = build_state(config).await?;
@@ -105,11 +110,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 /// How long requests in flight at shutdown may take to finish.
 pub const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
 
-/// Serves the API on `listener` and runs the cleanup worker and the event relay and
-/// webhook deliverer until `shutdown` is cancelled,
-/// then drains in-flight requests (at most [`DRAIN_LIMIT`]). [`run`] is [`build_state`] +
-/// bind + `serve`; a caller that must act between bind and serve (systemd readiness) calls
-/// the three itself.
+/// Serves the API on `listener` and runs the cleanup and validation workers and the event
+/// relay and webhook deliverer until `shutdown` is cancelled, then drains in-flight
+/// requests (at most [`DRAIN_LIMIT`]). [`run`] is [`build_state`] + bind + `serve`; a
+/// caller that must act between bind and serve (systemd readiness) calls the three itself.
 pub async fn serve(
     state: AppState,
     listener: tokio::net::TcpListener,
@@ -124,6 +128,7 @@ pub async fn serve(
         closing.cancelled().await;
         hub.close();
     });
+    let validation = tokio::spawn(validation::run(state.clone(), shutdown.clone()));
     let served = axum::serve(listener, http::router(state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .into_future();
@@ -144,7 +149,11 @@ pub async fn serve(
         }
     };
     shutdown.cancel();
-    for (task, handle) in [("cleanup", cleanup), ("events", events)] {
+    for (task, handle) in [
+        ("cleanup", cleanup),
+        ("events", events),
+        ("validation", validation),
+    ] {
         match handle.await {
             Ok(()) => tracing::info!(task, "Task stopped"),
             Err(e) => tracing::error!(task, error = %e, "Task panicked"),

@@ -183,6 +183,22 @@ pub async fn render(State(st): State<AppState>) -> Result<impl IntoResponse, Api
             .map(|(s, n)| (format!("{{state=\"{s}\"}}"), n.max(0) as u64))
             .collect::<Vec<_>>(),
     );
+    let validation: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT validation, count(*) FROM sessions WHERE validation IS NOT NULL AND deduplicated_from IS NULL
+         GROUP BY validation ORDER BY validation",
+    )
+    .fetch_all(&st.store.pool)
+    .await?;
+    line(
+        &mut out,
+        "uplink_objects_validation",
+        "gauge",
+        "Stored objects of datasets with a validator, by validation (pending, accepted, rejected).",
+        &validation
+            .into_iter()
+            .map(|(s, n)| (format!("{{validation=\"{s}\"}}"), n.max(0) as u64))
+            .collect::<Vec<_>>(),
+    );
     let (online, total): (i64, i64) =
         sqlx::query_as("SELECT count(*) FILTER (WHERE online), count(*) FROM devices")
             .fetch_one(&st.store.pool)

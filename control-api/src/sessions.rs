@@ -433,6 +433,10 @@ async fn deduplicate(
     )
     .await?;
     tx.commit().await?;
+    if session.validation.as_deref() == Some("pending") {
+        // The original's verdict is copied to this session once there is one.
+        st.validation_wake.notify_one();
+    }
     crate::metrics::Counters::add(&st.counters.sessions_completed, 1);
     tracing::info!(%session_id, device_id = %device.device_id, original = %original.session_id, "Content already stored: session completed without upload");
     Ok((201, info(&session, vec![])))
@@ -758,12 +762,13 @@ pub async fn complete(
     let mut tx = st.store.pool.begin().await?;
     let done: Session = sqlx::query_as(
         "UPDATE sessions SET sha256 = claimed_sha256, etag = $2, bytes_done = size, rate_bps = 0, completed_at = now(),
-                             validation = $3
+                             validation = $3, validator = $4
          WHERE session_id = $1 RETURNING *",
     )
     .bind(done.session_id)
     .bind(verify::bare_etag(&etag))
     .bind(validator.as_ref().map(|_| "pending"))
+    .bind(&validator)
     .fetch_one(&mut *tx)
     .await?;
     if let (Some(manifest), Some(signed)) = (&req.manifest, &signed) {
@@ -780,6 +785,9 @@ pub async fn complete(
         .await?;
     }
     tx.commit().await?;
+    if done.validation.is_some() {
+        st.validation_wake.notify_one();
+    }
     crate::metrics::Counters::add(&st.counters.sessions_completed, 1);
     crate::metrics::Counters::add(&st.counters.bytes_completed, done.size.max(0) as u64);
     tracing::info!(%session_id, %device_id, size = done.size, "Session completed");

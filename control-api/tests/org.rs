@@ -6,82 +6,6 @@ mod common;
 use common::*;
 use reqwest::Method;
 
-/// Registers `device_id` in `project` (as the bootstrap operator).
-async fn register_in(app: &TestApp, project: &str, device_id: &str) -> PrivateKey {
-    let key = sign::generate();
-    let (status, body) = app
-        .operator(
-            Method::POST,
-            "/v1/devices",
-            Some(json!({"device_id": device_id, "public_key": sign::encode_public(&key.verifying_key()), "project_id": project})),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    key
-}
-
-fn create_in(job: Uuid, data: &[u8], dataset: Option<&str>, name: &str) -> Value {
-    let mut b = json!({"job_id": job, "file_name": name, "size": data.len(),
-                       "sha256": sha256_hex(data), "part_size": 5 * MIB});
-    if let Some(d) = dataset {
-        b["dataset"] = json!(d);
-    }
-    b
-}
-
-/// Uploads `data` (one part) in a new session and completes it with the device's manifest.
-async fn upload(
-    app: &TestApp,
-    key: &PrivateKey,
-    device: &str,
-    dataset: Option<&str>,
-    name: &str,
-    data: &[u8],
-) -> Value {
-    let (status, created) = app
-        .device(
-            key,
-            device,
-            "session.create",
-            &rid(),
-            &create_in(Uuid::new_v4(), data, dataset, name),
-        )
-        .await;
-    assert_eq!(status, 201, "{created}");
-    if created["state"] == "completed" {
-        return created;
-    }
-    let sid = created["session_id"].as_str().expect("id").to_string();
-    let md5 = md5_b64(data);
-    let (status, presigned) = app
-        .device(
-            key,
-            device,
-            "parts.presign",
-            &rid(),
-            &json!({"session_id": sid, "parts": [{"number": 1, "md5": md5}]}),
-        )
-        .await;
-    assert_eq!(status, 200, "{presigned}");
-    let resp = put(&app.http, &presigned["parts"][0], data.to_vec()).await;
-    assert_eq!(resp.status().as_u16(), 200);
-    let manifest = json!({"device_id": device, "session_id": sid, "path": format!("/data/{name}"),
-        "size": data.len(), "sha256": sha256_hex(data), "part_count": 1,
-        "parts_digest": uplink_protocol::ops::parts_digest([(1, md5.as_str())])});
-    let (status, done) = app
-        .device(
-            key,
-            device,
-            "session.complete",
-            &rid(),
-            &json!({"session_id": sid, "manifest": manifest}),
-        )
-        .await;
-    assert_eq!(status, 200, "{done}");
-    assert_eq!(done["state"], "completed");
-    done
-}
-
 #[tokio::test]
 async fn every_role_against_every_endpoint_and_project() {
     let app = TestApp::spawn().await;
@@ -711,17 +635,17 @@ async fn policies_shape_keys_and_sealed_datasets_take_nothing_new() {
         )
         .await;
     assert_eq!(status, 201);
-    // Validators are not built: naming one is refused, not silently ignored.
+    // An unknown validator is refused, not silently ignored.
     let (status, p) = app
         .operator(
             Method::POST,
             "/v1/projects/p/datasets",
-            Some(json!({"name": "v", "validator": "csv"})),
+            Some(json!({"name": "v", "validator": "xml"})),
         )
         .await;
     assert_eq!(
         (status, p["code"].as_str()),
-        (422, Some("validator_unavailable")),
+        (422, Some("invalid_validator")),
         "{p}"
     );
     // Bad policies are refused with every reason.

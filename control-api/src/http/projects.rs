@@ -17,6 +17,7 @@ use crate::domain::access::{Need, Role};
 use crate::domain::policy::StoragePolicy;
 use crate::sessions::SignedRequest;
 use crate::store::{audit, Dataset, Project};
+use crate::validate::Validator;
 use crate::AppState;
 
 /// Parses and checks a policy; a named bucket must be reachable.
@@ -223,19 +224,14 @@ pub struct NewDataset {
     pub validator: Option<String>,
 }
 
-/// Validators (JSONL, CSV, Parquet at completion) are not built yet: the schema has room for
-/// them, but naming one is refused rather than leaving objects waiting forever.
+/// A validator name: `jsonl`, `csv` or `parquet` ([`Validator::parse`]).
 fn check_validator(v: &Option<String>) -> Result<(), ApiError> {
     match v.as_deref() {
-        None => Ok(()),
-        Some(v @ ("jsonl" | "csv" | "parquet")) => Err(ApiError::Unprocessable(
-            "validator_unavailable",
-            format!("the {v} validator is not available in this version"),
-        )),
-        Some(other) => Err(ApiError::Unprocessable(
+        Some(other) if Validator::parse(other).is_none() => Err(ApiError::Unprocessable(
             "invalid_validator",
             format!("validator {other:?} is not one of jsonl, csv, parquet"),
         )),
+        _ => Ok(()),
     }
 }
 

@@ -8,7 +8,7 @@ use base64::Engine as _;
 pub use md5::{Digest, Md5};
 pub use serde_json::{json, Value};
 use sqlx::Connection;
-use uplink_api::config::{CleanupConfig, Config, S3Config, Secret};
+use uplink_api::config::{CleanupConfig, Config, S3Config, Secret, ValidationConfig};
 use uplink_protocol::envelope::RequestEnvelope;
 pub use uplink_protocol::sign::{self, PrivateKey};
 pub use uplink_protocol::unix_now;
@@ -49,6 +49,13 @@ impl TestApp {
     }
 
     pub async fn spawn_with(presign_ttl_secs: u64) -> TestApp {
+        Self::spawn_config(|c| c.s3.presign_ttl_secs = presign_ttl_secs).await
+    }
+
+    /// An app whose configuration `change` adjusts first. The validation worker runs
+    /// (waking on each completion; `validation.interval_secs = 0` keeps it off, for tests
+    /// that call `uplink_api::validation::run_once` themselves); the cleanup worker does not.
+    pub async fn spawn_config(change: impl FnOnce(&mut Config)) -> TestApp {
         let prefix = format!("test-{}/", Uuid::new_v4().simple());
         let admin_url = env("UPLINK_TEST_DATABASE_URL");
         let db = format!("api_{}", Uuid::new_v4().simple());
@@ -65,7 +72,7 @@ impl TestApp {
         let dir = tempfile::tempdir().expect("tempdir");
         let key_file = dir.path().join("command.key");
         std::fs::write(&key_file, sign::encode_private(&sign::generate())).expect("write key");
-        let config = Config {
+        let mut config = Config {
             listen: "127.0.0.1:0".parse().expect("addr"),
             database_url: Secret::new(url.to_string()),
             database_max_connections: 16,
@@ -80,6 +87,13 @@ impl TestApp {
                 ..CleanupConfig::default()
             },
             events: Default::default(),
+            validation: ValidationConfig {
+                interval_secs: 1,
+                lease_secs: 5,
+                retry_initial_secs: 1,
+                retry_max_secs: 2,
+                ..ValidationConfig::default()
+            },
             s3: S3Config {
                 endpoint: env("UPLINK_TEST_S3_ENDPOINT"),
                 public_endpoint: None,
@@ -89,9 +103,10 @@ impl TestApp {
                 access_key_id: Secret::new(env("UPLINK_TEST_S3_ACCESS_KEY")),
                 secret_access_key: Secret::new(env("UPLINK_TEST_S3_SECRET_KEY")),
                 force_path_style: true,
-                presign_ttl_secs,
+                presign_ttl_secs: 900,
             },
         };
+        change(&mut config);
         config.validate().expect("valid config");
         let state = uplink_api::build_state(config).await.expect("build state");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -102,6 +117,11 @@ impl TestApp {
         tokio::spawn(async move { axum_serve(listener, router).await });
         // The event relay and webhook deliverer, as `uplink_api::serve` runs them.
         tokio::spawn(uplink_api::events::run(
+            state.clone(),
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        // The validation worker, as `uplink_api::serve` runs it.
+        tokio::spawn(uplink_api::validation::run(
             state.clone(),
             tokio_util::sync::CancellationToken::new(),
         ));
@@ -327,4 +347,98 @@ pub async fn upload_all(app: &TestApp, key: &PrivateKey, device: &str, data: &[u
         assert_eq!(etag, hex::encode(Md5::digest(chunks[i])));
     }
     sid
+}
+
+/// Registers `device_id` in `project` (as the bootstrap operator).
+pub async fn register_in(app: &TestApp, project: &str, device_id: &str) -> PrivateKey {
+    let key = sign::generate();
+    let (status, body) = app
+        .operator(
+            reqwest::Method::POST,
+            "/v1/devices",
+            Some(json!({"device_id": device_id, "public_key": sign::encode_public(&key.verifying_key()), "project_id": project})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    key
+}
+
+pub fn create_in(job: Uuid, data: &[u8], dataset: Option<&str>, name: &str) -> Value {
+    let mut b = json!({"job_id": job, "file_name": name, "size": data.len(),
+                       "sha256": sha256_hex(data), "part_size": 5 * MIB});
+    if let Some(d) = dataset {
+        b["dataset"] = json!(d);
+    }
+    b
+}
+
+/// Uploads `data` (in 5 MiB parts) in a new session and completes it with the device's
+/// manifest; a session deduplicated at creation is returned as it is.
+pub async fn upload(
+    app: &TestApp,
+    key: &PrivateKey,
+    device: &str,
+    dataset: Option<&str>,
+    name: &str,
+    data: &[u8],
+) -> Value {
+    let (status, created) = app
+        .device(
+            key,
+            device,
+            "session.create",
+            &rid(),
+            &create_in(Uuid::new_v4(), data, dataset, name),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    if created["state"] == "completed" {
+        return created;
+    }
+    let sid = created["session_id"].as_str().expect("id").to_string();
+    let chunks: Vec<&[u8]> = if data.is_empty() {
+        vec![&[][..]]
+    } else {
+        data.chunks(5 * MIB).collect()
+    };
+    let md5s: Vec<String> = chunks.iter().map(|c| md5_b64(c)).collect();
+    let parts: Vec<Value> = md5s
+        .iter()
+        .enumerate()
+        .map(|(i, md5)| json!({"number": i + 1, "md5": md5}))
+        .collect();
+    let (status, presigned) = app
+        .device(
+            key,
+            device,
+            "parts.presign",
+            &rid(),
+            &json!({"session_id": sid, "parts": parts}),
+        )
+        .await;
+    assert_eq!(status, 200, "{presigned}");
+    for (i, chunk) in chunks.iter().enumerate() {
+        let resp = put(&app.http, &presigned["parts"][i], chunk.to_vec()).await;
+        assert_eq!(resp.status().as_u16(), 200);
+    }
+    let digest = uplink_protocol::ops::parts_digest(
+        md5s.iter()
+            .enumerate()
+            .map(|(i, m)| ((i + 1) as u32, m.as_str())),
+    );
+    let manifest = json!({"device_id": device, "session_id": sid, "path": format!("/data/{name}"),
+        "size": data.len(), "sha256": sha256_hex(data), "part_count": chunks.len(),
+        "parts_digest": digest});
+    let (status, done) = app
+        .device(
+            key,
+            device,
+            "session.complete",
+            &rid(),
+            &json!({"session_id": sid, "manifest": manifest}),
+        )
+        .await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["state"], "completed");
+    done
 }
