@@ -54,6 +54,8 @@ pub struct EventsConfig {
     pub webhook_timeout_secs: u64,
     /// The longest wait between retries of a failing webhook (they double from 1 s).
     pub webhook_max_backoff_secs: u64,
+    /// The longest a `GET /v1/events` long-poll is held, whatever `wait` asks (0-60).
+    pub long_poll_max_secs: u64,
 }
 
 impl Default for EventsConfig {
@@ -61,6 +63,7 @@ impl Default for EventsConfig {
         EventsConfig {
             webhook_timeout_secs: 10,
             webhook_max_backoff_secs: 300,
+            long_poll_max_secs: 60,
         }
     }
 }
@@ -233,6 +236,9 @@ impl Config {
         }
         if !(1..=60).contains(&self.events.webhook_timeout_secs) {
             invalid("events.webhook_timeout_secs", "must be between 1 and 60");
+        }
+        if self.events.long_poll_max_secs > 60 {
+            invalid("events.long_poll_max_secs", "must be at most 60");
         }
         if !(1..=86400).contains(&self.events.webhook_max_backoff_secs) {
             invalid(

@@ -59,6 +59,7 @@ pub async fn list_events(
             format!("after must be >= 0, limit 1-1000 and wait 0-{MAX_WAIT_SECS}"),
         ));
     }
+    let wait = wait.min(st.config.events.long_poll_max_secs);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
     let mut latest = st.events.subscribe();
     loop {
