@@ -1,6 +1,6 @@
 //! The bridge API: broker authentication, presence, and the command pump. Bearer `bridge_token`.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -10,23 +10,38 @@ use uuid::Uuid;
 
 use super::error::ApiError;
 use super::operator::expire_commands;
-use super::ApiJson;
+use super::{openapi, ApiJson, ApiPath, ApiQuery};
 use crate::AppState;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct MqttAuth {
     pub client_id: String,
     pub username: String,
     pub password: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Allow {
     pub allow: bool,
 }
 
 /// A device may connect as itself only: username = client id = a registered, enabled
 /// device, and a fresh password signed by its key.
+#[utoipa::path(
+    post,
+    path = "/v1/bridge/mqtt-auth",
+    tag = "bridge",
+    request_body = MqttAuth,
+    responses(
+        (status = 200, description = "Whether the broker lets the client in", body = Allow),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, response = openapi::Unprocessable),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("bridge" = []))
+)]
 pub async fn mqtt_auth(
     State(st): State<AppState>,
     ApiJson(req): ApiJson<MqttAuth>,
@@ -56,9 +71,26 @@ pub async fn mqtt_auth(
     }
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/bridge/devices/{id}/presence",
+    tag = "bridge",
+    params(("id" = String, Path, description = "Device id")),
+    request_body = Status,
+    responses(
+        (status = 204, description = "Recorded"),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 404, response = openapi::NotFound),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, response = openapi::Unprocessable),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("bridge" = []))
+)]
 pub async fn presence(
     State(st): State<AppState>,
-    Path(device_id): Path<String>,
+    ApiPath(device_id): ApiPath<String>,
     ApiJson(status): ApiJson<Status>,
 ) -> Result<StatusCode, ApiError> {
     let online = status.state == Presence::Online;
@@ -91,21 +123,38 @@ pub async fn presence(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DueQuery {
+    /// At most this many (1-1000, default 100; other values are clamped).
     pub limit: Option<i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct DueCommand {
     pub command_id: Uuid,
     pub device_id: String,
+    /// The signed command envelope to publish on the device's command topic.
+    #[schema(value_type = Object)]
     pub envelope: serde_json::Value,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/bridge/commands/due",
+    tag = "bridge",
+    params(DueQuery),
+    responses(
+        (status = 200, description = "Commands to publish now", body = Vec<DueCommand>),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("bridge" = []))
+)]
 pub async fn due_commands(
     State(st): State<AppState>,
-    Query(q): Query<DueQuery>,
+    ApiQuery(q): ApiQuery<DueQuery>,
 ) -> Result<Json<Vec<DueCommand>>, ApiError> {
     expire_commands(&st).await?;
     let rows: Vec<(Uuid, String, serde_json::Value)> = sqlx::query_as(
@@ -129,9 +178,22 @@ pub async fn due_commands(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/bridge/commands/{id}/published",
+    tag = "bridge",
+    params(("id" = Uuid, Path, description = "Command id")),
+    responses(
+        (status = 204, description = "Recorded"),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("bridge" = []))
+)]
 pub async fn command_published(
     State(st): State<AppState>,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
     sqlx::query(
         "UPDATE commands SET state = CASE WHEN state = 'pending' THEN 'published' ELSE state END,
