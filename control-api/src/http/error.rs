@@ -157,6 +157,13 @@ impl From<sqlx::Error> for ApiError {
             sqlx::Error::Database(db) if db.is_unique_violation() => {
                 ApiError::Conflict("conflict", "a record with this key already exists".into())
             }
+            // Data exceptions: a value PostgreSQL cannot take, e.g. a NUL character in text.
+            sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22")) => {
+                ApiError::BadRequest(
+                    "invalid_value",
+                    "a value in the request cannot be stored (e.g. a NUL character)".into(),
+                )
+            }
             sqlx::Error::Database(db)
                 if db
                     .code()

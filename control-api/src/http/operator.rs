@@ -21,6 +21,8 @@ use crate::{sessions, AppState};
 
 #[derive(Deserialize, utoipa::ToSchema)]
 pub struct NewDevice {
+    /// 1-64 of `[A-Za-z0-9._-]`, not starting with a dot (nor with `uplink-bridge`).
+    #[schema(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")]
     pub device_id: String,
     pub public_key: String,
     /// The project the device belongs to (default `default`).
@@ -181,6 +183,7 @@ pub fn scope<'a>(caller: &'a Caller, asked: Option<&'a str>) -> Result<Option<&'
     params(("id" = String, Path, description = "Device id")),
     responses(
         (status = 200, description = "The device", body = Device),
+        (status = 400, response = openapi::BadRequest),
         (status = 401, response = openapi::Unauthorized),
         (status = 404, response = openapi::NotFound),
         (status = 503, response = openapi::Unavailable),

@@ -48,6 +48,8 @@ fn to_value(p: &StoragePolicy) -> serde_json::Value {
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewProject {
+    /// 1-64 of `[A-Za-z0-9._-]`, not starting with a dot.
+    #[schema(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")]
     pub project_id: String,
     pub name: Option<String>,
     /// Bytes; absent or `null`: no quota.
@@ -181,6 +183,7 @@ async fn visible_project(
     params(("id" = String, Path, description = "Project id")),
     responses(
         (status = 200, description = "The project", body = Project),
+        (status = 400, response = openapi::BadRequest),
         (status = 401, response = openapi::Unauthorized),
         (status = 404, response = openapi::NotFound),
         (status = 503, response = openapi::Unavailable),
@@ -282,6 +285,8 @@ pub async fn patch_project(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewDataset {
+    /// 1-64 of `[A-Za-z0-9._-]`, not starting with a dot.
+    #[schema(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")]
     pub name: String,
     /// Needs an admin.
     #[schema(value_type = Option<StoragePolicy>)]
@@ -394,6 +399,7 @@ pub async fn create_dataset(
     params(("id" = String, Path, description = "Project id")),
     responses(
         (status = 200, description = "The project's datasets", body = Vec<Dataset>),
+        (status = 400, response = openapi::BadRequest),
         (status = 401, response = openapi::Unauthorized),
         (status = 404, response = openapi::NotFound),
         (status = 503, response = openapi::Unavailable),
@@ -435,6 +441,7 @@ async fn visible_dataset(
     params(("id" = String, Path, description = "Project id"), ("name" = String, Path, description = "Dataset name")),
     responses(
         (status = 200, description = "The dataset", body = Dataset),
+        (status = 400, response = openapi::BadRequest),
         (status = 401, response = openapi::Unauthorized),
         (status = 404, response = openapi::NotFound),
         (status = 503, response = openapi::Unavailable),
@@ -656,6 +663,7 @@ pub async fn seal_dataset(
     params(("id" = String, Path, description = "Project id"), ("name" = String, Path, description = "Dataset name")),
     responses(
         (status = 200, description = "The sealed manifest, or what an open dataset would list now", body = Manifest),
+        (status = 400, response = openapi::BadRequest),
         (status = 401, response = openapi::Unauthorized),
         (status = 404, response = openapi::NotFound),
         (status = 503, response = openapi::Unavailable),
@@ -763,6 +771,8 @@ pub async fn session_manifest(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewKey {
+    /// 1-128 characters, no control characters.
+    #[schema(pattern = r"^[^\u0000-\u001F\u007F-\u009F]{1,128}$")]
     pub name: String,
     pub role: Role,
     /// `null`/absent: every project (needs an unscoped admin).
@@ -832,7 +842,8 @@ pub async fn create_key(
         }
         None => caller.allow(None, Need::Global, no_such_endpoint)?,
     }
-    if req.name.is_empty() || req.name.len() > 128 || req.name.chars().any(char::is_control) {
+    let chars = req.name.chars().count();
+    if chars == 0 || chars > 128 || req.name.chars().any(char::is_control) {
         return Err(ApiError::Unprocessable(
             "invalid_name",
             "name must be 1-128 characters, no control characters".into(),
