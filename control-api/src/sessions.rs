@@ -585,7 +585,7 @@ pub async fn status(
 }
 
 /// The signed request a manifest came in: enough to verify it again later.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SignedRequest {
     pub device_id: String,
     pub op: String,

@@ -22,7 +22,7 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
         .await
 }
 
-#[derive(Debug, Clone, FromRow, Serialize)]
+#[derive(Debug, Clone, FromRow, Serialize, utoipa::ToSchema)]
 pub struct Device {
     pub device_id: String,
     pub project_id: String,
@@ -35,7 +35,7 @@ pub struct Device {
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, FromRow, Serialize)]
+#[derive(Debug, Clone, FromRow, Serialize, utoipa::ToSchema)]
 pub struct Session {
     pub session_id: Uuid,
     pub device_id: String,
@@ -51,6 +51,7 @@ pub struct Session {
     pub claimed_sha256: String,
     #[serde(skip)]
     pub upload_id: Option<String>,
+    #[schema(value_type = uplink_protocol::ops::SessionState)]
     pub state: String,
     #[serde(skip)]
     pub version: i32,
@@ -89,10 +90,12 @@ impl Session {
     }
 }
 
-#[derive(Debug, Clone, FromRow, Serialize)]
+#[derive(Debug, Clone, FromRow, Serialize, utoipa::ToSchema)]
 pub struct Command {
     pub command_id: Uuid,
     pub device_id: String,
+    /// The command's action, as sent to the device.
+    #[schema(value_type = uplink_protocol::command::Action)]
     pub action: serde_json::Value,
     #[serde(skip)]
     pub envelope: serde_json::Value,
@@ -106,22 +109,24 @@ pub struct Command {
     pub publish_count: i32,
 }
 
-#[derive(Debug, Clone, FromRow, Serialize)]
+#[derive(Debug, Clone, FromRow, Serialize, utoipa::ToSchema)]
 pub struct Project {
     pub project_id: String,
     pub name: String,
     pub quota_bytes: Option<i64>,
     pub used_bytes: i64,
     pub reserved_bytes: i64,
+    #[schema(value_type = crate::domain::policy::StoragePolicy)]
     pub policy: serde_json::Value,
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, FromRow, Serialize)]
+#[derive(Debug, Clone, FromRow, Serialize, utoipa::ToSchema)]
 pub struct Dataset {
     pub project_id: String,
     pub name: String,
     pub state: String,
+    #[schema(value_type = crate::domain::policy::StoragePolicy)]
     pub policy: serde_json::Value,
     pub validator: Option<String>,
     #[serde(skip)]

@@ -174,6 +174,7 @@ pub fn check_concurrency(n: u32) -> Result<u32, String> {
 /// at run time. Absent fields keep their current value; `reset` first drops every earlier
 /// override (back to the file), then applies the fields given. The agent keeps the
 /// overrides in its database, so they outlive restarts.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FlowConfig {

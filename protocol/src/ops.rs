@@ -53,6 +53,7 @@ impl Op {
 }
 
 /// `session.create`: open an upload session for a hashed file.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreateSession {
     /// The agent's job id (for command-started jobs, the upload command's id).
@@ -89,6 +90,7 @@ pub fn valid_dataset(label: &str) -> bool {
 }
 
 /// One part's MD5 (standard base64 of the 16-byte digest, as in `Content-MD5`).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartDigest {
     pub number: u32,
@@ -96,12 +98,14 @@ pub struct PartDigest {
 }
 
 /// `parts.presign`: URLs for up to [`MAX_PRESIGN_BATCH`] parts.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PresignParts {
     pub session_id: Uuid,
     pub parts: Vec<PartDigest>,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PresignedPart {
     pub number: u32,
@@ -109,11 +113,13 @@ pub struct PresignedPart {
     pub method: String,
     pub url: String,
     /// Headers that must be sent exactly (they are signed into the URL), e.g. `content-md5`.
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<Vec<String>>))]
     pub headers: Vec<(String, String)>,
     /// Unix seconds after which the URL no longer works.
     pub expires_at: i64,
 }
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PresignedParts {
     pub session_id: Uuid,
@@ -121,6 +127,7 @@ pub struct PresignedParts {
 }
 
 /// `session.status`, `session.complete`, `session.abort`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRef {
     pub session_id: Uuid,
@@ -128,6 +135,7 @@ pub struct SessionRef {
 
 /// `session.complete`: the session, and the device's manifest of the file. The request is
 /// signed by the device, so the stored request is the file's chain of custody.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompleteSession {
     pub session_id: Uuid,
@@ -137,6 +145,7 @@ pub struct CompleteSession {
 }
 
 /// What the device says it uploaded.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileManifest {
     pub device_id: String,
@@ -163,6 +172,7 @@ pub fn parts_digest<'a>(parts: impl IntoIterator<Item = (u32, &'a str)>) -> Stri
 }
 
 /// Session states (see `docs/architecture.md`).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SessionState {
@@ -211,6 +221,7 @@ impl SessionState {
 }
 
 /// A part that storage already holds.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredPart {
     pub number: u32,
@@ -219,6 +230,7 @@ pub struct StoredPart {
 }
 
 /// The answer to `session.create`, `session.status`, `session.complete` and `session.abort`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionInfo {
     pub session_id: Uuid,

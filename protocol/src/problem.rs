@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Problem {
     #[serde(rename = "type")]
@@ -14,6 +15,7 @@ pub struct Problem {
     pub detail: Option<String>,
     /// RFC 7807 extension members (e.g. `used`, `limit`, `requested` of a quota refusal).
     #[serde(flatten, default, skip_serializing_if = "serde_json::Map::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 

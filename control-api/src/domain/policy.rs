@@ -11,7 +11,7 @@ pub const TEMPLATE_VARS: [&str; 7] = [
 /// The key layout when no policy sets one. `{session}` keeps every upload its own object.
 pub const DEFAULT_TEMPLATE: &str = "{project}/{dataset}/{device}/{session}/{filename}";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Sse {
     #[serde(rename = "AES256")]
     Aes256,
@@ -19,7 +19,7 @@ pub enum Sse {
     Kms,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum LockMode {
     Governance,
@@ -27,7 +27,7 @@ pub enum LockMode {
 }
 
 /// A storage policy; every field is optional so a dataset can override one field only.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoragePolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]

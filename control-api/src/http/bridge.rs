@@ -1,6 +1,6 @@
 //! The bridge API: broker authentication, presence, and the command pump. Bearer `bridge_token`.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -10,23 +10,38 @@ use uuid::Uuid;
 
 use super::error::ApiError;
 use super::operator::expire_commands;
-use super::ApiJson;
+use super::{openapi, ApiJson, ApiPath, ApiQuery};
 use crate::AppState;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct MqttAuth {
     pub client_id: String,
     pub username: String,
     pub password: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Allow {
     pub allow: bool,
 }
 
 /// A device may connect as itself only: username = client id = a registered, enabled
 /// device, and a fresh password signed by its key.
+#[utoipa::path(
+    post,
+    path = "/v1/bridge/mqtt-auth",
+    tag = "bridge",
+    request_body = MqttAuth,
+    responses(
+        (status = 200, description = "Whether the broker lets the client in", body = Allow),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, response = openapi::Unprocessable),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("bridge" = []))
+)]
 pub async fn mqtt_auth(
     State(st): State<AppState>,
     ApiJson(req): ApiJson<MqttAuth>,
@@ -96,9 +111,27 @@ pub fn presence_refusal(
     }
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/bridge/devices/{id}/presence",
+    tag = "bridge",
+    params(("id" = String, Path, description = "Device id")),
+    request_body = Status,
+    responses(
+        (status = 204, description = "Recorded"),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 404, response = openapi::NotFound),
+        (status = 409, response = openapi::Conflict),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, response = openapi::Unprocessable),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("bridge" = []))
+)]
 pub async fn presence(
     State(st): State<AppState>,
-    Path(device_id): Path<String>,
+    ApiPath(device_id): ApiPath<String>,
     ApiJson(status): ApiJson<Status>,
 ) -> Result<StatusCode, ApiError> {
     let online = status.state == Presence::Online;
@@ -144,6 +177,89 @@ pub async fn presence(
     }
     tx.commit().await?;
     tracing::info!(%device_id, online, "Device presence");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DueQuery {
+    /// At most this many (1-1000, default 100; other values are clamped).
+    pub limit: Option<i64>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct DueCommand {
+    pub command_id: Uuid,
+    pub device_id: String,
+    /// The signed command envelope to publish on the device's command topic.
+    #[schema(value_type = Object)]
+    pub envelope: serde_json::Value,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/bridge/commands/due",
+    tag = "bridge",
+    params(DueQuery),
+    responses(
+        (status = 200, description = "Commands to publish now", body = Vec<DueCommand>),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("bridge" = []))
+)]
+pub async fn due_commands(
+    State(st): State<AppState>,
+    ApiQuery(q): ApiQuery<DueQuery>,
+) -> Result<Json<Vec<DueCommand>>, ApiError> {
+    expire_commands(&st).await?;
+    let rows: Vec<(Uuid, String, serde_json::Value)> = sqlx::query_as(
+        "SELECT c.command_id, c.device_id, c.envelope FROM commands c JOIN devices d USING (device_id)
+         WHERE c.state IN ('pending', 'published') AND c.expires_at > now() AND d.online AND d.enabled
+           AND (c.published_at IS NULL OR c.published_at < now() - make_interval(secs => $1))
+         ORDER BY c.created_at LIMIT $2",
+    )
+    .bind(st.config.command_resend_secs as f64)
+    .bind(q.limit.unwrap_or(100).clamp(1, 1000))
+    .fetch_all(&st.store.pool)
+    .await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|(command_id, device_id, envelope)| DueCommand {
+                command_id,
+                device_id,
+                envelope,
+            })
+            .collect(),
+    ))
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/bridge/commands/{id}/published",
+    tag = "bridge",
+    params(("id" = Uuid, Path, description = "Command id")),
+    responses(
+        (status = 204, description = "Recorded"),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("bridge" = []))
+)]
+pub async fn command_published(
+    State(st): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    sqlx::query(
+        "UPDATE commands SET state = CASE WHEN state = 'pending' THEN 'published' ELSE state END,
+                             published_at = now(), publish_count = publish_count + 1, updated_at = now()
+         WHERE command_id = $1",
+    )
+    .bind(id)
+    .execute(&st.store.pool)
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -205,57 +321,4 @@ mod tests {
         // A fresh online is taken even when the gateway's clock stepped back.
         assert_eq!(code(&online(t2 - 5000), Some((t2, false))), None);
     }
-}
-
-#[derive(Deserialize)]
-pub struct DueQuery {
-    pub limit: Option<i64>,
-}
-
-#[derive(Serialize)]
-pub struct DueCommand {
-    pub command_id: Uuid,
-    pub device_id: String,
-    pub envelope: serde_json::Value,
-}
-
-pub async fn due_commands(
-    State(st): State<AppState>,
-    Query(q): Query<DueQuery>,
-) -> Result<Json<Vec<DueCommand>>, ApiError> {
-    expire_commands(&st).await?;
-    let rows: Vec<(Uuid, String, serde_json::Value)> = sqlx::query_as(
-        "SELECT c.command_id, c.device_id, c.envelope FROM commands c JOIN devices d USING (device_id)
-         WHERE c.state IN ('pending', 'published') AND c.expires_at > now() AND d.online AND d.enabled
-           AND (c.published_at IS NULL OR c.published_at < now() - make_interval(secs => $1))
-         ORDER BY c.created_at LIMIT $2",
-    )
-    .bind(st.config.command_resend_secs as f64)
-    .bind(q.limit.unwrap_or(100).clamp(1, 1000))
-    .fetch_all(&st.store.pool)
-    .await?;
-    Ok(Json(
-        rows.into_iter()
-            .map(|(command_id, device_id, envelope)| DueCommand {
-                command_id,
-                device_id,
-                envelope,
-            })
-            .collect(),
-    ))
-}
-
-pub async fn command_published(
-    State(st): State<AppState>,
-    Path(id): Path<Uuid>,
-) -> Result<StatusCode, ApiError> {
-    sqlx::query(
-        "UPDATE commands SET state = CASE WHEN state = 'pending' THEN 'published' ELSE state END,
-                             published_at = now(), publish_count = publish_count + 1, updated_at = now()
-         WHERE command_id = $1",
-    )
-    .bind(id)
-    .execute(&st.store.pool)
-    .await?;
-    Ok(StatusCode::NO_CONTENT)
 }

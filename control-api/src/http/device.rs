@@ -4,6 +4,8 @@
 //! answer (success or 4xx) is stored and returned for every duplicate with the same body;
 //! a different body under the same key is refused with 422.
 
+use std::borrow::Cow;
+
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
@@ -13,12 +15,16 @@ use axum::Json;
 use serde::de::DeserializeOwned;
 use uplink_protocol::command::{AckState, CommandAck};
 use uplink_protocol::envelope::answer_canonical;
-use uplink_protocol::ops::{Op, SessionRef};
+use uplink_protocol::ops::{Op, SessionInfo, SessionRef};
 use uplink_protocol::sign::{self, RequestToSign};
 use uplink_protocol::telemetry::Progress;
 use uplink_protocol::{sha256_hex, topics, unix_now, valid_request_id};
+use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, Schema, Type};
+use utoipa::openapi::{Ref, RefOr};
+use utoipa::{PartialSchema as _, ToSchema as _};
 
 use super::error::ApiError;
+use super::openapi;
 use crate::store::{Actor, Device};
 use crate::{sessions, AppState};
 
@@ -132,6 +138,152 @@ async fn verify(
     })
 }
 
+/// The device op path parameter: one of [`Op::ALL`].
+pub struct OpName;
+
+impl utoipa::PartialSchema for OpName {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(Op::ALL.map(Op::as_str)))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for OpName {}
+
+/// `anyOf` the given schemas, registering each of them.
+fn any_of<const N: usize>(
+    items: [(Cow<'static, str>, RefOr<Schema>); N],
+    description: &str,
+) -> RefOr<Schema> {
+    let mut any = AnyOfBuilder::new().description(Some(description));
+    for (name, _) in &items {
+        any = any.item(Ref::from_schema_name(name.clone()));
+    }
+    any.into()
+}
+
+/// A device request body: which one depends on the op (docs/protocol.md).
+pub struct DeviceRequest;
+
+/// Schemas of the device request bodies.
+fn request_schemas() -> [(Cow<'static, str>, RefOr<Schema>); 6] {
+    use uplink_protocol::ops::{CompleteSession, CreateSession, PresignParts};
+    [
+        (CreateSession::name(), CreateSession::schema()),
+        (PresignParts::name(), PresignParts::schema()),
+        (SessionRef::name(), SessionRef::schema()),
+        (CompleteSession::name(), CompleteSession::schema()),
+        (CommandAck::name(), CommandAck::schema()),
+        (Progress::name(), Progress::schema()),
+    ]
+}
+
+impl utoipa::PartialSchema for DeviceRequest {
+    fn schema() -> RefOr<Schema> {
+        any_of(
+            request_schemas(),
+            "session.create: CreateSession; parts.presign: PresignParts; session.status and \
+             session.abort: SessionRef; session.complete: CompleteSession; command.ack: \
+             CommandAck; progress: Progress",
+        )
+    }
+}
+
+impl utoipa::ToSchema for DeviceRequest {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        use uplink_protocol::ops::{CompleteSession, CreateSession, PresignParts};
+        CreateSession::schemas(schemas);
+        PresignParts::schemas(schemas);
+        SessionRef::schemas(schemas);
+        CompleteSession::schemas(schemas);
+        CommandAck::schemas(schemas);
+        Progress::schemas(schemas);
+        schemas.extend(request_schemas().map(|(n, s)| (n.into_owned(), s)));
+    }
+}
+
+/// A device answer: which one depends on the op.
+pub struct DeviceAnswer;
+
+/// `{}`: the answer to `command.ack` and `progress`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(max_properties = 0)]
+pub struct Empty {}
+
+fn answer_schemas() -> [(Cow<'static, str>, RefOr<Schema>); 3] {
+    use uplink_protocol::ops::{PresignedParts, SessionInfo};
+    [
+        (SessionInfo::name(), SessionInfo::schema()),
+        (PresignedParts::name(), PresignedParts::schema()),
+        (Empty::name(), Empty::schema()),
+    ]
+}
+
+impl utoipa::PartialSchema for DeviceAnswer {
+    fn schema() -> RefOr<Schema> {
+        any_of(
+            answer_schemas(),
+            "parts.presign: PresignedParts; command.ack and progress: {}; the session ops: SessionInfo",
+        )
+    }
+}
+
+impl utoipa::ToSchema for DeviceAnswer {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        use uplink_protocol::ops::{PresignedParts, SessionInfo};
+        SessionInfo::schemas(schemas);
+        PresignedParts::schemas(schemas);
+        schemas.extend(answer_schemas().map(|(n, s)| (n.into_owned(), s)));
+    }
+}
+
+/// Headers of a device request (docs/protocol.md).
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub struct DeviceHeaders {
+    /// The device id.
+    #[serde(rename = "X-Uplink-Device")]
+    device: String,
+    /// Unix seconds; within `replay_window_secs` of the server's clock.
+    #[serde(rename = "X-Uplink-Timestamp")]
+    timestamp: i64,
+    /// Base64 Ed25519 signature over device, op, request id, timestamp and body.
+    #[serde(rename = "X-Uplink-Signature")]
+    signature: String,
+    /// The request id: 1-64 of `[A-Za-z0-9_-]`; a retry with the same id and body gets the
+    /// stored answer.
+    #[serde(rename = "Idempotency-Key")]
+    #[param(pattern = "^[A-Za-z0-9_-]{1,64}$")]
+    request_id: String,
+}
+
+/// A device request, signed by the device's key. The answer (also a refusal) is signed with
+/// the command key in `X-Uplink-Answer-Signature` when the request named a device and id.
+#[utoipa::path(
+    post,
+    path = "/v1/device/{op}",
+    tag = "device",
+    params(("op" = inline(OpName), Path, description = "The op"), DeviceHeaders),
+    request_body(content = DeviceRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The op's answer", body = DeviceAnswer,
+            headers(("X-Uplink-Answer-Signature" = String, description = "The API's signature over the answer"))),
+        (status = 201, description = "session.create: a new session", body = SessionInfo,
+            headers(("X-Uplink-Answer-Signature" = String, description = "The API's signature over the answer"))),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, response = openapi::NotFound),
+        (status = 409, response = openapi::Conflict),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, response = openapi::Unprocessable),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(())
+)]
 pub async fn device_op(
     State(st): State<AppState>,
     Path(op): Path<String>,

@@ -22,6 +22,8 @@ pub enum ApiError {
     #[error("{1}")]
     Unprocessable(&'static str, String),
     #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
     PayloadTooLarge(String),
     /// The project's quota cannot hold `requested` more bytes (413).
     #[error("project {project} quota exceeded")]
@@ -48,6 +50,7 @@ impl ApiError {
             ApiError::NotFound(..) => StatusCode::NOT_FOUND,
             ApiError::Conflict(..) => StatusCode::CONFLICT,
             ApiError::Unprocessable(..) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) | ApiError::QuotaExceeded { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -67,6 +70,9 @@ impl ApiError {
             | ApiError::Conflict(code, d)
             | ApiError::Unprocessable(code, d) => {
                 Problem::new(status, code, title, Some(d.clone()))
+            }
+            ApiError::MethodNotAllowed(d) => {
+                Problem::new(status, "method_not_allowed", title, Some(d.clone()))
             }
             ApiError::PayloadTooLarge(d) => {
                 Problem::new(status, "payload_too_large", title, Some(d.clone()))
@@ -150,6 +156,13 @@ impl From<sqlx::Error> for ApiError {
             | sqlx::Error::WorkerCrashed => ApiError::Unavailable("database", e.to_string()),
             sqlx::Error::Database(db) if db.is_unique_violation() => {
                 ApiError::Conflict("conflict", "a record with this key already exists".into())
+            }
+            // Data exceptions: a value PostgreSQL cannot take, e.g. a NUL character in text.
+            sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22")) => {
+                ApiError::BadRequest(
+                    "invalid_value",
+                    "a value in the request cannot be stored (e.g. a NUL character)".into(),
+                )
             }
             sqlx::Error::Database(db)
                 if db

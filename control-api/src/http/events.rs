@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Utc};
@@ -15,7 +15,7 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::operator::scope;
 use super::projects::{admin_need, visible_project};
-use super::ApiJson;
+use super::{openapi, ApiJson, ApiPath, ApiQuery};
 use crate::domain::access::Need;
 use crate::events::{self, Event};
 use crate::store::audit;
@@ -24,18 +24,24 @@ use crate::AppState;
 /// The longest a long-poll waits.
 pub const MAX_WAIT_SECS: u64 = 60;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventQuery {
     /// Events with a greater `seq` (default 0: from the start).
+    #[param(minimum = 0)]
     pub after: Option<i64>,
     /// At most this many (1-1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<i64>,
-    /// Seconds to wait when there is nothing yet (0-60, default 0).
+    /// Seconds to wait when there is nothing yet (0-60, default 0; held at most
+    /// `events.long_poll_max_secs`).
+    #[param(minimum = 0, maximum = 60)]
     pub wait: Option<u64>,
+    /// Only this project's events.
     pub project_id: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct EventPage {
     pub events: Vec<Event>,
     /// Pass as `after` next time: the last event's `seq`, or `after` when there was none.
@@ -44,10 +50,25 @@ pub struct EventPage {
 
 /// Events after `after` that the caller may see, oldest first. With `wait`, an empty answer
 /// is held until an event arrives, the wait ends or the API shuts down.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "events",
+    params(EventQuery),
+    responses(
+        (status = 200, description = "Events after `after`, oldest first, and the `next` to pass", body = EventPage),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 404, response = openapi::NotFound),
+        (status = 422, response = openapi::Unprocessable),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn list_events(
     State(st): State<AppState>,
     caller: Caller,
-    Query(q): Query<EventQuery>,
+    ApiQuery(q): ApiQuery<EventQuery>,
 ) -> Result<Json<EventPage>, ApiError> {
     let project = scope(&caller, q.project_id.as_deref())?;
     let after = q.after.unwrap_or(0);
@@ -85,7 +106,7 @@ pub async fn list_events(
 }
 
 /// A webhook as the API shows it; the secret is shown only at creation.
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Webhook {
     pub webhook_id: Uuid,
     pub project_id: Option<String>,
@@ -103,7 +124,7 @@ pub struct Webhook {
 const WEBHOOK_COLUMNS: &str = "webhook_id, project_id, url, actions, cursor, failures, \
     next_attempt_at, last_error, last_delivered_at, created_by, created_at";
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewWebhook {
     pub url: String,
@@ -115,7 +136,7 @@ pub struct NewWebhook {
     pub after: Option<i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct CreatedWebhook {
     #[serde(flatten)]
     pub webhook: Webhook,
@@ -153,6 +174,24 @@ fn check_webhook(req: &NewWebhook) -> Result<(), ApiError> {
     Ok(())
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/webhooks",
+    tag = "events",
+    params(openapi::IdempotencyKey),
+    request_body = NewWebhook,
+    responses(
+        (status = 201, description = "The webhook, with its secret (shown once)", body = CreatedWebhook),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, response = openapi::NotFound),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, response = openapi::Unprocessable),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn create_webhook(
     State(st): State<AppState>,
     caller: Caller,
@@ -209,15 +248,31 @@ pub async fn create_webhook(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct WebhookQuery {
+    /// Only this project's webhooks.
     pub project_id: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks",
+    tag = "events",
+    params(WebhookQuery),
+    responses(
+        (status = 200, description = "Webhooks (never their secrets)", body = Vec<Webhook>),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 404, response = openapi::NotFound),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn list_webhooks(
     State(st): State<AppState>,
     caller: Caller,
-    Query(q): Query<WebhookQuery>,
+    ApiQuery(q): ApiQuery<WebhookQuery>,
 ) -> Result<Json<Vec<Webhook>>, ApiError> {
     let project = scope(&caller, q.project_id.as_deref())?;
     Ok(Json(
@@ -258,10 +313,24 @@ async fn visible_webhook(
     Ok(webhook)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks/{id}",
+    tag = "events",
+    params(("id" = String, Path, description = "Webhook id")),
+    responses(
+        (status = 200, description = "The webhook", body = Webhook),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 404, response = openapi::NotFound),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn get_webhook(
     State(st): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Webhook>, ApiError> {
     Ok(Json(
         visible_webhook(&st, &caller, &id, |_| Need::Read).await?,
@@ -269,10 +338,27 @@ pub async fn get_webhook(
 }
 
 /// Deletes a webhook: nothing more is delivered to it.
+#[utoipa::path(
+    delete,
+    path = "/v1/webhooks/{id}",
+    tag = "events",
+    params(("id" = String, Path, description = "Webhook id"), openapi::IdempotencyKey),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, response = openapi::NotFound),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, response = openapi::Unprocessable),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn delete_webhook(
     State(st): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let webhook = visible_webhook(&st, &caller, &id, admin_need).await?;
     let mut tx = st.store.pool.begin().await?;

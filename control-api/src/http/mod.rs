@@ -1,4 +1,5 @@
-//! HTTP routing. One module per audience: `device` (signed requests), `operator`, `bridge`.
+//! HTTP routing. One module per audience: `device` (signed requests), `operator`, `bridge`;
+//! `openapi` for the document every route is registered with.
 
 pub mod auth;
 pub mod bridge;
@@ -6,20 +7,24 @@ pub mod device;
 pub mod error;
 pub mod events;
 pub mod idempotency;
+pub mod openapi;
 pub mod operator;
 pub mod projects;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use tower_http::trace::TraceLayer;
 use uplink_protocol::envelope::MAX_PAYLOAD_BYTES;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use self::error::ApiError;
 use crate::AppState;
@@ -46,6 +51,34 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     }
 }
 
+/// `Path` whose rejections (e.g. a session id that is not a UUID) are problem documents.
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(ApiPath(v)),
+            Err(e) => Err(ApiError::BadRequest("invalid_parameter", e.body_text())),
+        }
+    }
+}
+
+/// `Query` whose rejections are problem documents.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(ApiQuery(v)),
+            Err(e) => Err(ApiError::BadRequest("invalid_parameter", e.body_text())),
+        }
+    }
+}
+
 fn token_matches(given: &str, expected: &str) -> bool {
     // Compare digests so the comparison time does not depend on where the tokens differ.
     Sha256::digest(given.as_bytes()) == Sha256::digest(expected.as_bytes())
@@ -67,21 +100,43 @@ async fn require_bridge(State(st): State<AppState>, req: Request, next: Next) ->
     }
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok"}))
+/// Liveness: 200 while the process runs.
+#[utoipa::path(get, path = "/healthz", tag = "public",
+    responses((status = 200, description = "The process runs", body = openapi::Health)))]
+async fn healthz() -> Json<openapi::Health> {
+    Json(openapi::Health {
+        status: "ok".into(),
+    })
 }
 
 /// Ready when the database and the bucket answer.
-async fn readyz(State(st): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+#[utoipa::path(get, path = "/readyz", tag = "public",
+    responses(
+        (status = 200, description = "PostgreSQL and the bucket answer", body = openapi::Health),
+        (status = 503, response = openapi::Unavailable),
+    ))]
+async fn readyz(State(st): State<AppState>) -> Result<Json<openapi::Health>, ApiError> {
     sqlx::query("SELECT 1").execute(&st.store.pool).await?;
     st.storage.check().await?;
-    Ok(Json(serde_json::json!({"status": "ready"})))
+    Ok(Json(openapi::Health {
+        status: "ready".into(),
+    }))
 }
 
-async fn command_key(State(st): State<AppState>) -> Json<serde_json::Value> {
-    Json(
-        serde_json::json!({"public_key": uplink_protocol::sign::encode_public(&st.command_key.verifying_key())}),
-    )
+/// The public key agents pin to verify commands.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct CommandKey {
+    /// Base64 of the 32-byte Ed25519 public key.
+    pub public_key: String,
+}
+
+/// The key that signs commands and device answers.
+#[utoipa::path(get, path = "/v1/command-key", tag = "public",
+    responses((status = 200, description = "The command key", body = CommandKey)))]
+async fn command_key(State(st): State<AppState>) -> Json<CommandKey> {
+    Json(CommandKey {
+        public_key: uplink_protocol::sign::encode_public(&st.command_key.verifying_key()),
+    })
 }
 
 /// The answer for a path that does not exist (or that the caller may not know exists).
@@ -106,67 +161,71 @@ fn request_span(req: &Request) -> tracing::Span {
     span
 }
 
+/// Public routes: no authentication.
+fn public_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(crate::metrics::render))
+        .routes(routes!(command_key))
+        .routes(routes!(openapi::openapi_json))
+        .routes(routes!(openapi::docs))
+        .routes(routes!(device::device_op))
+}
+
+/// Operator routes: bearer operator token or API key (layers added by [`router`]).
+fn operator_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(projects::create_project, projects::list_projects))
+        .routes(routes!(projects::get_project, projects::patch_project))
+        .routes(routes!(projects::create_dataset, projects::list_datasets))
+        .routes(routes!(projects::get_dataset, projects::patch_dataset))
+        .routes(routes!(projects::seal_dataset))
+        .routes(routes!(projects::dataset_manifest))
+        .routes(routes!(projects::create_key, projects::list_keys))
+        .routes(routes!(projects::revoke_key))
+        .routes(routes!(projects::session_manifest))
+        .routes(routes!(operator::register_device, operator::list_devices))
+        .routes(routes!(operator::get_device, operator::patch_device))
+        .routes(routes!(operator::list_audit))
+        .routes(routes!(events::list_events))
+        .routes(routes!(events::create_webhook, events::list_webhooks))
+        .routes(routes!(events::get_webhook, events::delete_webhook))
+        .routes(routes!(operator::create_command))
+        .routes(routes!(operator::list_commands))
+        .routes(routes!(operator::get_command))
+        .routes(routes!(operator::list_sessions))
+        .routes(routes!(operator::get_session))
+        .routes(routes!(operator::pause_session))
+        .routes(routes!(operator::resume_session))
+        .routes(routes!(operator::abort_session))
+}
+
+/// Bridge routes: bearer `bridge_token` (layer added by [`router`]).
+fn bridge_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(bridge::mqtt_auth))
+        .routes(routes!(bridge::presence))
+        .routes(routes!(bridge::due_commands))
+        .routes(routes!(bridge::command_published))
+}
+
+/// The OpenAPI document of every route [`router`] serves: built from the same route lists.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .merge(public_routes())
+        .merge(operator_routes())
+        .merge(bridge_routes())
+        .into_openapi()
+}
+
+/// A method the path does not have.
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed("method not allowed on this path (see Allow)".into())
+}
+
 pub fn router(state: AppState) -> Router {
-    let operator = Router::new()
-        .route(
-            "/v1/projects",
-            post(projects::create_project).get(projects::list_projects),
-        )
-        .route(
-            "/v1/projects/{id}",
-            get(projects::get_project).patch(projects::patch_project),
-        )
-        .route(
-            "/v1/projects/{id}/datasets",
-            post(projects::create_dataset).get(projects::list_datasets),
-        )
-        .route(
-            "/v1/projects/{id}/datasets/{name}",
-            get(projects::get_dataset).patch(projects::patch_dataset),
-        )
-        .route(
-            "/v1/projects/{id}/datasets/{name}/seal",
-            post(projects::seal_dataset),
-        )
-        .route(
-            "/v1/projects/{id}/datasets/{name}/manifest",
-            get(projects::dataset_manifest),
-        )
-        .route(
-            "/v1/keys",
-            post(projects::create_key).get(projects::list_keys),
-        )
-        .route("/v1/keys/{id}", delete(projects::revoke_key))
-        .route(
-            "/v1/sessions/{id}/manifest",
-            get(projects::session_manifest),
-        )
-        .route(
-            "/v1/devices",
-            post(operator::register_device).get(operator::list_devices),
-        )
-        .route(
-            "/v1/devices/{id}",
-            get(operator::get_device).patch(operator::patch_device),
-        )
-        .route("/v1/audit", get(operator::list_audit))
-        .route("/v1/events", get(events::list_events))
-        .route(
-            "/v1/webhooks",
-            post(events::create_webhook).get(events::list_webhooks),
-        )
-        .route(
-            "/v1/webhooks/{id}",
-            get(events::get_webhook).delete(events::delete_webhook),
-        )
-        .route("/v1/devices/{id}/commands", post(operator::create_command))
-        .route("/v1/commands", get(operator::list_commands))
-        .route("/v1/commands/{id}", get(operator::get_command))
-        .route("/v1/sessions", get(operator::list_sessions))
-        .route("/v1/sessions/{id}", get(operator::get_session))
-        .route("/v1/sessions/{id}/pause", post(operator::pause_session))
-        .route("/v1/sessions/{id}/resume", post(operator::resume_session))
-        .route("/v1/sessions/{id}/abort", post(operator::abort_session))
+    let operator = operator_routes()
         // Inner: runs only for authenticated operators.
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -176,27 +235,17 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::authenticate,
         ));
-    let bridge = Router::new()
-        .route("/v1/bridge/mqtt-auth", post(bridge::mqtt_auth))
-        .route("/v1/bridge/devices/{id}/presence", put(bridge::presence))
-        .route("/v1/bridge/commands/due", get(bridge::due_commands))
-        .route(
-            "/v1/bridge/commands/{id}/published",
-            post(bridge::command_published),
-        )
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_bridge,
-        ));
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(crate::metrics::render))
-        .route("/v1/command-key", get(command_key))
-        .route("/v1/device/{op}", post(device::device_op))
+    let bridge = bridge_routes().route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        require_bridge,
+    ));
+    let (router, _) = public_routes()
         .merge(operator)
         .merge(bridge)
+        .split_for_parts();
+    router
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_PAYLOAD_BYTES))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)

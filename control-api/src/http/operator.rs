@@ -1,7 +1,7 @@
 //! The operator API: devices, commands, sessions, audit. Every handler checks the caller's
 //! role on the project the resource belongs to (see [`crate::domain::access`]).
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
@@ -13,18 +13,21 @@ use uuid::Uuid;
 
 use super::auth::Caller;
 use super::error::ApiError;
-use super::ApiJson;
+use super::{openapi, ApiJson, ApiPath, ApiQuery};
 use crate::domain::access::Need;
 use crate::domain::session::Event;
 use crate::store::{self, audit, Actor, Device, Session, SessionFilter};
 use crate::{sessions, AppState};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct NewDevice {
+    /// 1-64 of `[A-Za-z0-9._-]`, not starting with a dot (nor with `uplink-bridge`).
+    #[schema(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")]
     pub device_id: String,
     pub public_key: String,
     /// The project the device belongs to (default `default`).
     #[serde(default = "default_project")]
+    #[schema(default = "default")]
     pub project_id: String,
 }
 
@@ -52,6 +55,25 @@ pub async fn visible_device(
     Ok(device)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/devices",
+    tag = "devices",
+    params(openapi::IdempotencyKey),
+    request_body = NewDevice,
+    responses(
+        (status = 201, description = "The device", body = Device),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, response = openapi::NotFound),
+        (status = 409, response = openapi::Conflict),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, response = openapi::Unprocessable),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn register_device(
     State(st): State<AppState>,
     caller: Caller,
@@ -113,15 +135,31 @@ pub async fn register_device(
     Ok((StatusCode::CREATED, Json(device)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DeviceQuery {
+    /// Only this project's devices.
     pub project_id: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/devices",
+    tag = "devices",
+    params(DeviceQuery),
+    responses(
+        (status = 200, description = "Devices", body = Vec<Device>),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 404, response = openapi::NotFound),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn list_devices(
     State(st): State<AppState>,
     caller: Caller,
-    Query(q): Query<DeviceQuery>,
+    ApiQuery(q): ApiQuery<DeviceQuery>,
 ) -> Result<Json<Vec<Device>>, ApiError> {
     let project = scope(&caller, q.project_id.as_deref())?;
     Ok(Json(st.store.devices(project).await?))
@@ -138,15 +176,29 @@ pub fn scope<'a>(caller: &'a Caller, asked: Option<&'a str>) -> Result<Option<&'
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/devices/{id}",
+    tag = "devices",
+    params(("id" = String, Path, description = "Device id")),
+    responses(
+        (status = 200, description = "The device", body = Device),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 404, response = openapi::NotFound),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn get_device(
     State(st): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Device>, ApiError> {
     Ok(Json(visible_device(&st, &caller, &id, Need::Read).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct DevicePatch {
     /// A disabled device is refused by the device API and the embedded broker, and gets no commands.
     pub enabled: Option<bool>,
@@ -154,10 +206,28 @@ pub struct DevicePatch {
     pub public_key: Option<String>,
 }
 
+#[utoipa::path(
+    patch,
+    path = "/v1/devices/{id}",
+    tag = "devices",
+    params(("id" = String, Path, description = "Device id"), openapi::IdempotencyKey),
+    request_body = DevicePatch,
+    responses(
+        (status = 200, description = "The device", body = Device),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, response = openapi::NotFound),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, response = openapi::Unprocessable),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn patch_device(
     State(st): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(patch): ApiJson<DevicePatch>,
 ) -> Result<Json<Device>, ApiError> {
     visible_device(&st, &caller, &id, Need::Operate).await?;
@@ -200,16 +270,20 @@ pub async fn patch_device(
     Ok(Json(device))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
+    /// Only events about this subject (a device id, session id, `key:{key_id}`, ...).
     pub subject: Option<String>,
+    /// Only this project's events.
     pub project_id: Option<String>,
     /// Only events with a larger id (for paging forward).
     pub after: Option<i64>,
+    /// At most this many (1-1000, default 100; other values are clamped).
     pub limit: Option<i64>,
 }
 
-#[derive(Debug, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, serde::Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct AuditEvent {
     pub id: i64,
     pub at: chrono::DateTime<chrono::Utc>,
@@ -218,14 +292,29 @@ pub struct AuditEvent {
     pub subject: String,
     pub request_id: Option<String>,
     pub project_id: Option<String>,
+    #[schema(value_type = Object)]
     pub detail: serde_json::Value,
 }
 
 /// The append-only audit log, oldest first. A project-scoped key sees its project's events.
+#[utoipa::path(
+    get,
+    path = "/v1/audit",
+    tag = "audit",
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "Audit events, oldest first", body = Vec<AuditEvent>),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 404, response = openapi::NotFound),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn list_audit(
     State(st): State<AppState>,
     caller: Caller,
-    Query(q): Query<AuditQuery>,
+    ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> Result<Json<Vec<AuditEvent>>, ApiError> {
     let project = scope(&caller, q.project_id.as_deref())?;
     let rows = sqlx::query_as(
@@ -307,10 +396,28 @@ pub async fn issue_command(
     Ok(row)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/devices/{id}/commands",
+    tag = "devices",
+    params(("id" = String, Path, description = "Device id"), openapi::IdempotencyKey),
+    request_body = Action,
+    responses(
+        (status = 201, description = "The command, `pending`", body = store::Command),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, response = openapi::NotFound),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, response = openapi::Unprocessable),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn create_command(
     State(st): State<AppState>,
     caller: Caller,
-    Path(device_id): Path<String>,
+    ApiPath(device_id): ApiPath<String>,
     ApiJson(action): ApiJson<Action>,
 ) -> Result<(StatusCode, Json<store::Command>), ApiError> {
     visible_device(&st, &caller, &device_id, Need::Operate).await?;
@@ -318,19 +425,54 @@ pub async fn create_command(
     Ok((StatusCode::CREATED, Json(row)))
 }
 
-#[derive(Deserialize)]
-pub struct ListQuery {
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct CommandQuery {
+    /// Only this device's commands.
     pub device_id: Option<String>,
+    /// Only commands in this state (`pending`, `published`, `accepted`, `done`, `failed`,
+    /// `rejected`, `expired`).
     pub state: Option<String>,
+    /// Only this project's commands.
     pub project_id: Option<String>,
-    pub dataset: Option<String>,
+    /// At most this many (1-1000, default 100; other values are clamped).
     pub limit: Option<i64>,
 }
 
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SessionQuery {
+    /// Only this device's sessions.
+    pub device_id: Option<String>,
+    /// Only sessions in this state (an unknown state is 400 `invalid_state`).
+    #[param(value_type = Option<SessionState>)]
+    pub state: Option<String>,
+    /// Only this project's sessions.
+    pub project_id: Option<String>,
+    /// Only this dataset's sessions.
+    pub dataset: Option<String>,
+    /// At most this many (1-1000, default 100; other values are clamped).
+    pub limit: Option<i64>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/commands",
+    tag = "sessions",
+    params(CommandQuery),
+    responses(
+        (status = 200, description = "Commands, newest first", body = Vec<store::Command>),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 404, response = openapi::NotFound),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn list_commands(
     State(st): State<AppState>,
     caller: Caller,
-    Query(q): Query<ListQuery>,
+    ApiQuery(q): ApiQuery<CommandQuery>,
 ) -> Result<Json<Vec<store::Command>>, ApiError> {
     let project = scope(&caller, q.project_id.as_deref())?;
     expire_commands(&st).await?;
@@ -349,10 +491,24 @@ pub async fn list_commands(
     Ok(Json(rows))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/commands/{id}",
+    tag = "sessions",
+    params(("id" = Uuid, Path, description = "Command id")),
+    responses(
+        (status = 200, description = "The command", body = store::Command),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 404, response = openapi::NotFound),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn get_command(
     State(st): State<AppState>,
     caller: Caller,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<store::Command>, ApiError> {
     expire_commands(&st).await?;
     let missing = || ApiError::NotFound("command_not_found", format!("no command {id}"));
@@ -378,10 +534,24 @@ pub async fn expire_commands(st: &AppState) -> Result<(), ApiError> {
     Ok(())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/sessions",
+    tag = "sessions",
+    params(SessionQuery),
+    responses(
+        (status = 200, description = "Sessions, newest first", body = Vec<Session>),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 404, response = openapi::NotFound),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn list_sessions(
     State(st): State<AppState>,
     caller: Caller,
-    Query(q): Query<ListQuery>,
+    ApiQuery(q): ApiQuery<SessionQuery>,
 ) -> Result<Json<Vec<Session>>, ApiError> {
     let project = scope(&caller, q.project_id.as_deref())?;
     if let Some(s) = &q.state {
@@ -418,10 +588,24 @@ pub async fn visible_session(
     Ok(session)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{id}",
+    tag = "sessions",
+    params(("id" = Uuid, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "The session", body = Session),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 404, response = openapi::NotFound),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn get_session(
     State(st): State<AppState>,
     caller: Caller,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<Session>, ApiError> {
     Ok(Json(visible_session(&st, &caller, id, Need::Read).await?))
 }
@@ -455,26 +639,80 @@ async fn steer_session(
     Ok(Json(session))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/{id}/pause",
+    tag = "sessions",
+    params(("id" = Uuid, Path, description = "Session id"), openapi::IdempotencyKey),
+    responses(
+        (status = 200, description = "The session, `paused`; a `pause` command goes to the device", body = Session),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, response = openapi::NotFound),
+        (status = 409, response = openapi::Conflict),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, response = openapi::Unprocessable),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn pause_session(
     State(st): State<AppState>,
     caller: Caller,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<Session>, ApiError> {
     steer_session(&st, caller, id, Event::Pause).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/{id}/resume",
+    tag = "sessions",
+    params(("id" = Uuid, Path, description = "Session id"), openapi::IdempotencyKey),
+    responses(
+        (status = 200, description = "The session, `uploading`; a `resume` command goes to the device", body = Session),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, response = openapi::NotFound),
+        (status = 409, response = openapi::Conflict),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, response = openapi::Unprocessable),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn resume_session(
     State(st): State<AppState>,
     caller: Caller,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<Session>, ApiError> {
     steer_session(&st, caller, id, Event::Resume).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/{id}/abort",
+    tag = "sessions",
+    params(("id" = Uuid, Path, description = "Session id"), openapi::IdempotencyKey),
+    responses(
+        (status = 200, description = "The session, `aborted`; a `cancel` command goes to the device", body = Session),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, response = openapi::NotFound),
+        (status = 409, response = openapi::Conflict),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, response = openapi::Unprocessable),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn abort_session(
     State(st): State<AppState>,
     caller: Caller,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<Session>, ApiError> {
     steer_session(&st, caller, id, Event::Abort).await
 }

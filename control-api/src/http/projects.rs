@@ -1,6 +1,6 @@
 //! Projects, datasets (open → sealed, with a manifest), storage policies and API keys.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::auth::{new_token, Caller};
 use super::error::ApiError;
 use super::operator::{project_missing, scope, visible_session};
-use super::{no_such_endpoint, ApiJson};
+use super::{no_such_endpoint, openapi, ApiJson, ApiPath, ApiQuery};
 use crate::domain::access::{Need, Role};
 use crate::domain::policy::StoragePolicy;
 use crate::sessions::SignedRequest;
@@ -46,13 +46,18 @@ fn to_value(p: &StoragePolicy) -> serde_json::Value {
     serde_json::to_value(p).unwrap_or_default()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewProject {
+    /// 1-64 of `[A-Za-z0-9._-]`, not starting with a dot.
+    #[schema(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")]
     pub project_id: String,
     pub name: Option<String>,
+    /// Bytes; absent or `null`: no quota.
     pub quota_bytes: Option<i64>,
+    /// Absent or `null`: the API's `[s3]` settings.
     #[serde(default)]
+    #[schema(value_type = Option<StoragePolicy>)]
     pub policy: serde_json::Value,
 }
 
@@ -66,6 +71,25 @@ fn check_quota(q: Option<i64>) -> Result<(), ApiError> {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/projects",
+    tag = "projects",
+    params(openapi::IdempotencyKey),
+    request_body = NewProject,
+    responses(
+        (status = 201, description = "The project, with dataset `default`", body = Project),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, response = openapi::NotFound),
+        (status = 409, response = openapi::Conflict),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, response = openapi::Unprocessable),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn create_project(
     State(st): State<AppState>,
     caller: Caller,
@@ -118,6 +142,17 @@ pub async fn create_project(
     Ok((StatusCode::CREATED, Json(project)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/projects",
+    tag = "projects",
+    responses(
+        (status = 200, description = "Projects the caller can see", body = Vec<Project>),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn list_projects(
     State(st): State<AppState>,
     caller: Caller,
@@ -142,21 +177,37 @@ pub(super) async fn visible_project(
     st.store.project(id).await?.ok_or_else(project_missing(id))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/projects/{id}",
+    tag = "projects",
+    params(("id" = String, Path, description = "Project id")),
+    responses(
+        (status = 200, description = "The project", body = Project),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 404, response = openapi::NotFound),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn get_project(
     State(st): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Project>, ApiError> {
     Ok(Json(visible_project(&st, &caller, &id, Need::Read).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProjectPatch {
     pub name: Option<String>,
     /// Needs an unscoped admin. `null` removes the quota.
     #[serde(default, with = "double_option")]
+    #[schema(value_type = Option<i64>)]
     pub quota_bytes: Option<Option<i64>>,
+    #[schema(value_type = Option<StoragePolicy>)]
     pub policy: Option<serde_json::Value>,
 }
 
@@ -173,10 +224,28 @@ mod double_option {
     }
 }
 
+#[utoipa::path(
+    patch,
+    path = "/v1/projects/{id}",
+    tag = "projects",
+    params(("id" = String, Path, description = "Project id"), openapi::IdempotencyKey),
+    request_body = ProjectPatch,
+    responses(
+        (status = 200, description = "The project", body = Project),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, response = openapi::NotFound),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, response = openapi::Unprocessable),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn patch_project(
     State(st): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(patch): ApiJson<ProjectPatch>,
 ) -> Result<Json<Project>, ApiError> {
     visible_project(&st, &caller, &id, Need::Admin).await?;
@@ -214,11 +283,14 @@ pub async fn patch_project(
     Ok(Json(project))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewDataset {
+    /// 1-64 of `[A-Za-z0-9._-]`, not starting with a dot.
+    #[schema(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")]
     pub name: String,
     /// Needs an admin.
+    #[schema(value_type = Option<StoragePolicy>)]
     pub policy: Option<serde_json::Value>,
     /// `jsonl`, `csv` or `parquet`; needs an admin.
     pub validator: Option<String>,
@@ -244,10 +316,29 @@ fn dataset_missing<'a>(project: &'a str, name: &'a str) -> impl FnOnce() -> ApiE
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/projects/{id}/datasets",
+    tag = "projects",
+    params(("id" = String, Path, description = "Project id"), openapi::IdempotencyKey),
+    request_body = NewDataset,
+    responses(
+        (status = 201, description = "The dataset", body = Dataset),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, response = openapi::NotFound),
+        (status = 409, response = openapi::Conflict),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, response = openapi::Unprocessable),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn create_dataset(
     State(st): State<AppState>,
     caller: Caller,
-    Path(project): Path<String>,
+    ApiPath(project): ApiPath<String>,
     ApiJson(req): ApiJson<NewDataset>,
 ) -> Result<(StatusCode, Json<Dataset>), ApiError> {
     let need = if req.policy.is_some() || req.validator.is_some() {
@@ -297,10 +388,24 @@ pub async fn create_dataset(
     Ok((StatusCode::CREATED, Json(dataset)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/projects/{id}/datasets",
+    tag = "projects",
+    params(("id" = String, Path, description = "Project id")),
+    responses(
+        (status = 200, description = "The project's datasets", body = Vec<Dataset>),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 404, response = openapi::NotFound),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn list_datasets(
     State(st): State<AppState>,
     caller: Caller,
-    Path(project): Path<String>,
+    ApiPath(project): ApiPath<String>,
 ) -> Result<Json<Vec<Dataset>>, ApiError> {
     visible_project(&st, &caller, &project, Need::Read).await?;
     Ok(Json(
@@ -325,29 +430,63 @@ async fn visible_dataset(
         .ok_or_else(dataset_missing(project, name))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/projects/{id}/datasets/{name}",
+    tag = "projects",
+    params(("id" = String, Path, description = "Project id"), ("name" = String, Path, description = "Dataset name")),
+    responses(
+        (status = 200, description = "The dataset", body = Dataset),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 404, response = openapi::NotFound),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn get_dataset(
     State(st): State<AppState>,
     caller: Caller,
-    Path((project, name)): Path<(String, String)>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
 ) -> Result<Json<Dataset>, ApiError> {
     Ok(Json(
         visible_dataset(&st, &caller, &project, &name, Need::Read).await?,
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetPatch {
+    #[schema(value_type = Option<StoragePolicy>)]
     pub policy: Option<serde_json::Value>,
     /// `null` removes the validator.
     #[serde(default, with = "double_option")]
+    #[schema(value_type = Option<String>)]
     pub validator: Option<Option<String>>,
 }
 
+#[utoipa::path(
+    patch,
+    path = "/v1/projects/{id}/datasets/{name}",
+    tag = "projects",
+    params(("id" = String, Path, description = "Project id"), ("name" = String, Path, description = "Dataset name"), openapi::IdempotencyKey),
+    request_body = DatasetPatch,
+    responses(
+        (status = 200, description = "The dataset", body = Dataset),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, response = openapi::NotFound),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, response = openapi::Unprocessable),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn patch_dataset(
     State(st): State<AppState>,
     caller: Caller,
-    Path((project, name)): Path<(String, String)>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
     ApiJson(patch): ApiJson<DatasetPatch>,
 ) -> Result<Json<Dataset>, ApiError> {
     visible_dataset(&st, &caller, &project, &name, Need::Admin).await?;
@@ -385,7 +524,7 @@ pub async fn patch_dataset(
 }
 
 /// One object of a dataset manifest.
-#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct ManifestEntry {
     pub session_id: Uuid,
     pub device_id: String,
@@ -398,7 +537,7 @@ pub struct ManifestEntry {
     pub completed_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Manifest {
     pub project_id: String,
     pub dataset: String,
@@ -435,10 +574,28 @@ async fn current_manifest(
 
 /// Seals the dataset: it takes no new files, and its manifest is written once. Refused
 /// while sessions are still open or objects wait for validation.
+#[utoipa::path(
+    post,
+    path = "/v1/projects/{id}/datasets/{name}/seal",
+    tag = "projects",
+    params(("id" = String, Path, description = "Project id"), ("name" = String, Path, description = "Dataset name"), openapi::IdempotencyKey),
+    responses(
+        (status = 200, description = "The sealed manifest (the same one when sealed again)", body = Manifest),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, response = openapi::NotFound),
+        (status = 409, response = openapi::Conflict),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, response = openapi::Unprocessable),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn seal_dataset(
     State(st): State<AppState>,
     caller: Caller,
-    Path((project, name)): Path<(String, String)>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
 ) -> Result<Json<Manifest>, ApiError> {
     let dataset = visible_dataset(&st, &caller, &project, &name, Need::Operate).await?;
     if dataset.state == "sealed" {
@@ -495,10 +652,24 @@ pub async fn seal_dataset(
 }
 
 /// The sealed manifest, or for an open dataset what it would list now.
+#[utoipa::path(
+    get,
+    path = "/v1/projects/{id}/datasets/{name}/manifest",
+    tag = "projects",
+    params(("id" = String, Path, description = "Project id"), ("name" = String, Path, description = "Dataset name")),
+    responses(
+        (status = 200, description = "The sealed manifest, or what an open dataset would list now", body = Manifest),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 404, response = openapi::NotFound),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn dataset_manifest(
     State(st): State<AppState>,
     caller: Caller,
-    Path((project, name)): Path<(String, String)>,
+    ApiPath((project, name)): ApiPath<(String, String)>,
 ) -> Result<Json<Manifest>, ApiError> {
     let dataset = visible_dataset(&st, &caller, &project, &name, Need::Read).await?;
     if let Some(m) = dataset
@@ -512,11 +683,13 @@ pub async fn dataset_manifest(
     ))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Custody {
     /// What the device signed: device, path, size, SHA-256, part count and parts digest.
+    #[schema(value_type = Option<uplink_protocol::ops::FileManifest>)]
     pub manifest: serde_json::Value,
     /// The part MD5s the device sent when it asked for part URLs (their digest is signed).
+    #[schema(value_type = Option<Vec<String>>)]
     pub part_md5s: serde_json::Value,
     pub signed_request: SignedRequest,
     /// Whether the signature verifies with the key the device had when it signed.
@@ -527,10 +700,24 @@ pub struct Custody {
 }
 
 /// The file's chain of custody: the device-signed manifest kept in the audit log.
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{id}/manifest",
+    tag = "sessions",
+    params(("id" = Uuid, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "The device-signed manifest (chain of custody)", body = Custody),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 404, response = openapi::NotFound),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn session_manifest(
     State(st): State<AppState>,
     caller: Caller,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<Custody>, ApiError> {
     let session = visible_session(&st, &caller, id, Need::Read).await?;
     // A deduplicated session's custody is its original's.
@@ -577,19 +764,22 @@ pub async fn session_manifest(
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewKey {
+    /// 1-128 characters, no control characters.
+    #[schema(pattern = r"^[^\u0000-\u001F\u007F-\u009F]{1,128}$")]
     pub name: String,
     pub role: Role,
     /// `null`/absent: every project (needs an unscoped admin).
     pub project_id: Option<String>,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct ApiKey {
     pub key_id: String,
     pub name: String,
+    #[schema(value_type = Role)]
     pub role: String,
     pub project_id: Option<String>,
     pub created_by: String,
@@ -602,7 +792,7 @@ pub struct ApiKey {
 const KEY_COLUMNS: &str =
     "key_id, name, role, project_id, created_by, created_at, last_used_at, revoked_at";
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct CreatedKey {
     #[serde(flatten)]
     pub key: ApiKey,
@@ -618,6 +808,24 @@ pub(super) fn admin_need(project: Option<&str>) -> Need {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/keys",
+    tag = "keys",
+    params(openapi::IdempotencyKey),
+    request_body = NewKey,
+    responses(
+        (status = 201, description = "The key with its token, shown once", body = CreatedKey),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, response = openapi::NotFound),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, response = openapi::Unprocessable),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn create_key(
     State(st): State<AppState>,
     caller: Caller,
@@ -630,7 +838,8 @@ pub async fn create_key(
         }
         None => caller.allow(None, Need::Global, no_such_endpoint)?,
     }
-    if req.name.is_empty() || req.name.len() > 128 || req.name.chars().any(char::is_control) {
+    let chars = req.name.chars().count();
+    if chars == 0 || chars > 128 || req.name.chars().any(char::is_control) {
         return Err(ApiError::Unprocessable(
             "invalid_name",
             "name must be 1-128 characters, no control characters".into(),
@@ -670,15 +879,32 @@ pub async fn create_key(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct KeyQuery {
+    /// Only this project's keys (needs its admin); absent: every key (needs an unscoped admin).
     pub project_id: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/keys",
+    tag = "keys",
+    params(KeyQuery),
+    responses(
+        (status = 200, description = "Keys (never their tokens)", body = Vec<ApiKey>),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, response = openapi::NotFound),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn list_keys(
     State(st): State<AppState>,
     caller: Caller,
-    Query(q): Query<KeyQuery>,
+    ApiQuery(q): ApiQuery<KeyQuery>,
 ) -> Result<Json<Vec<ApiKey>>, ApiError> {
     let project = scope(&caller, q.project_id.as_deref())?;
     caller.allow(project, admin_need(project), no_such_endpoint)?;
@@ -693,10 +919,27 @@ pub async fn list_keys(
 }
 
 /// Revokes a key at once: its next request is refused.
+#[utoipa::path(
+    delete,
+    path = "/v1/keys/{id}",
+    tag = "keys",
+    params(("id" = String, Path, description = "API key id"), openapi::IdempotencyKey),
+    responses(
+        (status = 200, description = "The key, revoked", body = ApiKey),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, response = openapi::NotFound),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, response = openapi::Unprocessable),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
 pub async fn revoke_key(
     State(st): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<ApiKey>, ApiError> {
     let missing = || ApiError::NotFound("key_not_found", format!("no key {id}"));
     let project: Option<Option<String>> =
