@@ -290,6 +290,55 @@ pub async fn put(http: &reqwest::Client, part: &Value, bytes: Vec<u8>) -> reqwes
     req.send().await.expect("PUT")
 }
 
+/// Presigns and PUTs every 5 MiB part of `data` (one empty part for an empty file) into
+/// session `sid`, checking each answer and ETag; returns the parts' base64 MD5s.
+pub async fn put_parts(
+    app: &TestApp,
+    key: &PrivateKey,
+    device: &str,
+    sid: &str,
+    data: &[u8],
+) -> Vec<String> {
+    let chunks: Vec<&[u8]> = if data.is_empty() {
+        vec![&[][..]]
+    } else {
+        data.chunks(5 * MIB).collect()
+    };
+    let md5s: Vec<String> = chunks.iter().map(|c| md5_b64(c)).collect();
+    let parts: Vec<Value> = md5s
+        .iter()
+        .enumerate()
+        .map(|(i, md5)| json!({"number": i + 1, "md5": md5}))
+        .collect();
+    let (status, presigned) = app
+        .device(
+            key,
+            device,
+            "parts.presign",
+            &rid(),
+            &json!({"session_id": sid, "parts": parts}),
+        )
+        .await;
+    assert_eq!(status, 200, "{presigned}");
+    for (i, chunk) in chunks.iter().enumerate() {
+        let resp = put(&app.http, &presigned["parts"][i], chunk.to_vec()).await;
+        assert_eq!(
+            resp.status().as_u16(),
+            200,
+            "PUT part {}: {}",
+            i + 1,
+            resp.text().await.unwrap_or_default()
+        );
+        let etag = resp.headers()["etag"]
+            .to_str()
+            .expect("etag")
+            .trim_matches('"')
+            .to_string();
+        assert_eq!(etag, hex::encode(Md5::digest(chunk)));
+    }
+    md5s
+}
+
 /// Creates a session for `data`, uploads every part and returns the session id.
 pub async fn upload_all(app: &TestApp, key: &PrivateKey, device: &str, data: &[u8]) -> String {
     let part_size = 5 * MIB;
@@ -304,48 +353,8 @@ pub async fn upload_all(app: &TestApp, key: &PrivateKey, device: &str, data: &[u
         .await;
     assert_eq!(status, 201, "{created}");
     let sid = created["session_id"].as_str().expect("id").to_string();
-    let chunks: Vec<&[u8]> = if data.is_empty() {
-        vec![&[][..]]
-    } else {
-        data.chunks(part_size).collect()
-    };
-    assert_eq!(created["part_count"], chunks.len());
-    let parts: Vec<Value> = chunks
-        .iter()
-        .enumerate()
-        .map(|(i, c)| json!({"number": i + 1, "md5": md5_b64(c)}))
-        .collect();
-    let (status, presigned) = app
-        .device(
-            key,
-            device,
-            "parts.presign",
-            &rid(),
-            &json!({"session_id": sid, "parts": parts}),
-        )
-        .await;
-    assert_eq!(status, 200, "{presigned}");
-    for (i, p) in presigned["parts"]
-        .as_array()
-        .expect("parts")
-        .iter()
-        .enumerate()
-    {
-        let resp = put(&app.http, p, chunks[i].to_vec()).await;
-        assert_eq!(
-            resp.status().as_u16(),
-            200,
-            "PUT part {}: {}",
-            i + 1,
-            resp.text().await.unwrap_or_default()
-        );
-        let etag = resp.headers()["etag"]
-            .to_str()
-            .expect("etag")
-            .trim_matches('"')
-            .to_string();
-        assert_eq!(etag, hex::encode(Md5::digest(chunks[i])));
-    }
+    let md5s = put_parts(app, key, device, &sid, data).await;
+    assert_eq!(created["part_count"], md5s.len());
     sid
 }
 
@@ -396,38 +405,14 @@ pub async fn upload(
         return created;
     }
     let sid = created["session_id"].as_str().expect("id").to_string();
-    let chunks: Vec<&[u8]> = if data.is_empty() {
-        vec![&[][..]]
-    } else {
-        data.chunks(5 * MIB).collect()
-    };
-    let md5s: Vec<String> = chunks.iter().map(|c| md5_b64(c)).collect();
-    let parts: Vec<Value> = md5s
-        .iter()
-        .enumerate()
-        .map(|(i, md5)| json!({"number": i + 1, "md5": md5}))
-        .collect();
-    let (status, presigned) = app
-        .device(
-            key,
-            device,
-            "parts.presign",
-            &rid(),
-            &json!({"session_id": sid, "parts": parts}),
-        )
-        .await;
-    assert_eq!(status, 200, "{presigned}");
-    for (i, chunk) in chunks.iter().enumerate() {
-        let resp = put(&app.http, &presigned["parts"][i], chunk.to_vec()).await;
-        assert_eq!(resp.status().as_u16(), 200);
-    }
+    let md5s = put_parts(app, key, device, &sid, data).await;
     let digest = uplink_protocol::ops::parts_digest(
         md5s.iter()
             .enumerate()
             .map(|(i, m)| ((i + 1) as u32, m.as_str())),
     );
     let manifest = json!({"device_id": device, "session_id": sid, "path": format!("/data/{name}"),
-        "size": data.len(), "sha256": sha256_hex(data), "part_count": chunks.len(),
+        "size": data.len(), "sha256": sha256_hex(data), "part_count": md5s.len(),
         "parts_digest": digest});
     let (status, done) = app
         .device(
