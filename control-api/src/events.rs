@@ -378,18 +378,6 @@ pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
     )
 }
 
-/// An error and its causes on one line (reqwest's own message hides the reason).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 /// POSTs one event; any answer but a 2xx is a failure, described for `last_error`.
 async fn post(client: &reqwest::Client, w: &Lease, event: &Event) -> Result<(), String> {
     let body = serde_json::to_vec(event).map_err(|e| e.to_string())?;
@@ -403,7 +391,7 @@ async fn post(client: &reqwest::Client, w: &Lease, event: &Event) -> Result<(), 
         .body(body)
         .send()
         .await
-        .map_err(|e| error_chain(&e.without_url()))?;
+        .map_err(|e| uplink_service::error_chain(&e.without_url()))?;
     let status = answer.status();
     if status.is_success() {
         Ok(())

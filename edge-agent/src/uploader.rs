@@ -390,15 +390,7 @@ fn describe(e: reqwest::Error) -> String {
     } else {
         "HTTP error"
     };
-    let e = e.without_url();
-    let mut msg = format!("{kind}: {e}");
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
+    format!("{kind}: {}", uplink_service::error_chain(&e.without_url()))
 }
 
 /// How an upload pass ended without error.

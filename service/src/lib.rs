@@ -239,6 +239,19 @@ pub fn init_logs(
     Ok(guard)
 }
 
+/// An error and its causes on one line, `: `-separated (reqwest's and hyper's own messages
+/// hide the reason in their sources).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::json_logs;
