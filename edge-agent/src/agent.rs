@@ -1038,23 +1038,25 @@ impl Agent {
                 return;
             }
         }
+        let rec = self.load(id).await.ok();
+        if let Some(session_id) = rec.as_ref().and_then(|r| r.session_id) {
+            // Best effort: free the storage the session holds (a terminal session answers
+            // with a conflict, which is fine). This comes before the ack, so an operator
+            // who sees "failed" finds no parts left in storage.
+            let request_id = format!("abort-{}", Uuid::new_v4().simple());
+            let aborted: Result<SessionInfo, RpcError> = self
+                .link
+                .call(Op::SessionAbort, &request_id, &SessionRef { session_id })
+                .await;
+            if let Err(e) = aborted {
+                debug!(job_id = %id, %session_id, error = %e, "Session not aborted");
+            }
+        }
         if !local {
             self.send_ack(id, &ack).await;
         }
-        if let Ok(rec) = self.load(id).await {
+        if let Some(rec) = rec {
             self.progress(&rec, JobState::Failed, None, 0).await;
-            if let Some(session_id) = rec.session_id {
-                // Best effort: free the storage the session holds (a terminal session
-                // answers with a conflict, which is fine).
-                let request_id = format!("abort-{}", Uuid::new_v4().simple());
-                let aborted: Result<SessionInfo, RpcError> = self
-                    .link
-                    .call(Op::SessionAbort, &request_id, &SessionRef { session_id })
-                    .await;
-                if let Err(e) = aborted {
-                    debug!(job_id = %id, %session_id, error = %e, "Session not aborted");
-                }
-            }
         }
         self.refresh_queue_depth().await;
     }
