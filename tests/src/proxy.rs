@@ -413,11 +413,11 @@ async fn relay(client: TcpStream, shared: Arc<Shared>, plan: Plan) {
         let mut cw = cw;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
+            // Biased, cut first: once cut, nothing more reaches the client, so it sees a
+            // prefix of the stream (a chunk read meanwhile is dropped, never a later one
+            // delivered after it).
             let n = tokio::select! {
-                r = sr.read(&mut buf) => match r {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                },
+                biased;
                 r = cut_rx.wait_for(|c| c.is_some()) => {
                     let reset = r.ok().and_then(|c| *c).unwrap_or(false);
                     if reset {
@@ -430,13 +430,18 @@ async fn relay(client: TcpStream, shared: Arc<Shared>, plan: Plan) {
                     // the socket (FIN).
                     return;
                 }
+                r = sr.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                },
             };
             down_shared.received.fetch_add(n as u64, Ordering::Relaxed);
             let mut stall = down_shared.stalled.subscribe();
             tokio::select! {
-                _ = stall.wait_for(|s| !*s) => {}
+                biased;
                 // Handled (FIN or RST) at the top of the loop.
                 _ = cut_rx.wait_for(|c| c.is_some()) => continue,
+                _ = stall.wait_for(|s| !*s) => {}
             }
             if cw.write_all(&buf[..n]).await.is_err() {
                 break;
