@@ -139,7 +139,15 @@ async fn docs_page_and_refusals_are_problem_documents() {
         .to_str()
         .expect("ct")
         .starts_with("text/html"));
-    assert!(r.text().await.expect("html").contains("openapi.json"));
+    let html = r.text().await.expect("html");
+    assert!(html.contains("openapi.json"));
+    // The viewer script from the CDN is pinned to a release and checked by the browser.
+    let script = html
+        .split("<script")
+        .find(|tag| tag.contains("src=\"https://"))
+        .expect("the viewer script");
+    assert!(script.contains("@scalar/api-reference@1."), "{script}");
+    assert!(script.contains("integrity=\"sha384-"), "{script}");
 
     // A method the path does not have: 405 with Allow, as a problem document.
     let r = app

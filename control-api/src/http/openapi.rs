@@ -170,8 +170,11 @@ pub async fn openapi_json() -> Response {
         .into_response()
 }
 
-/// The API reference, rendered in the browser from `/openapi.json` (the viewer script loads
-/// from a CDN; nothing is bundled).
+/// The API reference, rendered in the browser from `/openapi.json`. The viewer script loads
+/// from a CDN, pinned to one release and checked by the browser against its SHA-384
+/// (subresource integrity), so a changed or compromised CDN file does not run. To move to a
+/// newer release: `npm pack @scalar/api-reference@VERSION`, then
+/// `openssl dgst -sha384 -binary package/dist/browser/standalone.js | openssl base64 -A`.
 const DOCS_PAGE: &str = r#"<!doctype html>
 <html lang="en">
 <head>
@@ -182,7 +185,9 @@ const DOCS_PAGE: &str = r#"<!doctype html>
 <body>
 <noscript>The API reference needs JavaScript; the document itself is at <a href="openapi.json">openapi.json</a>.</noscript>
 <script id="api-reference" data-url="openapi.json"></script>
-<script src="https://cdn.jsdelivr.net/npm/@scalar/api-reference"></script>
+<script src="https://cdn.jsdelivr.net/npm/@scalar/api-reference@1.72.1/dist/browser/standalone.js"
+ integrity="sha384-U11tb2XnKvmwt8RlTvnwUnYgrN+ur4Xyh9htLhjajWNR/Oyl5AX5DEz00qRmlrmK"
+ crossorigin="anonymous"></script>
 </body>
 </html>
 "#;
