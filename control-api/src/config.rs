@@ -56,6 +56,10 @@ pub struct EventsConfig {
     pub webhook_max_backoff_secs: u64,
     /// The longest a `GET /v1/events` long-poll is held, whatever `wait` asks (0-60).
     pub long_poll_max_secs: u64,
+    /// Let webhooks reach loopback, private, link-local and other addresses that are not
+    /// public. Off by default: whoever may create a webhook could otherwise make the API
+    /// POST into its own network.
+    pub webhook_allow_private: bool,
 }
 
 impl Default for EventsConfig {
@@ -64,6 +68,7 @@ impl Default for EventsConfig {
             webhook_timeout_secs: 10,
             webhook_max_backoff_secs: 300,
             long_poll_max_secs: 60,
+            webhook_allow_private: false,
         }
     }
 }

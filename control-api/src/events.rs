@@ -229,11 +229,17 @@ struct Lease {
 /// Delivers to every due webhook whenever events arrive, and at least once a second (for
 /// retries that come due).
 async fn deliver(st: AppState, shutdown: CancellationToken) {
-    let client = match reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .timeout(Duration::from_secs(st.config.events.webhook_timeout_secs))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-    {
+        .redirect(reqwest::redirect::Policy::none());
+    if !st.config.events.webhook_allow_private {
+        // Every name is resolved to public addresses only, and connected to directly (a
+        // proxy would connect wherever the name points).
+        builder = builder
+            .dns_resolver(std::sync::Arc::new(crate::egress::PublicResolver))
+            .no_proxy();
+    }
+    let client = match builder.build() {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "Cannot build the webhook HTTP client; webhooks are off");
@@ -317,7 +323,7 @@ async fn deliver_webhook(
         if shutdown.is_cancelled() || started.elapsed() > PASS_LIMIT {
             break;
         }
-        match post(client, &w, &event).await {
+        match post(client, &w, &event, st.config.events.webhook_allow_private).await {
             Ok(()) => {
                 let still_ours = sqlx::query(
                     "UPDATE webhooks SET cursor = $2, failures = 0, last_error = NULL,
@@ -378,12 +384,20 @@ pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
     )
 }
 
-/// POSTs one event; any answer but a 2xx is a failure, described for `last_error`.
-async fn post(client: &reqwest::Client, w: &Lease, event: &Event) -> Result<(), String> {
+/// POSTs one event; any answer but a 2xx is a failure, described for `last_error`, and so
+/// is a URL whose address is not public (unless `allow_private`).
+async fn post(
+    client: &reqwest::Client,
+    w: &Lease,
+    event: &Event,
+    allow_private: bool,
+) -> Result<(), String> {
+    let url = reqwest::Url::parse(&w.url).map_err(|e| format!("invalid url: {e}"))?;
+    crate::egress::check_url(&url, allow_private)?;
     let body = serde_json::to_vec(event).map_err(|e| e.to_string())?;
     let sig = signature(&w.secret, uplink_protocol::unix_now(), &body);
     let answer = client
-        .post(&w.url)
+        .post(url)
         .header("content-type", "application/json")
         .header("x-uplink-webhook-id", w.webhook_id.to_string())
         .header("x-uplink-event-seq", event.seq.to_string())

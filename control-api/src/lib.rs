@@ -8,6 +8,7 @@
 //! - [`storage`]: the S3 adapter (create, presign, list parts, complete, abort, head).
 //! - [`sessions`]: the session operations the device and operator APIs share.
 //! - [`cleanup`]: the worker that expires idle sessions and aborts orphan uploads.
+//! - [`egress`]: which addresses the API's own requests (webhooks) may reach.
 //! - [`events`]: the outbox: the audit log sequenced for `GET /v1/events` and webhooks.
 //! - [`metrics`]: Prometheus counters and gauges (`GET /metrics`).
 //! - [`http`]: routing, the device/operator/bridge endpoints, problem documents.
@@ -17,6 +18,7 @@
 pub mod cleanup;
 pub mod config;
 pub mod domain;
+pub mod egress;
 pub mod events;
 pub mod http;
 pub mod metrics;

@@ -273,6 +273,11 @@ async fn a_scoped_key_reads_only_its_project() {
 /// One request the receiver got: the status it answered, the headers, the body.
 type Delivery = (u16, HeaderMap, Vec<u8>);
 
+/// An app whose webhooks may reach the receivers on 127.0.0.1.
+async fn spawn_for_local_hooks() -> TestApp {
+    TestApp::spawn_config(|c| c.events.webhook_allow_private = true).await
+}
+
 /// What the receiver was sent.
 #[derive(Clone, Default)]
 struct Received(Arc<Mutex<Vec<Delivery>>>);
@@ -338,7 +343,7 @@ async fn wait_for(got: &Received, ok: usize) {
 
 #[tokio::test]
 async fn webhooks_get_every_event_of_their_project_signed_in_order_and_retried() {
-    let app = TestApp::spawn().await;
+    let app = spawn_for_local_hooks().await;
     new_project(&app, json!({"project_id": "p"})).await;
     new_project(&app, json!({"project_id": "q"})).await;
     let (url, got) = receiver(2).await;
@@ -515,7 +520,7 @@ async fn webhooks_get_every_event_of_their_project_signed_in_order_and_retried()
 
 #[tokio::test]
 async fn a_failing_webhook_backs_off_and_says_why() {
-    let app = TestApp::spawn().await;
+    let app = spawn_for_local_hooks().await;
     new_project(&app, json!({"project_id": "p"})).await;
     let (url, got) = receiver(usize::MAX).await;
     let (status, created) = app
@@ -549,4 +554,61 @@ async fn a_failing_webhook_backs_off_and_says_why() {
         .map(|r| r.1["x-uplink-event-seq"].to_str().expect("seq").to_string())
         .collect();
     assert_eq!(seqs.len(), 1);
+}
+
+#[tokio::test]
+async fn webhooks_to_addresses_that_are_not_public_are_refused() {
+    // The default: webhooks may only reach public addresses.
+    let app = TestApp::spawn().await;
+    new_project(&app, json!({"project_id": "p"})).await;
+    let (url, got) = receiver(0).await;
+    let port = reqwest::Url::parse(&url)
+        .expect("url")
+        .port()
+        .expect("port");
+    for literal in [
+        url.clone(),
+        format!("http://[::ffff:127.0.0.1]:{port}/hook"),
+        "http://169.254.169.254/latest/meta-data".to_string(),
+        "http://10.0.0.1/hook".to_string(),
+    ] {
+        let (status, body) = app
+            .operator(Method::POST, "/v1/webhooks", Some(json!({"url": literal})))
+            .await;
+        assert_eq!(status, 422, "{literal}: {body}");
+        assert_eq!(body["code"], "url_not_public", "{body}");
+    }
+    // A name is checked when it is resolved: localhost is accepted, never reached, and the
+    // webhook says why.
+    let by_name = format!("http://localhost:{port}/hook");
+    let (status, created) = app
+        .operator(Method::POST, "/v1/webhooks", Some(json!({"url": by_name})))
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["webhook_id"].as_str().expect("id");
+    new_dataset(&app, "p", "d1").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let w = loop {
+        let (_, w) = app
+            .operator(Method::GET, &format!("/v1/webhooks/{id}"), None)
+            .await;
+        if w["failures"].as_i64().unwrap_or(0) > 0 || tokio::time::Instant::now() > deadline {
+            break w;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        w["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not public")),
+        "{w}"
+    );
+    assert_eq!(
+        w["cursor"], created["cursor"],
+        "nothing delivered, nothing skipped"
+    );
+    assert!(
+        got.0.lock().expect("lock").is_empty(),
+        "the receiver was reached"
+    );
 }

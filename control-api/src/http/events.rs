@@ -144,10 +144,14 @@ pub struct CreatedWebhook {
     pub secret: String,
 }
 
-fn check_webhook(req: &NewWebhook) -> Result<(), ApiError> {
+fn check_webhook(req: &NewWebhook, allow_private: bool) -> Result<(), ApiError> {
     let invalid = |code, why: &str| Err(ApiError::Unprocessable(code, why.into()));
     match reqwest::Url::parse(&req.url) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+            if let Err(why) = crate::egress::check_url(&u, allow_private) {
+                return invalid("url_not_public", &format!("url refused: {why}"));
+            }
+        }
         _ => {
             return invalid(
                 "invalid_url",
@@ -204,7 +208,7 @@ pub async fn create_webhook(
         }
         None => caller.allow(None, Need::Global, super::no_such_endpoint)?,
     }
-    check_webhook(&req)?;
+    check_webhook(&req, st.config.events.webhook_allow_private)?;
     let latest = events::latest(&st.store.pool).await?;
     let cursor = req.after.unwrap_or(latest);
     if cursor > latest {
