@@ -273,14 +273,7 @@ pub struct DeviceHeaders {
             headers(("X-Uplink-Answer-Signature" = String, description = "The API's signature over the answer"))),
         (status = 201, description = "session.create: a new session", body = SessionInfo,
             headers(("X-Uplink-Answer-Signature" = String, description = "The API's signature over the answer"))),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 403, response = openapi::Forbidden),
-        (status = 404, response = openapi::NotFound),
-        (status = 409, response = openapi::Conflict),
-        (status = 413, response = openapi::PayloadTooLarge),
-        (status = 422, response = openapi::Unprocessable),
-        (status = 503, response = openapi::Unavailable),
+        openapi::WriteConflictProblems,
     ),
     security(())
 )]

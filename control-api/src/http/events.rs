@@ -186,13 +186,7 @@ fn check_webhook(req: &NewWebhook, allow_private: bool) -> Result<(), ApiError> 
     request_body = NewWebhook,
     responses(
         (status = 201, description = "The webhook, with its secret (shown once)", body = CreatedWebhook),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 403, response = openapi::Forbidden),
-        (status = 404, response = openapi::NotFound),
-        (status = 413, response = openapi::PayloadTooLarge),
-        (status = 422, response = openapi::Unprocessable),
-        (status = 503, response = openapi::Unavailable),
+        openapi::WriteProblems,
     ),
     security(("operator" = []))
 )]
@@ -266,10 +260,7 @@ pub struct WebhookQuery {
     params(WebhookQuery),
     responses(
         (status = 200, description = "Webhooks (never their secrets)", body = Vec<Webhook>),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 404, response = openapi::NotFound),
-        (status = 503, response = openapi::Unavailable),
+        openapi::ReadProblems,
     ),
     security(("operator" = []))
 )]
@@ -324,10 +315,7 @@ async fn visible_webhook(
     params(("id" = String, Path, description = "Webhook id")),
     responses(
         (status = 200, description = "The webhook", body = Webhook),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 404, response = openapi::NotFound),
-        (status = 503, response = openapi::Unavailable),
+        openapi::ReadProblems,
     ),
     security(("operator" = []))
 )]
@@ -349,13 +337,7 @@ pub async fn get_webhook(
     params(("id" = String, Path, description = "Webhook id"), openapi::IdempotencyKey),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 403, response = openapi::Forbidden),
-        (status = 404, response = openapi::NotFound),
-        (status = 413, response = openapi::PayloadTooLarge),
-        (status = 422, response = openapi::Unprocessable),
-        (status = 503, response = openapi::Unavailable),
+        openapi::WriteProblems,
     ),
     security(("operator" = []))
 )]

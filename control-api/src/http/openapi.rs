@@ -3,6 +3,7 @@
 //! description are one piece of code; [`super::openapi`] collects them. Served at
 //! `GET /openapi.json`, with a docs page at `GET /docs`.
 
+use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use axum::http::header;
@@ -10,6 +11,7 @@ use axum::response::{Html, IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use uplink_protocol::problem::Problem;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::{Ref, RefOr};
 use utoipa::{Modify, OpenApi};
 
 /// The parts of the document that belong to no handler: title, tags, security schemes and
@@ -125,6 +127,46 @@ pub struct Unprocessable(#[allow(dead_code)] Problem);
     content_type = "application/problem+json"
 )]
 pub struct Unavailable(#[allow(dead_code)] Problem);
+
+/// Declares a set of the problem answers above that many handlers share, so a handler
+/// lists it once: `responses((status = 200, ...), openapi::ReadProblems)`. Each status
+/// refers to the component, as `(status = N, response = openapi::X)` does.
+macro_rules! problem_set {
+    ($(#[$doc:meta])* $name:ident: $($status:literal => $problem:ident),+ $(,)?) => {
+        $(#[$doc])*
+        pub struct $name;
+
+        impl utoipa::IntoResponses for $name {
+            fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+                BTreeMap::from([$((
+                    $status.to_string(),
+                    RefOr::Ref(Ref::from_response_name(
+                        <$problem as utoipa::ToResponse>::response().0,
+                    )),
+                )),+])
+            }
+        }
+    };
+}
+
+problem_set!(
+    /// A read: bad parameters, credentials, not found (or not visible), down.
+    ReadProblems: 400 => BadRequest, 401 => Unauthorized, 404 => NotFound, 503 => Unavailable
+);
+
+problem_set!(
+    /// A change: a read's problems, plus a role that may not, an oversized body and a
+    /// refused one.
+    WriteProblems: 400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound,
+    413 => PayloadTooLarge, 422 => Unprocessable, 503 => Unavailable
+);
+
+problem_set!(
+    /// A change that can also conflict with the current state (409).
+    WriteConflictProblems: 400 => BadRequest, 401 => Unauthorized, 403 => Forbidden,
+    404 => NotFound, 409 => Conflict, 413 => PayloadTooLarge, 422 => Unprocessable,
+    503 => Unavailable
+);
 
 /// `Idempotency-Key` of a state-changing operator call (see docs/api.md).
 #[derive(Deserialize, utoipa::IntoParams)]

@@ -63,14 +63,7 @@ pub async fn visible_device(
     request_body = NewDevice,
     responses(
         (status = 201, description = "The device", body = Device),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 403, response = openapi::Forbidden),
-        (status = 404, response = openapi::NotFound),
-        (status = 409, response = openapi::Conflict),
-        (status = 413, response = openapi::PayloadTooLarge),
-        (status = 422, response = openapi::Unprocessable),
-        (status = 503, response = openapi::Unavailable),
+        openapi::WriteConflictProblems,
     ),
     security(("operator" = []))
 )]
@@ -149,10 +142,7 @@ pub struct DeviceQuery {
     params(DeviceQuery),
     responses(
         (status = 200, description = "Devices", body = Vec<Device>),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 404, response = openapi::NotFound),
-        (status = 503, response = openapi::Unavailable),
+        openapi::ReadProblems,
     ),
     security(("operator" = []))
 )]
@@ -183,10 +173,7 @@ pub fn scope<'a>(caller: &'a Caller, asked: Option<&'a str>) -> Result<Option<&'
     params(("id" = String, Path, description = "Device id")),
     responses(
         (status = 200, description = "The device", body = Device),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 404, response = openapi::NotFound),
-        (status = 503, response = openapi::Unavailable),
+        openapi::ReadProblems,
     ),
     security(("operator" = []))
 )]
@@ -214,13 +201,7 @@ pub struct DevicePatch {
     request_body = DevicePatch,
     responses(
         (status = 200, description = "The device", body = Device),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 403, response = openapi::Forbidden),
-        (status = 404, response = openapi::NotFound),
-        (status = 413, response = openapi::PayloadTooLarge),
-        (status = 422, response = openapi::Unprocessable),
-        (status = 503, response = openapi::Unavailable),
+        openapi::WriteProblems,
     ),
     security(("operator" = []))
 )]
@@ -304,10 +285,7 @@ pub struct AuditEvent {
     params(AuditQuery),
     responses(
         (status = 200, description = "Audit events, oldest first", body = Vec<AuditEvent>),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 404, response = openapi::NotFound),
-        (status = 503, response = openapi::Unavailable),
+        openapi::ReadProblems,
     ),
     security(("operator" = []))
 )]
@@ -404,13 +382,7 @@ pub async fn issue_command(
     request_body = Action,
     responses(
         (status = 201, description = "The command, `pending`", body = store::Command),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 403, response = openapi::Forbidden),
-        (status = 404, response = openapi::NotFound),
-        (status = 413, response = openapi::PayloadTooLarge),
-        (status = 422, response = openapi::Unprocessable),
-        (status = 503, response = openapi::Unavailable),
+        openapi::WriteProblems,
     ),
     security(("operator" = []))
 )]
@@ -462,10 +434,7 @@ pub struct SessionQuery {
     params(CommandQuery),
     responses(
         (status = 200, description = "Commands, newest first", body = Vec<store::Command>),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 404, response = openapi::NotFound),
-        (status = 503, response = openapi::Unavailable),
+        openapi::ReadProblems,
     ),
     security(("operator" = []))
 )]
@@ -498,10 +467,7 @@ pub async fn list_commands(
     params(("id" = Uuid, Path, description = "Command id")),
     responses(
         (status = 200, description = "The command", body = store::Command),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 404, response = openapi::NotFound),
-        (status = 503, response = openapi::Unavailable),
+        openapi::ReadProblems,
     ),
     security(("operator" = []))
 )]
@@ -541,10 +507,7 @@ pub async fn expire_commands(st: &AppState) -> Result<(), ApiError> {
     params(SessionQuery),
     responses(
         (status = 200, description = "Sessions, newest first", body = Vec<Session>),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 404, response = openapi::NotFound),
-        (status = 503, response = openapi::Unavailable),
+        openapi::ReadProblems,
     ),
     security(("operator" = []))
 )]
@@ -595,10 +558,7 @@ pub async fn visible_session(
     params(("id" = Uuid, Path, description = "Session id")),
     responses(
         (status = 200, description = "The session", body = Session),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 404, response = openapi::NotFound),
-        (status = 503, response = openapi::Unavailable),
+        openapi::ReadProblems,
     ),
     security(("operator" = []))
 )]
@@ -646,14 +606,7 @@ async fn steer_session(
     params(("id" = Uuid, Path, description = "Session id"), openapi::IdempotencyKey),
     responses(
         (status = 200, description = "The session, `paused`; a `pause` command goes to the device", body = Session),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 403, response = openapi::Forbidden),
-        (status = 404, response = openapi::NotFound),
-        (status = 409, response = openapi::Conflict),
-        (status = 413, response = openapi::PayloadTooLarge),
-        (status = 422, response = openapi::Unprocessable),
-        (status = 503, response = openapi::Unavailable),
+        openapi::WriteConflictProblems,
     ),
     security(("operator" = []))
 )]
@@ -672,14 +625,7 @@ pub async fn pause_session(
     params(("id" = Uuid, Path, description = "Session id"), openapi::IdempotencyKey),
     responses(
         (status = 200, description = "The session, `uploading`; a `resume` command goes to the device", body = Session),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 403, response = openapi::Forbidden),
-        (status = 404, response = openapi::NotFound),
-        (status = 409, response = openapi::Conflict),
-        (status = 413, response = openapi::PayloadTooLarge),
-        (status = 422, response = openapi::Unprocessable),
-        (status = 503, response = openapi::Unavailable),
+        openapi::WriteConflictProblems,
     ),
     security(("operator" = []))
 )]
@@ -698,14 +644,7 @@ pub async fn resume_session(
     params(("id" = Uuid, Path, description = "Session id"), openapi::IdempotencyKey),
     responses(
         (status = 200, description = "The session, `aborted`; a `cancel` command goes to the device", body = Session),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 403, response = openapi::Forbidden),
-        (status = 404, response = openapi::NotFound),
-        (status = 409, response = openapi::Conflict),
-        (status = 413, response = openapi::PayloadTooLarge),
-        (status = 422, response = openapi::Unprocessable),
-        (status = 503, response = openapi::Unavailable),
+        openapi::WriteConflictProblems,
     ),
     security(("operator" = []))
 )]

@@ -79,14 +79,7 @@ fn check_quota(q: Option<i64>) -> Result<(), ApiError> {
     request_body = NewProject,
     responses(
         (status = 201, description = "The project, with dataset `default`", body = Project),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 403, response = openapi::Forbidden),
-        (status = 404, response = openapi::NotFound),
-        (status = 409, response = openapi::Conflict),
-        (status = 413, response = openapi::PayloadTooLarge),
-        (status = 422, response = openapi::Unprocessable),
-        (status = 503, response = openapi::Unavailable),
+        openapi::WriteConflictProblems,
     ),
     security(("operator" = []))
 )]
@@ -184,10 +177,7 @@ pub(super) async fn visible_project(
     params(("id" = String, Path, description = "Project id")),
     responses(
         (status = 200, description = "The project", body = Project),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 404, response = openapi::NotFound),
-        (status = 503, response = openapi::Unavailable),
+        openapi::ReadProblems,
     ),
     security(("operator" = []))
 )]
@@ -232,13 +222,7 @@ mod double_option {
     request_body = ProjectPatch,
     responses(
         (status = 200, description = "The project", body = Project),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 403, response = openapi::Forbidden),
-        (status = 404, response = openapi::NotFound),
-        (status = 413, response = openapi::PayloadTooLarge),
-        (status = 422, response = openapi::Unprocessable),
-        (status = 503, response = openapi::Unavailable),
+        openapi::WriteProblems,
     ),
     security(("operator" = []))
 )]
@@ -324,14 +308,7 @@ fn dataset_missing<'a>(project: &'a str, name: &'a str) -> impl FnOnce() -> ApiE
     request_body = NewDataset,
     responses(
         (status = 201, description = "The dataset", body = Dataset),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 403, response = openapi::Forbidden),
-        (status = 404, response = openapi::NotFound),
-        (status = 409, response = openapi::Conflict),
-        (status = 413, response = openapi::PayloadTooLarge),
-        (status = 422, response = openapi::Unprocessable),
-        (status = 503, response = openapi::Unavailable),
+        openapi::WriteConflictProblems,
     ),
     security(("operator" = []))
 )]
@@ -395,10 +372,7 @@ pub async fn create_dataset(
     params(("id" = String, Path, description = "Project id")),
     responses(
         (status = 200, description = "The project's datasets", body = Vec<Dataset>),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 404, response = openapi::NotFound),
-        (status = 503, response = openapi::Unavailable),
+        openapi::ReadProblems,
     ),
     security(("operator" = []))
 )]
@@ -437,10 +411,7 @@ async fn visible_dataset(
     params(("id" = String, Path, description = "Project id"), ("name" = String, Path, description = "Dataset name")),
     responses(
         (status = 200, description = "The dataset", body = Dataset),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 404, response = openapi::NotFound),
-        (status = 503, response = openapi::Unavailable),
+        openapi::ReadProblems,
     ),
     security(("operator" = []))
 )]
@@ -473,13 +444,7 @@ pub struct DatasetPatch {
     request_body = DatasetPatch,
     responses(
         (status = 200, description = "The dataset", body = Dataset),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 403, response = openapi::Forbidden),
-        (status = 404, response = openapi::NotFound),
-        (status = 413, response = openapi::PayloadTooLarge),
-        (status = 422, response = openapi::Unprocessable),
-        (status = 503, response = openapi::Unavailable),
+        openapi::WriteProblems,
     ),
     security(("operator" = []))
 )]
@@ -581,14 +546,7 @@ async fn current_manifest(
     params(("id" = String, Path, description = "Project id"), ("name" = String, Path, description = "Dataset name"), openapi::IdempotencyKey),
     responses(
         (status = 200, description = "The sealed manifest (the same one when sealed again)", body = Manifest),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 403, response = openapi::Forbidden),
-        (status = 404, response = openapi::NotFound),
-        (status = 409, response = openapi::Conflict),
-        (status = 413, response = openapi::PayloadTooLarge),
-        (status = 422, response = openapi::Unprocessable),
-        (status = 503, response = openapi::Unavailable),
+        openapi::WriteConflictProblems,
     ),
     security(("operator" = []))
 )]
@@ -659,10 +617,7 @@ pub async fn seal_dataset(
     params(("id" = String, Path, description = "Project id"), ("name" = String, Path, description = "Dataset name")),
     responses(
         (status = 200, description = "The sealed manifest, or what an open dataset would list now", body = Manifest),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 404, response = openapi::NotFound),
-        (status = 503, response = openapi::Unavailable),
+        openapi::ReadProblems,
     ),
     security(("operator" = []))
 )]
@@ -707,10 +662,7 @@ pub struct Custody {
     params(("id" = Uuid, Path, description = "Session id")),
     responses(
         (status = 200, description = "The device-signed manifest (chain of custody)", body = Custody),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 404, response = openapi::NotFound),
-        (status = 503, response = openapi::Unavailable),
+        openapi::ReadProblems,
     ),
     security(("operator" = []))
 )]
@@ -816,13 +768,7 @@ pub(super) fn admin_need(project: Option<&str>) -> Need {
     request_body = NewKey,
     responses(
         (status = 201, description = "The key with its token, shown once", body = CreatedKey),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 403, response = openapi::Forbidden),
-        (status = 404, response = openapi::NotFound),
-        (status = 413, response = openapi::PayloadTooLarge),
-        (status = 422, response = openapi::Unprocessable),
-        (status = 503, response = openapi::Unavailable),
+        openapi::WriteProblems,
     ),
     security(("operator" = []))
 )]
@@ -926,13 +872,7 @@ pub async fn list_keys(
     params(("id" = String, Path, description = "API key id"), openapi::IdempotencyKey),
     responses(
         (status = 200, description = "The key, revoked", body = ApiKey),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 403, response = openapi::Forbidden),
-        (status = 404, response = openapi::NotFound),
-        (status = 413, response = openapi::PayloadTooLarge),
-        (status = 422, response = openapi::Unprocessable),
-        (status = 503, response = openapi::Unavailable),
+        openapi::WriteProblems,
     ),
     security(("operator" = []))
 )]
