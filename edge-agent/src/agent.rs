@@ -1020,7 +1020,9 @@ impl Agent {
 
     async fn fail_job(&self, id: Uuid, reason: String) {
         warn!(job_id = %id, %reason, "Job failed");
-        let local = self.load(id).await.map(|r| r.local).unwrap_or(false);
+        // Loaded before the failure is recorded; what is used of it (session, sizes,
+        // local) does not change with the state.
+        let rec = self.load(id).await.ok();
         let ack = StoredAck::with_reason(AckState::Failed, reason);
         let (stored, now) = (ack.clone(), unix_now());
         match self
@@ -1038,7 +1040,6 @@ impl Agent {
                 return;
             }
         }
-        let rec = self.load(id).await.ok();
         if let Some(session_id) = rec.as_ref().and_then(|r| r.session_id) {
             // Best effort: free the storage the session holds (a terminal session answers
             // with a conflict, which is fine). This comes before the ack, so an operator
@@ -1052,7 +1053,7 @@ impl Agent {
                 debug!(job_id = %id, %session_id, error = %e, "Session not aborted");
             }
         }
-        if !local {
+        if !rec.as_ref().is_some_and(|r| r.local) {
             self.send_ack(id, &ack).await;
         }
         if let Some(rec) = rec {
