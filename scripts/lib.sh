@@ -228,10 +228,20 @@ _pg_up() {
 # ---------------------------------------------------------------------------------------
 # SeaweedFS
 
+# s3_curl ACCESS SECRET CURL-ARGS...: curl with a SigV4-signed request to storage. It sends
+# (and signs) x-amz-content-sha256, which AWS S3 and Garage require on every request (400
+# without it) and curl 7.88 (Debian 12) does not add by itself; UNSIGNED-PAYLOAD is accepted for any
+# method, so the call does not depend on hashing the body first.
+s3_curl() {
+    local access="$1" secret="$2"
+    shift 2
+    curl --aws-sigv4 "aws:amz:${UPLINK_S3_REGION}:s3" --user "$access:$secret" \
+        -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" "$@"
+}
+
 # s3_status URL ACCESS SECRET: HTTP status of a SigV4-signed GET (000 when unreachable).
 s3_status() {
-    curl -s -o /dev/null -w '%{http_code}' --max-time 10 \
-        --aws-sigv4 "aws:amz:${UPLINK_S3_REGION}:s3" --user "$2:$3" "$1" || true
+    s3_curl "$2" "$3" -s -o /dev/null -w '%{http_code}' --max-time 10 "$1" || true
 }
 
 _weed_up() {

@@ -1051,7 +1051,10 @@ impl Stack {
             prefix.replace('/', "%2F")
         );
         let out = tokio::process::Command::new("curl")
-            .args(["-sS", "--fail-with-body", "--max-time", "30", "--aws-sigv4"])
+            .args(["-sS", "--fail-with-body", "--max-time", "30"])
+            // Signed in; AWS S3 and Garage refuse a request without it (400).
+            .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
+            .arg("--aws-sigv4")
             .arg(format!("aws:amz:{}:s3", self.env.s3_region))
             .arg("--user")
             .arg(format!(
