@@ -211,7 +211,18 @@ pub struct Forwarder {
 impl Forwarder {
     /// Handles one payload from `channel` (`Req`, `CmdAck` or `Progress`) of `device_id`.
     pub async fn handle(&self, device_id: &str, channel: Channel, payload: &[u8]) {
-        let Forwardable { op, envelope } = match classify(payload) {
+        self.handle_classified(device_id, channel, classify(payload))
+            .await
+    }
+
+    /// [`Forwarder::handle`] for a payload [`classify`] has already read.
+    pub async fn handle_classified(
+        &self,
+        device_id: &str,
+        channel: Channel,
+        classified: Result<Forwardable, Box<Rejection>>,
+    ) {
+        let Forwardable { op, envelope } = match classified {
             Ok(f) => f,
             Err(rejection) => return self.reject(device_id, channel, *rejection).await,
         };

@@ -12,8 +12,7 @@ use tracing::{debug, info, warn};
 use uplink_protocol::envelope::MAX_PAYLOAD_BYTES;
 use uplink_protocol::topics::{self, Channel};
 
-use crate::broker::PACKET_HEADROOM;
-use crate::forward::Forwarder;
+use crate::forward::{self, Forwarder};
 use crate::metrics::Metrics;
 use crate::presence::{self, PresenceQueue};
 
@@ -30,6 +29,14 @@ pub const MAX_CONCURRENT: usize = 64;
 pub const MAX_QUEUED: usize = 4096;
 /// Largest packet the bridge sends (responses carry up to 100 presigned URLs).
 pub const MAX_OUTGOING_PACKET: usize = 1024 * 1024;
+/// Largest packet the bridge takes from the broker: MQTT's own largest remaining length,
+/// so that nothing a broker delivers can break the bridge's connection. The embedded broker
+/// stops bigger packets at the publisher (see [`crate::broker::PACKET_HEADROOM`]); an
+/// external one delivers whatever its configuration allows (Mosquitto by default: up to
+/// this). Payloads over [`MAX_PAYLOAD_BYTES`] are then refused here (413 on `res`, or
+/// dropped); with a smaller limit one of them, retained, would close the bridge's
+/// connection again at every resubscription.
+pub const MAX_INCOMING_PACKET: usize = 268_435_455;
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 /// How long shutdown waits for in-flight messages to be answered.
@@ -49,7 +56,7 @@ pub struct Connection {
 pub fn options(conn: &Connection) -> MqttOptions {
     let mut o = MqttOptions::new(conn.client_id.clone(), conn.host.clone(), conn.port);
     o.set_keep_alive(Duration::from_secs(30));
-    o.set_max_packet_size(MAX_PAYLOAD_BYTES + PACKET_HEADROOM, MAX_OUTGOING_PACKET);
+    o.set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET);
     o.set_clean_session(true);
     if let Some(user) = &conn.username {
         o.set_credentials(user.clone(), conn.password.clone().unwrap_or_default());
@@ -114,6 +121,13 @@ impl Dispatch {
                     );
                     return;
                 };
+                // An oversized payload is refused at once, so that only its small refusal
+                // waits for a slot, not the payload.
+                let payload = if publish.payload.len() > MAX_PAYLOAD_BYTES {
+                    Err(forward::classify(&publish.payload))
+                } else {
+                    Ok(publish.payload)
+                };
                 let device = device.to_string();
                 let forwarder = self.forwarder.clone();
                 let concurrency = self.concurrency.clone();
@@ -122,7 +136,14 @@ impl Dispatch {
                     let Ok(_slot) = concurrency.acquire_owned().await else {
                         return;
                     };
-                    forwarder.handle(&device, channel, &publish.payload).await;
+                    match payload {
+                        Ok(payload) => forwarder.handle(&device, channel, &payload).await,
+                        Err(classified) => {
+                            forwarder
+                                .handle_classified(&device, channel, classified)
+                                .await
+                        }
+                    }
                 });
             }
             Channel::Cmd | Channel::Res => {
@@ -279,6 +300,7 @@ mod tests {
             shared_subscriptions: false,
         });
         assert!(o.max_packet_size() > MAX_PAYLOAD_BYTES);
+        assert_eq!(o.max_packet_size(), MAX_INCOMING_PACKET);
         assert!(o.credentials().is_some());
     }
 }

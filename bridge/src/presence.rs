@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use uplink_protocol::envelope::MAX_PAYLOAD_BYTES;
 use uplink_protocol::telemetry::{Presence, Status};
 
 use crate::api::ApiClient;
@@ -19,11 +20,19 @@ use crate::api::ApiClient;
 /// Delay before retrying statuses the API could not take.
 const RETRY_DELAY: Duration = Duration::from_secs(2);
 
-/// Parses a `status` payload; `None` (logged) when it is not a status. An empty payload
-/// clears a retained message and is ignored quietly.
+/// Parses a `status` payload; `None` (logged) when it is not a status or is over
+/// [`MAX_PAYLOAD_BYTES`]. An empty payload clears a retained message and is ignored quietly.
 pub fn parse_status(device_id: &str, payload: &[u8]) -> Option<Status> {
     if payload.is_empty() {
         debug!(device_id, "Retained status cleared");
+        return None;
+    }
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        warn!(
+            device_id,
+            bytes = payload.len(),
+            "Status is too large; dropped"
+        );
         return None;
     }
     match serde_json::from_slice::<Status>(payload) {

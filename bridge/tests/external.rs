@@ -136,3 +136,78 @@ async fn bridge_with_external_broker_and_shared_subscriptions() {
         .unwrap();
     assert!(ended.is_ok(), "{ended:?}");
 }
+
+/// On an external broker nothing limits what a device publishes to the broker's own limit
+/// (Mosquitto's default is MQTT's 256 MB): a payload far over the bridge's 64 KiB is still
+/// answered 413 on `res`, and neither it nor an oversized retained status knocks the
+/// bridge off the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_payloads_do_not_disconnect_the_bridge() {
+    init_tracing();
+    let mosquitto = Mosquitto::start();
+    let device_key = sign::generate();
+    let (api_addr, _mock) = start_mock(device_key.verifying_key()).await;
+    let config = Config {
+        api_url: format!("http://{api_addr}"),
+        api_token: Secret::new(TOKEN),
+        poll_interval_ms: 200,
+        http_listen: None,
+        broker: BrokerConfig {
+            mode: BrokerMode::External,
+            host: "127.0.0.1".into(),
+            port: mosquitto.port,
+            ..BrokerConfig::default()
+        },
+    };
+    let shutdown = CancellationToken::new();
+    let bridge = tokio::spawn(uplink_bridge::run(config, shutdown.clone()));
+
+    let mut options = device_options(mosquitto.port, DEVICE, DEVICE, "unused");
+    options.set_max_packet_size(4 << 20, 4 << 20);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (device, mut inbox) = loop {
+        match connect_with(options.clone()).await {
+            Ok(c) => break c,
+            Err(e) => assert!(tokio::time::Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    device
+        .subscribe(topics::topic(DEVICE, Channel::Res), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let env = request(&device_key, "session.status", "before", "{}");
+    assert_eq!(
+        ask_until_answered(&device, &mut inbox, &env).await.status,
+        200
+    );
+
+    // A retained status the bridge would get again at every (re)subscription.
+    device
+        .publish(
+            topics::topic(DEVICE, Channel::Status),
+            QoS::AtLeastOnce,
+            true,
+            vec![b' '; 1 << 20],
+        )
+        .await
+        .unwrap();
+    let mut big = request(&device_key, "session.create", "big-ext", "{}");
+    big.body = "x".repeat(1 << 20);
+    send_req(&device, serde_json::to_vec(&big).unwrap()).await;
+    let res = next_response(&mut inbox).await;
+    assert_eq!((res.request_id.as_str(), res.status), ("big-ext", 413));
+    assert_eq!(res.sig, None, "the bridge's own answers are unsigned");
+
+    let env = request(&device_key, "session.status", "after", "{}");
+    send_req(&device, serde_json::to_vec(&env).unwrap()).await;
+    let res = next_response(&mut inbox).await;
+    assert_eq!((res.request_id.as_str(), res.status), ("after", 200));
+
+    shutdown.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(15), bridge)
+        .await
+        .expect("bridge did not stop after shutdown")
+        .unwrap();
+    assert!(ended.is_ok(), "{ended:?}");
+}

@@ -244,8 +244,14 @@ pub async fn connect(
     username: &str,
     password: &str,
 ) -> Result<(AsyncClient, mpsc::UnboundedReceiver<Publish>), String> {
-    let (client, mut eventloop) =
-        AsyncClient::new(device_options(port, client_id, username, password), 64);
+    connect_with(device_options(port, client_id, username, password)).await
+}
+
+/// [`connect`] with the given options.
+pub async fn connect_with(
+    options: MqttOptions,
+) -> Result<(AsyncClient, mpsc::UnboundedReceiver<Publish>), String> {
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
     loop {
         match tokio::time::timeout(WAIT, eventloop.poll()).await {
             Err(_) => return Err("no answer from the broker".into()),
