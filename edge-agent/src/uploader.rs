@@ -325,21 +325,19 @@ impl Uploader {
         }
         let code = status.as_u16();
         let text = response.text().await.unwrap_or_default();
-        let snippet: String = text.chars().take(300).collect();
+        let answer = storage_answer(code, &text);
         match code {
             403 => Err(PutError::Expired),
             // 499 ClientDisconnected, and S3's 400 RequestTimeout / IncompleteBody: the
             // connection broke mid-body, so the part is simply sent again.
-            408 | 429 | 499 | 500..=599 => {
-                Err(PutError::Transient(format!("status {code}: {snippet}")))
-            }
+            408 | 429 | 499 | 500..=599 => Err(PutError::Transient(answer)),
             400 if text.contains("RequestTimeout") || text.contains("IncompleteBody") => {
-                Err(PutError::Transient(format!("status {code}: {snippet}")))
+                Err(PutError::Transient(answer))
             }
             400 if text.contains("BadDigest") || text.contains("InvalidDigest") => {
-                Err(PutError::Corrupted(format!("status {code}: {snippet}")))
+                Err(PutError::Corrupted(answer))
             }
-            _ => Err(PutError::Refused(format!("status {code}: {snippet}"))),
+            _ => Err(PutError::Refused(answer)),
         }
     }
 
@@ -376,6 +374,39 @@ impl Uploader {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// Storage's error answer as one line for logs and a job's failure reason: an S3 error
+/// document (`<Error><Code>NoSuchUpload</Code><Message>…</Message>…`) becomes
+/// `status 404: NoSuchUpload: The specified multipart upload does not exist.`; any other
+/// body is kept (whitespace folded, at most 300 characters).
+fn storage_answer(status: u16, body: &str) -> String {
+    fn element<'a>(body: &'a str, name: &str) -> Option<&'a str> {
+        let start = body.find(&format!("<{name}>"))? + name.len() + 2;
+        let len = body[start..].find(&format!("</{name}>"))?;
+        Some(body[start..start + len].trim())
+    }
+    fn unescape(s: &str) -> String {
+        s.replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&apos;", "'")
+            .replace("&amp;", "&")
+    }
+    let text = match element(body, "Code").filter(|c| !c.is_empty()) {
+        Some(code) => match element(body, "Message").filter(|m| !m.is_empty()) {
+            Some(message) => format!("{}: {}", unescape(code), unescape(message)),
+            None => unescape(code),
+        },
+        None => body.to_string(),
+    };
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let line: String = line.chars().take(300).collect();
+    if line.is_empty() {
+        format!("status {status}")
+    } else {
+        format!("status {status}: {line}")
     }
 }
 
@@ -884,6 +915,76 @@ mod tests {
             up.put_part(&path, &p, &soon, unix_now() - 900, &sent).await,
             Err(PutError::Expired)
         ));
+    }
+
+    #[test]
+    fn storage_errors_read_as_one_line() {
+        let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>NoSuchUpload</Code><Message>The specified multipart upload does not exist.</Message><Resource>/b/k</Resource><RequestId>1</RequestId></Error>";
+        assert_eq!(
+            storage_answer(404, xml),
+            "status 404: NoSuchUpload: The specified multipart upload does not exist."
+        );
+        assert_eq!(
+            storage_answer(
+                400,
+                "<Error><Code>X</Code><Message>a &lt;b&gt; &amp;amp;\n c</Message></Error>"
+            ),
+            "status 400: X: a <b> &amp; c"
+        );
+        assert_eq!(
+            storage_answer(400, "<Error><Code>InvalidPart</Code></Error>"),
+            "status 400: InvalidPart"
+        );
+        assert_eq!(
+            storage_answer(502, "bad\n  gateway"),
+            "status 502: bad gateway"
+        );
+        assert_eq!(storage_answer(500, ""), "status 500");
+        assert_eq!(
+            storage_answer(500, &"x".repeat(1000)).len(),
+            300 + "status 500: ".len()
+        );
+    }
+
+    #[tokio::test]
+    async fn no_such_upload_fails_the_part_with_a_readable_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.bin");
+        std::fs::write(&path, b"abc").unwrap();
+        let up = Uploader::new(Arc::new(RateLimiter::new(0))).unwrap();
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>NoSuchUpload</Code><Message>The specified multipart upload does not exist.</Message><Resource>/uplink/k</Resource><RequestId>17</RequestId></Error>";
+        let answer = format!(
+            "HTTP/1.1 404 Not Found\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (url, _s) = serve_once(Box::leak(answer.into_boxed_str())).await;
+        let presigned = PresignedPart {
+            number: 1,
+            method: "PUT".into(),
+            url,
+            headers: vec![],
+            expires_at: unix_now() + 900,
+        };
+        let sent = Arc::new(AtomicU64::new(0));
+        let err = up
+            .put_once(
+                &path,
+                &part(3, "kAFQmDzST7DWlj99KOF/cg=="),
+                &presigned,
+                &sent,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PutError::Refused(_)), "{err:?}");
+        let reason = UploadError::Part {
+            number: 1,
+            source: err,
+        }
+        .to_string();
+        assert_eq!(
+            reason,
+            "part 1: storage refused the part: status 404: NoSuchUpload: The specified multipart upload does not exist."
+        );
     }
 
     #[tokio::test]
