@@ -29,8 +29,10 @@ use crate::store::{self, PartRecord, Store, StoreError};
 
 /// Chunk size of part bodies (no whole-part buffering).
 pub const CHUNK_BYTES: usize = 64 * 1024;
-/// A PUT that moves no bytes (and gets no answer) for this long is abandoned and retried.
-/// This is the only timeout on a PUT once connected: a part on a slow link may take hours.
+/// A PUT that takes no bytes of its body for this long is abandoned and retried. Once the
+/// whole body is handed off, the wait for the answer is longer (`idle_limit`: 188 s for a
+/// part of 8 MiB or more swallowed at once). These are the only timeouts on a PUT once
+/// connected: a part on a slow link may take hours.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Once the whole body is handed to the kernel, up to this much of it may still sit in
@@ -211,6 +213,17 @@ fn idle_limit(handed_off: bool, body_time: Duration, size: u64) -> Duration {
     IDLE_TIMEOUT.max(body_time * 2) + drain
 }
 
+/// Why a silent PUT is abandoned, with the real wait (checked every 5 s, so up to 5 s past
+/// the limit).
+fn stall_reason(handed_off: bool, idle: Duration, limit: Duration) -> String {
+    let (idle, limit) = (idle.as_secs(), limit.as_secs());
+    if handed_off {
+        format!("no answer from storage {idle} s after the whole body was sent (limit {limit} s)")
+    } else {
+        format!("no progress sending the body for {idle} s (limit {limit} s)")
+    }
+}
+
 /// HTTP side of the uploads, shared by all jobs.
 #[derive(Clone)]
 pub struct Uploader {
@@ -292,20 +305,24 @@ impl Uploader {
             .headers(headers)
             .body(body)
             .send();
+        // Ends with why the PUT is abandoned: the silence and the limit it passed.
         let watchdog = async {
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 let last = Duration::from_millis(activity.load(Ordering::Relaxed));
                 let handed_off = pulled.load(Ordering::Relaxed) >= part.size;
-                if started.elapsed().saturating_sub(last) > idle_limit(handed_off, last, part.size)
-                {
-                    break;
+                let (idle, limit) = (
+                    started.elapsed().saturating_sub(last),
+                    idle_limit(handed_off, last, part.size),
+                );
+                if idle > limit {
+                    break stall_reason(handed_off, idle, limit);
                 }
             }
         };
         let response = tokio::select! {
             r = request => r.map_err(|e| PutError::Transient(describe(e)))?,
-            _ = watchdog => return Err(PutError::Transient(format!("no progress for {} s", IDLE_TIMEOUT.as_secs()))),
+            reason = watchdog => return Err(PutError::Transient(reason)),
         };
         let status = response.status();
         if status.is_success() {
@@ -701,6 +718,18 @@ mod tests {
         let limit = idle_limit(true, Duration::ZERO, 5 << 20);
         assert!(limit <= Duration::from_secs(150), "{limit:?}");
         assert_eq!(idle_limit(true, Duration::ZERO, 0), IDLE_TIMEOUT);
+        // The default 8 MiB part swallowed at once: 60 s + 8 MiB at 64 KiB/s = 188 s, and
+        // the log says so (not "60 s").
+        let limit = idle_limit(true, Duration::ZERO, 8 << 20);
+        assert_eq!(limit, Duration::from_secs(188));
+        assert_eq!(
+            stall_reason(true, Duration::from_millis(191_500), limit),
+            "no answer from storage 191 s after the whole body was sent (limit 188 s)"
+        );
+        assert_eq!(
+            stall_reason(false, Duration::from_secs(62), IDLE_TIMEOUT),
+            "no progress sending the body for 62 s (limit 60 s)"
+        );
     }
 
     #[test]

@@ -96,7 +96,8 @@ async fn black_holed_connections_time_out_and_are_retried() {
         ..Faults::default()
     });
     let started = Instant::now();
-    // The agent abandons a PUT that gets no answer after its read timeout (120 s).
+    // The agent abandons a PUT whose swallowed 5 MiB body gets no answer after 140 s
+    // (60 s + 5 MiB at 64 KiB/s; docs/reliability.md, Timeouts).
     upload(&stack, &dev, &file, Duration::from_secs(420)).await;
     let counts = stack.proxy.fault_counts();
     eprintln!(
