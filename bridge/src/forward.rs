@@ -154,50 +154,57 @@ fn code_for_status(status: u16) -> (&'static str, &'static str) {
 }
 
 /// Maps the device API's answer to the response envelope published on `res`, with the
-/// API's signature (an answer the bridge had to make up is unsigned).
+/// API's signature only when the envelope carries the API's own status and JSON: an answer
+/// the bridge had to make up (or fill in) is unsigned.
 pub fn response_from_api(request_id: &str, answer: &HttpAnswer) -> ResponseEnvelope {
-    let envelope = envelope_from_api(request_id, answer);
+    let (envelope, as_sent) = envelope_from_api(request_id, answer);
     // The signature covers what the API sent; a replaced answer keeps none.
-    let same = envelope.status == answer.status;
+    let same = as_sent && envelope.status == answer.status;
     envelope.with_sig(answer.signature.clone().filter(|_| same))
 }
 
-fn envelope_from_api(request_id: &str, answer: &HttpAnswer) -> ResponseEnvelope {
+/// The envelope, and whether it carries the API's answer as sent.
+fn envelope_from_api(request_id: &str, answer: &HttpAnswer) -> (ResponseEnvelope, bool) {
     let status = answer.status;
     if (200..300).contains(&status) {
         if answer.body.iter().all(u8::is_ascii_whitespace) {
-            return ResponseEnvelope::ok(request_id, status, serde_json::json!({}));
+            let envelope = ResponseEnvelope::ok(request_id, status, serde_json::json!({}));
+            return (envelope, false);
         }
         return match serde_json::from_slice::<serde_json::Value>(&answer.body) {
-            Ok(json) => ResponseEnvelope::ok(request_id, status, json),
-            Err(_) => ResponseEnvelope::problem(
-                request_id,
-                Problem::new(
-                    502,
-                    "bad_gateway",
-                    "Bad gateway",
-                    Some(format!(
-                        "control API answered {status} with a body that is not JSON"
-                    )),
+            Ok(json) => (ResponseEnvelope::ok(request_id, status, json), true),
+            Err(_) => (
+                ResponseEnvelope::problem(
+                    request_id,
+                    Problem::new(
+                        502,
+                        "bad_gateway",
+                        "Bad gateway",
+                        Some(format!(
+                            "control API answered {status} with a body that is not JSON"
+                        )),
+                    ),
                 ),
+                false,
             ),
         };
     }
-    let problem = serde_json::from_slice::<Problem>(&answer.body)
+    let sent = serde_json::from_slice::<Problem>(&answer.body)
         .ok()
-        .filter(|p| (400..600).contains(&p.status))
-        .unwrap_or_else(|| {
-            // A status below 400 that is not 2xx (a redirect) is not an answer either.
-            let shown = if status >= 400 { status } else { 502 };
-            let (code, title) = code_for_status(shown);
-            Problem::new(
-                shown,
-                code,
-                title,
-                Some(format!("control API answered {status}")),
-            )
-        });
-    ResponseEnvelope::problem(request_id, problem)
+        .filter(|p| (400..600).contains(&p.status));
+    let as_sent = sent.is_some();
+    let problem = sent.unwrap_or_else(|| {
+        // A status below 400 that is not 2xx (a redirect) is not an answer either.
+        let shown = if status >= 400 { status } else { 502 };
+        let (code, title) = code_for_status(shown);
+        Problem::new(
+            shown,
+            code,
+            title,
+            Some(format!("control API answered {status}")),
+        )
+    });
+    (ResponseEnvelope::problem(request_id, problem), as_sent)
 }
 
 /// What [`handle`] needs.
@@ -484,6 +491,14 @@ mod tests {
         assert_eq!(r.sig.as_deref(), Some("c2ln"));
         let r = response_from_api("r", &signed(200, "not json"));
         assert_eq!((r.status, r.sig), (502, None));
+        // A problem made up for a body that was not one keeps the status, not the signature.
+        let r = response_from_api("r", &signed(422, "nope"));
+        assert_eq!((r.status, r.sig), (422, None));
+        let r = response_from_api("r", &signed(204, ""));
+        assert_eq!((r.status, r.sig), (204, None));
+        let p = Problem::new(409, "session_paused", "Conflict", None);
+        let r = response_from_api("r", &signed(409, &serde_json::to_string(&p).unwrap()));
+        assert_eq!(r.sig.as_deref(), Some("c2ln"));
 
         let p = Problem::new(
             409,
