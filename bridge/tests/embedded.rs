@@ -10,9 +10,10 @@ use std::time::Duration;
 use common::*;
 use rumqttc::QoS;
 use tokio_util::sync::CancellationToken;
+use uplink_bridge::broker::PACKET_HEADROOM;
 use uplink_bridge::config::{BrokerConfig, BrokerMode, Config, Secret};
 use uplink_protocol::command::{Action, Command};
-use uplink_protocol::envelope::CommandEnvelope;
+use uplink_protocol::envelope::{CommandEnvelope, MAX_PAYLOAD_BYTES};
 use uplink_protocol::sign;
 use uplink_protocol::telemetry::{Presence, Status};
 use uplink_protocol::topics::{self, Channel};
@@ -214,6 +215,217 @@ async fn bridge_with_embedded_broker() {
     );
 
     // Clean shutdown.
+    shutdown.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(15), bridge)
+        .await
+        .expect("bridge did not stop after shutdown")
+        .unwrap();
+    assert!(ended.is_ok(), "{ended:?}");
+}
+
+/// The embedded broker takes a PUBLISH whose remaining length (topic, packet id and
+/// payload) is at most 64 KiB + [`PACKET_HEADROOM`]: up to there an oversized request is
+/// answered 413 (unsigned), one byte more and the broker closes the publisher's
+/// connection without an answer. docs/protocol.md states these numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_broker_payload_limits() {
+    init_tracing();
+    let device_key = sign::generate();
+    let (api_addr, _mock) = start_mock(device_key.verifying_key()).await;
+    let port = free_port();
+    let config = Config {
+        api_url: format!("http://{api_addr}"),
+        api_token: Secret::new(TOKEN),
+        poll_interval_ms: 60_000,
+        http_listen: None,
+        broker: BrokerConfig {
+            mode: BrokerMode::Embedded,
+            listen: SocketAddr::from(([127, 0, 0, 1], port)),
+            ..BrokerConfig::default()
+        },
+    };
+    let shutdown = CancellationToken::new();
+    let bridge = tokio::spawn(uplink_bridge::run(config, shutdown.clone()));
+
+    let req_topic = topics::topic(DEVICE, Channel::Req);
+    let largest_packet = MAX_PAYLOAD_BYTES + PACKET_HEADROOM;
+    assert_eq!(largest_packet, 81_920);
+    // QoS 1 PUBLISH: 2-byte topic length, topic, 2-byte packet id, payload.
+    let largest_payload = largest_packet - 4 - req_topic.len();
+    let sized = |request_id: &str, len: usize| {
+        let mut env = request(&device_key, "session.create", request_id, "");
+        let base = serde_json::to_vec(&env).unwrap().len();
+        env.body = "x".repeat(len - base);
+        let payload = serde_json::to_vec(&env).unwrap();
+        assert_eq!(payload.len(), len);
+        payload
+    };
+
+    let (device, mut inbox) = connect_when_up(port).await;
+    device
+        .subscribe(topics::topic(DEVICE, Channel::Res), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let env = request(&device_key, "session.status", "up", "{}");
+    assert_eq!(
+        ask_until_answered(&device, &mut inbox, &env).await.status,
+        200
+    );
+    send_req(&device, sized("at-limit", largest_payload)).await;
+    let res = next_response(&mut inbox).await;
+    assert_eq!((res.request_id.as_str(), res.status), ("at-limit", 413));
+    assert_eq!(res.problem.unwrap().code, "payload_too_large");
+    assert_eq!(res.sig, None);
+    drop((device, inbox));
+
+    // One byte more: the broker closes the connection, nothing is answered.
+    let (client, mut eventloop) =
+        rumqttc::AsyncClient::new(device_options(port, DEVICE, DEVICE, DEVICE_PASSWORD), 8);
+    let res_topic = topics::topic(DEVICE, Channel::Res);
+    let mut subscribed = false;
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                    client
+                        .subscribe(res_topic.clone(), QoS::AtLeastOnce)
+                        .await
+                        .unwrap();
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) if !subscribed => {
+                    subscribed = true;
+                    client
+                        .publish(
+                            req_topic.clone(),
+                            QoS::AtLeastOnce,
+                            false,
+                            sized("over-limit", largest_payload + 1),
+                        )
+                        .await
+                        .unwrap();
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    panic!("answered on {}: {:?}", p.topic, p.payload)
+                }
+                Ok(_) => {}
+                Err(e) => return e.to_string(),
+            }
+        }
+    })
+    .await
+    .expect("the broker kept the connection open");
+    assert!(subscribed, "{closed}");
+    assert!(closed.contains("by peer"), "{closed}");
+    drop((client, eventloop));
+
+    // The bridge is unaffected.
+    let (device, mut inbox) = connect_when_up(port).await;
+    device
+        .subscribe(topics::topic(DEVICE, Channel::Res), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let env = request(&device_key, "session.status", "still-up", "{}");
+    assert_eq!(
+        ask_until_answered(&device, &mut inbox, &env).await.status,
+        200
+    );
+
+    shutdown.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(15), bridge)
+        .await
+        .expect("bridge did not stop after shutdown")
+        .unwrap();
+    assert!(ended.is_ok(), "{ended:?}");
+}
+
+/// A raw MQTT CONNECT: protocol `level` (4 = 3.1.1, 5 = MQTT 5), clean session, username
+/// and password.
+fn connect_packet(level: u8, keep_alive: u16, client_id: &str, password: &str) -> Vec<u8> {
+    let string = |s: &str| {
+        let mut b = (s.len() as u16).to_be_bytes().to_vec();
+        b.extend_from_slice(s.as_bytes());
+        b
+    };
+    let mut rest = string("MQTT");
+    rest.extend([level, 0xC2]);
+    rest.extend(keep_alive.to_be_bytes());
+    if level == 5 {
+        rest.push(0); // no properties
+    }
+    for field in [client_id, client_id, password] {
+        rest.extend(string(field));
+    }
+    assert!(rest.len() < 128);
+    let mut packet = vec![0x10, rest.len() as u8];
+    packet.extend(rest);
+    packet
+}
+
+/// Everything the broker sends after `packet` until it closes the connection.
+async fn broker_answer(port: u16, packet: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream.write_all(packet).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(WAIT, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    got.extend_from_slice(&buf[..n]);
+                    if got.len() >= 4 {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the broker neither answered nor closed");
+    got
+}
+
+/// What docs/protocol.md says a device sees: the embedded broker answers a CONNECT it
+/// refuses (bad password, keep-alive 0, not MQTT 3.1.1) by closing the connection without a
+/// CONNACK; an accepted one gets CONNACK 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_broker_refuses_without_connack() {
+    init_tracing();
+    let device_key = sign::generate();
+    let (api_addr, _mock) = start_mock(device_key.verifying_key()).await;
+    let port = free_port();
+    let config = Config {
+        api_url: format!("http://{api_addr}"),
+        api_token: Secret::new(TOKEN),
+        poll_interval_ms: 60_000,
+        http_listen: None,
+        broker: BrokerConfig {
+            mode: BrokerMode::Embedded,
+            listen: SocketAddr::from(([127, 0, 0, 1], port)),
+            ..BrokerConfig::default()
+        },
+    };
+    let shutdown = CancellationToken::new();
+    let bridge = tokio::spawn(uplink_bridge::run(config, shutdown.clone()));
+    drop(connect_when_up(port).await);
+
+    let accepted = broker_answer(port, &connect_packet(4, 30, DEVICE, DEVICE_PASSWORD)).await;
+    assert_eq!(accepted, [0x20, 0x02, 0x00, 0x00], "CONNACK, accepted");
+    for (what, packet) in [
+        ("bad password", connect_packet(4, 30, DEVICE, "wrong-pass")),
+        (
+            "keep-alive 0",
+            connect_packet(4, 0, DEVICE, DEVICE_PASSWORD),
+        ),
+        ("MQTT 5", connect_packet(5, 30, DEVICE, DEVICE_PASSWORD)),
+    ] {
+        let got = broker_answer(port, &packet).await;
+        assert!(got.is_empty(), "{what}: the broker sent {got:02x?}");
+    }
+
     shutdown.cancel();
     let ended = tokio::time::timeout(Duration::from_secs(15), bridge)
         .await
