@@ -14,14 +14,18 @@
 //! - [`http`]: routing, the device/operator/bridge endpoints, problem documents.
 //! - [`validate`]: pure per-dataset validators (JSONL, CSV, Parquet) for completed objects.
 //! - [`validation`]: the worker that reads completed objects back and records the verdict.
+//! - [`digest`]: the worker that reads completed objects back and checks their SHA-256.
+//! - [`readback`]: what those two share: claims under a lease, backoff, exact-length reads.
 
 pub mod cleanup;
 pub mod config;
+pub mod digest;
 pub mod domain;
 pub mod egress;
 pub mod events;
 pub mod http;
 pub mod metrics;
+pub mod readback;
 pub mod sessions;
 pub mod storage;
 pub mod store;
@@ -50,6 +54,8 @@ pub struct AppState {
     pub events: events::Hub,
     /// Wakes this instance's validation worker (a completion left an object pending).
     pub validation_wake: Arc<tokio::sync::Notify>,
+    /// Wakes this instance's digest worker (a completion left a digest to check).
+    pub digest_wake: Arc<tokio::sync::Notify>,
 }
 
 pub fn load_command_key(path: &std::path::Path) -> anyhow::Result<PrivateKey> {
@@ -93,10 +99,11 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         counters: Arc::default(),
         events: events::Hub::default(),
         validation_wake: Arc::default(),
+        digest_wake: Arc::default(),
     })
 }
 
-/// Serves the API and runs the cleanup and validation workers until `shutdown` is
+/// Serves the API and runs the cleanup, validation and digest workers until `shutdown` is
 /// cancelled, then drains in-flight requests.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let listen = config.listen;
@@ -112,7 +119,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 /// How long requests in flight at shutdown may take to finish.
 pub const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
 
-/// Serves the API on `listener` and runs the cleanup and validation workers and the event
+/// Serves the API on `listener` and runs the cleanup, validation and digest workers and the event
 /// relay and webhook deliverer until `shutdown` is cancelled, then drains in-flight
 /// requests (at most [`DRAIN_LIMIT`]). [`run`] is [`build_state`] + bind + `serve`; a
 /// caller that must act between bind and serve (systemd readiness) calls the three itself.
@@ -131,6 +138,7 @@ pub async fn serve(
         hub.close();
     });
     let validation = tokio::spawn(validation::run(state.clone(), shutdown.clone()));
+    let digest = tokio::spawn(digest::run(state.clone(), shutdown.clone()));
     let served = axum::serve(listener, http::router(state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .into_future();
@@ -155,6 +163,7 @@ pub async fn serve(
         ("cleanup", cleanup),
         ("events", events),
         ("validation", validation),
+        ("digest", digest),
     ] {
         match handle.await {
             Ok(()) => tracing::info!(task, "Task stopped"),

@@ -73,6 +73,7 @@ fn main() -> ExitCode {
                 Ok(guard) => guard,
                 Err(e) => return fail(anyhow::anyhow!(e)),
             };
+            uplink_service::failpoint::announce();
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => return fail(e.into()),

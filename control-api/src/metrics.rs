@@ -208,6 +208,22 @@ pub async fn render(State(st): State<AppState>) -> Result<impl IntoResponse, Api
             .map(|(s, n)| (format!("{{validation=\"{s}\"}}"), n.max(0) as u64))
             .collect::<Vec<_>>(),
     );
+    let digests: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT digest_check, count(*) FROM sessions WHERE digest_check IS NOT NULL
+         GROUP BY digest_check ORDER BY digest_check",
+    )
+    .fetch_all(&st.store.pool)
+    .await?;
+    line(
+        &mut out,
+        "uplink_objects_digest",
+        "gauge",
+        "Completed objects by the check of their SHA-256 against the stored bytes (pending, verified, mismatch).",
+        &digests
+            .into_iter()
+            .map(|(s, n)| (format!("{{check=\"{s}\"}}"), n.max(0) as u64))
+            .collect::<Vec<_>>(),
+    );
     let (online, total): (i64, i64) =
         sqlx::query_as("SELECT count(*) FILTER (WHERE online), count(*) FROM devices")
             .fetch_one(&st.store.pool)

@@ -15,8 +15,9 @@ use crate::domain::session::Event;
 use crate::domain::verify::{self, PlannedPart, VerifyError};
 use crate::http::error::ApiError;
 use crate::storage::{Object, ObjectOptions};
-use crate::store::{audit, Actor, Device, Session};
+use crate::store::{audit, transition_in, Actor, Device, Session};
 use crate::AppState;
+use uplink_service::failpoint;
 
 pub fn plan_of(s: &Session) -> PartPlan {
     PartPlan {
@@ -114,6 +115,22 @@ pub async fn create(
         .map_err(|e| ApiError::Unprocessable("invalid_part_plan", e.to_string()))?;
     let dataset = req.dataset.as_deref().unwrap_or(DEFAULT_DATASET);
     let device_id = device.device_id.as_str();
+    if let Some(command_id) = req.command_id {
+        // Another device's command is "not found", as every other op answers for it.
+        let owned: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM commands WHERE command_id = $1 AND device_id = $2)",
+        )
+        .bind(command_id)
+        .bind(device_id)
+        .fetch_one(&st.store.pool)
+        .await?;
+        if !owned {
+            return Err(ApiError::NotFound(
+                "command_not_found",
+                format!("no command {command_id} for this device"),
+            ));
+        }
+    }
 
     // One session per job: a repeated create for the same job answers with that session.
     let existing: Option<Session> =
@@ -355,7 +372,9 @@ async fn key_taken(st: &AppState, bucket: &str, key: &str) -> Result<bool, ApiEr
 }
 
 /// A completed, not rejected session of the dataset with the same content whose object is
-/// still in storage.
+/// still in storage, unchanged. The content is the digest the API computed from the stored
+/// bytes ([`crate::digest`]), never only the one a device claimed: a device that uploaded
+/// other bytes under this digest does not make them the answer for the real file.
 async fn stored_copy(
     st: &AppState,
     project: &str,
@@ -363,8 +382,8 @@ async fn stored_copy(
     req: &CreateSession,
 ) -> Result<Option<Session>, ApiError> {
     let found: Option<Session> = sqlx::query_as(
-        "SELECT * FROM sessions WHERE project_id = $1 AND dataset = $2 AND sha256 = $3 AND size = $4
-           AND state = 'completed' AND validation IS DISTINCT FROM 'rejected'
+        "SELECT * FROM sessions WHERE project_id = $1 AND dataset = $2 AND stored_sha256 = $3 AND size = $4
+           AND state = 'completed' AND digest_check = 'verified' AND validation IS DISTINCT FROM 'rejected'
          ORDER BY completed_at LIMIT 1",
     )
     .bind(project)
@@ -377,7 +396,12 @@ async fn stored_copy(
         return Ok(None);
     };
     match st.storage.head(&original.object()).await {
-        Ok((size, _)) if size == req.size => Ok(Some(original)),
+        // The same size and ETag: the object the digest was computed from.
+        Ok((size, etag))
+            if size == req.size && original.etag.as_deref() == Some(verify::bare_etag(&etag)) =>
+        {
+            Ok(Some(original))
+        }
         Ok(_) | Err(crate::storage::StorageError::NotFound) => Ok(None),
         Err(e) => Err(e.into()),
     }
@@ -399,8 +423,9 @@ async fn deduplicate(
     let session: Session = sqlx::query_as(
         "INSERT INTO sessions (session_id, device_id, job_id, command_id, file_name, bucket, object_key, size, part_size,
                                part_count, claimed_sha256, sha256, etag, state, dataset, project_id, bytes_done,
-                               completed_at, deduplicated_from, validation, validation_error)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12, 'completed', $13, $14, $8, now(), $15, $16, $17)
+                               completed_at, deduplicated_from, validation, validation_error, digest_check, stored_sha256)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12, 'completed', $13, $14, $8, now(), $15, $16, $17,
+                 'verified', $11)
          RETURNING *",
     )
     .bind(session_id)
@@ -645,7 +670,15 @@ pub async fn complete(
         }
     }
     match session.state() {
-        SessionState::Completed => return Ok(info(&session, vec![])),
+        SessionState::Completed if session.completed_at.is_some() => {
+            return Ok(info(&session, vec![]))
+        }
+        // Recorded as completed without its bookkeeping (by a version that did it in two
+        // transactions and died between them): finish it now.
+        SessionState::Completed => {
+            let (_, etag) = st.storage.head(&session.object()).await?;
+            return record_completion(st, &session, &etag, actor, &req, signed.as_ref()).await;
+        }
         SessionState::Paused => {
             return Err(ApiError::Conflict(
                 "session_paused",
@@ -683,6 +716,7 @@ pub async fn complete(
                         st.storage
                             .complete(&session.object(), upload_id, &parts)
                             .await?;
+                        failpoint::hit(failpoint::API_COMPLETE_AFTER_STORAGE);
                     }
                     Err(
                         e @ (VerifyError::Missing(_)
@@ -750,29 +784,56 @@ pub async fn complete(
         },
     };
 
-    let done = st
-        .store
-        .transition(&session, Event::Completed, actor, None)
-        .await?;
+    failpoint::hit(failpoint::API_COMPLETE_AFTER_HEAD);
+    record_completion(st, &session, &etag, actor, &req, signed.as_ref()).await
+}
+
+/// Records a verified completion: the state, the digest, ETag, size and time, the pending
+/// digest check and validation, and the signed manifest, in one transaction. It either all
+/// commits or none of it does, so a crash or a lost database connection at any point leaves
+/// the session `completing` (or, from older versions, `completed` without a time), and the
+/// device's retry of `session.complete` finishes it: storage's completion is repeatable
+/// (`NoSuchUpload` then HEAD), this is not done twice.
+async fn record_completion(
+    st: &AppState,
+    session: &Session,
+    etag: &str,
+    actor: &Actor,
+    req: &CompleteSession,
+    signed: Option<&SignedRequest>,
+) -> Result<SessionInfo, ApiError> {
+    let session_id = session.session_id;
     let validator = st
         .store
-        .dataset(&done.project_id, &done.dataset)
+        .dataset(&session.project_id, &session.dataset)
         .await?
         .and_then(|d| d.validator);
+    let part_md5s: Vec<String> = match (&req.manifest, signed) {
+        (Some(_), Some(_)) => st
+            .store
+            .planned_parts(session_id)
+            .await?
+            .into_iter()
+            .map(|p| p.md5)
+            .collect(),
+        _ => Vec::new(),
+    };
     let mut tx = st.store.pool.begin().await?;
+    if session.state() != SessionState::Completed {
+        transition_in(&mut tx, session, Event::Completed, actor, None).await?;
+    }
     let done: Session = sqlx::query_as(
         "UPDATE sessions SET sha256 = claimed_sha256, etag = $2, bytes_done = size, rate_bps = 0, completed_at = now(),
-                             validation = $3, validator = $4
+                             validation = $3, validator = $4, digest_check = 'pending'
          WHERE session_id = $1 RETURNING *",
     )
-    .bind(done.session_id)
-    .bind(verify::bare_etag(&etag))
+    .bind(session_id)
+    .bind(verify::bare_etag(etag))
     .bind(validator.as_ref().map(|_| "pending"))
     .bind(&validator)
     .fetch_one(&mut *tx)
     .await?;
-    if let (Some(manifest), Some(signed)) = (&req.manifest, &signed) {
-        let part_md5s: Vec<&str> = part_rows.iter().map(|p| p.md5.as_str()).collect();
+    if let (Some(manifest), Some(signed)) = (&req.manifest, signed) {
         audit(
             &mut tx,
             actor,
@@ -784,13 +845,15 @@ pub async fn complete(
         )
         .await?;
     }
+    failpoint::hit(failpoint::API_COMPLETE_BEFORE_COMMIT);
     tx.commit().await?;
     if done.validation.is_some() {
         st.validation_wake.notify_one();
     }
+    st.digest_wake.notify_one();
     crate::metrics::Counters::add(&st.counters.sessions_completed, 1);
     crate::metrics::Counters::add(&st.counters.bytes_completed, done.size.max(0) as u64);
-    tracing::info!(%session_id, %device_id, size = done.size, "Session completed");
+    tracing::info!(%session_id, device_id = %done.device_id, size = done.size, "Session completed");
     Ok(info(&done, vec![]))
 }
 

@@ -74,6 +74,11 @@ pub struct Session {
     /// `pending`, `accepted` or `rejected` when the dataset has a validator.
     pub validation: Option<String>,
     pub validation_error: Option<String>,
+    /// The check of the claimed SHA-256 against the stored bytes, once completed: `pending`,
+    /// `verified` or `mismatch`. Only a verified object is a dedupe source.
+    pub digest_check: Option<String>,
+    /// The SHA-256 the API computed from the stored object.
+    pub stored_sha256: Option<String>,
 }
 
 impl Session {
@@ -317,40 +322,53 @@ impl Store {
         actor: &Actor,
         error: Option<&str>,
     ) -> Result<Session, ApiError> {
-        let to = transition(session.state(), event)?;
         let mut tx = self.pool.begin().await?;
-        let updated: Option<Session> = sqlx::query_as(
-            "UPDATE sessions SET state = $1, version = version + 1, updated_at = now(), error = COALESCE($4, error)
-             WHERE session_id = $2 AND version = $3 RETURNING *",
-        )
-        .bind(to.as_str())
-        .bind(session.session_id)
-        .bind(session.version)
-        .bind(error)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(mut updated) = updated else {
-            return Err(ApiError::Conflict(
-                "concurrent_update",
-                "the session changed while this request was handled; retry".into(),
-            ));
-        };
-        if to.is_terminal() && updated.reserved_bytes > 0 {
-            settle_quota(&mut tx, &updated, to).await?;
-            updated.reserved_bytes = 0;
-        }
-        if to != session.state() {
-            audit(
-                &mut tx,
-                actor,
-                "session.transition",
-                &session.session_id.to_string(),
-                Some(&session.project_id),
-                serde_json::json!({"from": session.state, "to": to.as_str(), "event": format!("{event:?}"), "error": error}),
-            )
-            .await?;
-        }
+        let updated = transition_in(&mut tx, session, event, actor, error).await?;
         tx.commit().await?;
         Ok(updated)
     }
+}
+
+/// [`Store::transition`] inside `tx`: the state change commits (or not) with whatever else
+/// the caller writes in `tx`.
+pub async fn transition_in(
+    tx: &mut Transaction<'_, Postgres>,
+    session: &Session,
+    event: Event,
+    actor: &Actor,
+    error: Option<&str>,
+) -> Result<Session, ApiError> {
+    let to = transition(session.state(), event)?;
+    let updated: Option<Session> = sqlx::query_as(
+        "UPDATE sessions SET state = $1, version = version + 1, updated_at = now(), error = COALESCE($4, error)
+         WHERE session_id = $2 AND version = $3 RETURNING *",
+    )
+    .bind(to.as_str())
+    .bind(session.session_id)
+    .bind(session.version)
+    .bind(error)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(mut updated) = updated else {
+        return Err(ApiError::Conflict(
+            "concurrent_update",
+            "the session changed while this request was handled; retry".into(),
+        ));
+    };
+    if to.is_terminal() && updated.reserved_bytes > 0 {
+        settle_quota(tx, &updated, to).await?;
+        updated.reserved_bytes = 0;
+    }
+    if to != session.state() {
+        audit(
+            tx,
+            actor,
+            "session.transition",
+            &session.session_id.to_string(),
+            Some(&session.project_id),
+            serde_json::json!({"from": session.state, "to": to.as_str(), "event": format!("{event:?}"), "error": error}),
+        )
+        .await?;
+    }
+    Ok(updated)
 }

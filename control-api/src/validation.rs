@@ -18,20 +18,17 @@
 //! takes the original's verdict.
 
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rand::Rng as _;
 use serde_json::json;
 use sqlx::FromRow;
-use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::config::ValidationConfig;
 use crate::http::error::ApiError;
-use crate::storage::{Object, StorageError};
+use crate::readback::{self, read_error, retry_delay, under_lease, Exact, LeaseSql};
+use crate::storage::Object;
 use crate::store::{audit, Actor};
 use crate::validate::{validate_parquet, validate_stream, Validator, Verdict};
 use crate::AppState;
@@ -93,36 +90,8 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
 }
 
 async fn worker(st: AppState, shutdown: CancellationToken) {
-    let every = Duration::from_secs(st.config.validation.interval_secs);
-    loop {
-        while !shutdown.is_cancelled() {
-            match run_once(&st, &shutdown).await {
-                Ok(pass) if pass.did_something() => {}
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "Validation pass failed; retrying next interval");
-                    break;
-                }
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = st.validation_wake.notified() => {}
-            _ = tokio::time::sleep(every) => {}
-        }
-    }
-}
-
-/// The delay before attempt `attempts + 1` after `attempts` failed reads:
-/// `retry_initial_secs` doubled per earlier failure, at most `retry_max_secs`, plus
-/// `jitter` (0..1) of a tenth of it so that many objects do not retry in step.
-pub fn retry_delay(cfg: &ValidationConfig, attempts: u32, jitter: f64) -> Duration {
-    let doublings = attempts.saturating_sub(1).min(32);
-    let secs = cfg
-        .retry_initial_secs
-        .saturating_mul(1u64 << doublings)
-        .min(cfg.retry_max_secs);
-    Duration::from_secs(secs).mul_f64(1.0 + jitter.clamp(0.0, 1.0) / 10.0)
+    let pass = || async { run_once(&st, &shutdown).await.map(|p| p.did_something()) };
+    readback::worker(&st, &st.validation_wake, &shutdown, "Validation", pass).await;
 }
 
 #[derive(Debug, FromRow)]
@@ -177,6 +146,13 @@ pub async fn run_once(st: &AppState, shutdown: &CancellationToken) -> Result<Pas
     })
 }
 
+const LEASE: LeaseSql = LeaseSql {
+    renew: "UPDATE sessions SET validation_after = now() + make_interval(secs => $3)
+            WHERE session_id = $1 AND validation_claim = $2",
+    release: "UPDATE sessions SET validation_after = NULL, validation_claim = NULL
+              WHERE session_id = $1 AND validation_claim = $2",
+};
+
 /// Reads the object (renewing the claim meanwhile) and records the verdict.
 async fn validate_claimed(
     st: &AppState,
@@ -186,36 +162,10 @@ async fn validate_claimed(
     shutdown: &CancellationToken,
 ) -> Result<Outcome, ApiError> {
     let cfg = &st.config.validation;
-    let check = check(st, c, v);
-    tokio::pin!(check);
-    let mut renew = tokio::time::interval(Duration::from_secs(cfg.lease_secs).div_f64(3.0));
-    renew.tick().await;
-    let read = loop {
-        tokio::select! {
-            read = &mut check => break read,
-            _ = renew.tick() => {
-                sqlx::query(
-                    "UPDATE sessions SET validation_after = now() + make_interval(secs => $3)
-                     WHERE session_id = $1 AND validation_claim = $2",
-                )
-                .bind(c.session_id)
-                .bind(claim)
-                .bind(cfg.lease_secs as f64)
-                .execute(&st.store.pool)
-                .await?;
-            }
-            _ = shutdown.cancelled() => {
-                sqlx::query(
-                    "UPDATE sessions SET validation_after = NULL, validation_claim = NULL
-                     WHERE session_id = $1 AND validation_claim = $2",
-                )
-                .bind(c.session_id)
-                .bind(claim)
-                .execute(&st.store.pool)
-                .await?;
-                return Ok(Outcome::Released);
-            }
-        }
+    let Some(read) =
+        under_lease(st, &LEASE, c.session_id, claim, check(st, c, v), shutdown).await?
+    else {
+        return Ok(Outcome::Released);
     };
     let outcome = match read {
         Ok(Ok(report)) => Outcome::Accepted {
@@ -266,13 +216,6 @@ async fn check(st: &AppState, c: &Claimed, v: Validator) -> io::Result<Verdict> 
         };
         let body = st.storage.get_stream(&obj).await.map_err(read_error)?;
         validate_stream(v, Exact::new(body, size)).await
-    }
-}
-
-fn read_error(e: StorageError) -> io::Error {
-    match e {
-        StorageError::NotFound => io::Error::new(io::ErrorKind::NotFound, e.to_string()),
-        e => io::Error::other(e.to_string()),
     }
 }
 
@@ -418,114 +361,9 @@ async fn copy_verdicts(st: &AppState) -> Result<usize, ApiError> {
     Ok(copied.len())
 }
 
-/// A reader of an object of known size: ending early, or running past the size, is a read
-/// error (retry), never a verdict on a file cut short in transit.
-struct Exact<R> {
-    inner: R,
-    expected: u64,
-    seen: u64,
-}
-
-impl<R> Exact<R> {
-    fn new(inner: R, expected: u64) -> Self {
-        Exact {
-            inner,
-            expected,
-            seen: 0,
-        }
-    }
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for Exact<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                let n = (buf.filled().len() - before) as u64;
-                this.seen += n;
-                if n == 0 && buf.remaining() > 0 && this.seen < this.expected {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!(
-                            "the object's body ended after {} of {} bytes",
-                            this.seen, this.expected
-                        ),
-                    )));
-                }
-                if this.seen > this.expected {
-                    // A read that fails leaves the buffer as it was.
-                    buf.set_filled(before);
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("the object is longer than its {} bytes", this.expected),
-                    )));
-                }
-                Poll::Ready(Ok(()))
-            }
-            other => other,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt as _;
-
-    #[test]
-    fn retry_delay_doubles_up_to_the_max() {
-        let cfg = ValidationConfig {
-            retry_initial_secs: 10,
-            retry_max_secs: 600,
-            ..ValidationConfig::default()
-        };
-        let secs = |n| retry_delay(&cfg, n, 0.0).as_secs();
-        assert_eq!(
-            [
-                secs(0),
-                secs(1),
-                secs(2),
-                secs(3),
-                secs(6),
-                secs(7),
-                secs(1000)
-            ],
-            [10, 10, 20, 40, 320, 600, 600]
-        );
-        assert_eq!(retry_delay(&cfg, 1, 1.0), Duration::from_secs(11));
-        assert_eq!(retry_delay(&cfg, 1, 7.0), Duration::from_secs(11));
-    }
-
-    #[tokio::test]
-    async fn exact_reader_refuses_short_and_long_bodies() {
-        let mut out = Vec::new();
-        let n = Exact::new(&b"hello"[..], 5)
-            .read_to_end(&mut out)
-            .await
-            .unwrap();
-        assert_eq!((n, &out[..]), (5, &b"hello"[..]));
-
-        let err = Exact::new(&b"hel"[..], 5)
-            .read_to_end(&mut Vec::new())
-            .await
-            .unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
-        assert_eq!(
-            err.to_string(),
-            "the object's body ended after 3 of 5 bytes"
-        );
-
-        let err = Exact::new(&b"hello!"[..], 5)
-            .read_to_end(&mut Vec::new())
-            .await
-            .unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-    }
 
     #[tokio::test]
     async fn a_short_body_is_a_read_error_not_a_rejection() {

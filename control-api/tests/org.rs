@@ -509,6 +509,12 @@ async fn same_content_in_a_dataset_is_stored_once() {
     let key = app.register("dev-d").await;
     let data = file(3000, 7);
     let first = upload(&app, &key, "dev-d", Some("runs"), "a.bin", &data).await;
+    // Not before the API has hashed the stored object: until then the same content is
+    // uploaded again.
+    let unverified = upload(&app, &key, "dev-d", Some("runs"), "early.bin", &data).await;
+    assert_eq!(unverified["deduplicated_from"], Value::Null, "{unverified}");
+    assert_ne!(unverified["object_key"], first["object_key"]);
+    check_digests(&app).await;
     let second = upload(&app, &key, "dev-d", Some("runs"), "again.bin", &data).await;
     assert_eq!(second["state"], "completed", "{second}");
     assert_eq!(second["object_key"], first["object_key"]);
@@ -545,7 +551,7 @@ async fn same_content_in_a_dataset_is_stored_once() {
             None,
         )
         .await;
-    assert_eq!(m["objects"].as_array().expect("objects").len(), 2, "{m}");
+    assert_eq!(m["objects"].as_array().expect("objects").len(), 3, "{m}");
 }
 
 #[tokio::test]

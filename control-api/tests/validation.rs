@@ -503,6 +503,7 @@ async fn deduplicated_sessions_take_their_originals_verdict() {
     let good: &[u8] = b"{\"ok\":true}\n";
     let bad: &[u8] = b"not json\n";
     let first = upload(&app, &key, "dev", Some("j"), "a.jsonl", good).await;
+    check_digests(&app).await;
     // Same content while the first is still pending: deduplicated, pending too.
     let copy = upload(&app, &key, "dev", Some("j"), "b.jsonl", good).await;
     assert_eq!(copy["validation"], "pending", "{copy}");
@@ -544,6 +545,11 @@ async fn deduplicated_sessions_take_their_originals_verdict() {
     );
 
     // A rejected object is never a dedupe target: the same bad bytes are uploaded again.
+    check_digests(&app).await;
+    assert_eq!(
+        session(&app, &id(&rejected)).await["digest_check"],
+        "verified"
+    );
     let again = upload(&app, &key, "dev", Some("j"), "d.jsonl", bad).await;
     assert_eq!(again["validation"], "pending");
     let row = session(&app, &id(&again)).await;

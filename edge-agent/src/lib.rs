@@ -17,14 +17,15 @@
 //! - [`watch`]: `[[watch]]` directory scans that queue settled files as local jobs, once per
 //!   file version, and delete them after a verified upload when asked.
 //! - [`metrics`]: counters and the optional Prometheus `/metrics` responder.
-//! - [`failpoint`]: named crash points for the fault tests (cargo feature `failpoints` only).
+//! - [`failpoint`]: named crash points for the fault tests (cargo feature `failpoints` only;
+//!   shared with the API, in `uplink-service`).
 //! - [`cli`]: the operator commands on the gateway: `status`, `upload`, `doctor`,
 //!   `print-default-config`.
 
 pub mod agent;
 pub mod cli;
 pub mod config;
-pub mod failpoint;
+pub use uplink_service::failpoint;
 pub mod flow;
 pub mod hasher;
 pub mod job;

@@ -5,9 +5,11 @@
 //!   problems reported as `file:line:column: field: message`.
 //! - [`sd_notify`]: systemd's service notification protocol (READY, WATCHDOG, STOPPING).
 //! - [`json_logs`]: whether logs are JSON or text.
+//! - [`failpoint`]: named crash points for the fault tests (cargo feature `failpoints`).
 //! - [`otel`]: optional OpenTelemetry trace export and trace-context propagation.
 
 pub mod config;
+pub mod failpoint;
 pub mod otel;
 
 /// systemd's service notification protocol (`sd_notify(3)`) without libsystemd: one datagram

@@ -39,8 +39,14 @@ impl Process {
     }
 
     pub fn env(mut self, key: &str, value: &str) -> Process {
-        self.envs.push((key.into(), value.into()));
+        self.set_env(key, value);
         self
+    }
+
+    /// Sets `key` for the next start, replacing an earlier value.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.envs.retain(|(k, _)| k != key);
+        self.envs.push((key.into(), value.into()));
     }
 
     /// Starts (or restarts) the process, appending its output to the log file.

@@ -795,9 +795,17 @@ impl Stack {
     }
 
     pub async fn restart_api(&self) {
+        self.restart_api_with(&[]).await;
+    }
+
+    /// Restarts the API with `env` set (kept for later restarts until set again).
+    pub async fn restart_api_with(&self, env: &[(&str, &str)]) {
         {
             let mut api = lock(&self.api);
             api.kill();
+            for (k, v) in env {
+                api.set_env(k, v);
+            }
             api.start();
         }
         self.wait_api_healthy(Duration::from_secs(60)).await;
@@ -926,6 +934,24 @@ impl Stack {
         let command_id = self.upload_command(&dev.id, file.path_str()).await;
         let cmd = self.wait_command_final(&command_id, timeout).await;
         self.verify_upload(file, &cmd).await
+    }
+
+    /// Waits until the API has checked the session's claimed SHA-256 against the stored
+    /// bytes (`digest_check` no longer `pending`) and returns the session.
+    pub async fn wait_digest_checked(&self, session_id: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = self.session(session_id).await;
+            if s["digest_check"].as_str().is_some_and(|c| c != "pending") {
+                return s;
+            }
+            self.assert_alive();
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "digest of session {session_id} not checked within 60 s: {s}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Checks a final command for `file` (see [`Stack::upload_and_verify`]).

@@ -33,7 +33,10 @@ async fn signed_manifest_is_kept_and_same_content_is_not_sent_again() {
     );
     assert_eq!(c["part_md5s"].as_array().map(Vec::len), Some(2), "{c}");
 
-    // The same bytes under another name: done without a byte sent to storage.
+    // The same bytes under another name, once the API has hashed the stored object: done
+    // without a byte sent to storage.
+    let checked = stack.wait_digest_checked(sid).await;
+    assert_eq!(checked["digest_check"], "verified", "{checked}");
     let copy = dev.root.join("rec/copy.bin");
     std::fs::copy(&file.path, &copy).expect("copy");
     let copy = SourceFile {

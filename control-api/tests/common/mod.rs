@@ -381,6 +381,17 @@ pub fn create_in(job: Uuid, data: &[u8], dataset: Option<&str>, name: &str) -> V
     b
 }
 
+/// Runs the digest worker until no completed object is left unchecked: the objects completed
+/// so far become dedupe sources (or are found not to hold their claimed digest).
+pub async fn check_digests(app: &TestApp) {
+    let none = tokio_util::sync::CancellationToken::new();
+    while uplink_api::digest::run_once(&app.state, &none)
+        .await
+        .expect("digest pass")
+        .is_some()
+    {}
+}
+
 /// Uploads `data` (in 5 MiB parts) in a new session and completes it with the device's
 /// manifest; a session deduplicated at creation is returned as it is.
 pub async fn upload(

@@ -1,8 +1,9 @@
 //! Crash points for the fault tests: the process dies on the spot (`abort`, like a power
 //! cut) at a named place, so a test can check what a restart makes of the state left behind.
 //!
-//! Compiled only with the cargo feature `failpoints` (the end-to-end test crate enables it;
-//! release builds and the .deb do not have it). Without the feature [`hit`] is an empty
+//! Compiled only with the cargo feature `failpoints` (the end-to-end test crate enables it,
+//! through the agent's and the API's features of the same name; release builds and the .deb
+//! do not have it). Without the feature [`hit`] is an empty
 //! inline function and the environment is never read.
 //!
 //! Armed by `UPLINK_FAILPOINTS=name[=n][,name[=n]...]`: the process aborts the `n`-th time
@@ -11,11 +12,32 @@
 //!   is committed to `agent.db`;
 //! - [`COMPLETE_BEFORE_DONE`]: the control API answered the completion with a completed
 //!   session, before the job is marked done in `agent.db` and acked.
+//!
+//! The API's, all in `session.complete` (`control-api/src/sessions.rs`):
+//! - [`API_COMPLETE_AFTER_STORAGE`]: storage's CompleteMultipartUpload succeeded;
+//! - [`API_COMPLETE_AFTER_HEAD`]: the object's size and ETag are read back, nothing recorded;
+//! - [`API_COMPLETE_BEFORE_COMMIT`]: the completion's transaction has run every statement
+//!   (state, digest, ETag, size, time, manifest), before its commit.
 
 /// After a part's PUT succeeded, before it is committed to SQLite.
 pub const PART_BEFORE_COMMIT: &str = "part-before-commit";
 /// After the session is completed, before the job is marked done.
 pub const COMPLETE_BEFORE_DONE: &str = "complete-before-done";
+
+/// The API: after CompleteMultipartUpload, before the object is read back.
+pub const API_COMPLETE_AFTER_STORAGE: &str = "api-complete-after-storage";
+/// The API: after the object's HEAD, before the completion is recorded.
+pub const API_COMPLETE_AFTER_HEAD: &str = "api-complete-after-head";
+/// The API: inside the completion's transaction, before its commit.
+pub const API_COMPLETE_BEFORE_COMMIT: &str = "api-complete-before-commit";
+
+const KNOWN: [&str; 5] = [
+    PART_BEFORE_COMMIT,
+    COMPLETE_BEFORE_DONE,
+    API_COMPLETE_AFTER_STORAGE,
+    API_COMPLETE_AFTER_HEAD,
+    API_COMPLETE_BEFORE_COMMIT,
+];
 
 /// The environment variable that arms failpoints.
 pub const ENV: &str = "UPLINK_FAILPOINTS";
@@ -50,11 +72,12 @@ pub fn parse(spec: &str) -> Result<Vec<(String, u64)>, String> {
                 ),
                 None => (item, 1),
             };
-            if [PART_BEFORE_COMMIT, COMPLETE_BEFORE_DONE].contains(&name) {
+            if KNOWN.contains(&name) {
                 Ok((name.to_string(), n))
             } else {
                 Err(format!(
-                    "{ENV}: unknown failpoint `{name}` (known: {PART_BEFORE_COMMIT}, {COMPLETE_BEFORE_DONE})"
+                    "{ENV}: unknown failpoint `{name}` (known: {})",
+                    KNOWN.join(", ")
                 ))
             }
         })
