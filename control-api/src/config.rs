@@ -112,7 +112,8 @@ pub struct CleanupConfig {
     pub interval_secs: u64,
     /// A non-terminal session untouched this long expires and its upload is aborted.
     pub session_idle_secs: u64,
-    /// A multipart upload under our prefix that no live session knows is aborted once older than this.
+    /// A multipart upload under `s3.key_prefix` in `s3.bucket` (whoever started it) that no
+    /// live session knows is aborted once older than this (storage's `Initiated` time).
     pub orphan_grace_secs: u64,
     /// Stored answers to device requests are kept this long.
     pub request_retention_secs: u64,
@@ -141,7 +142,7 @@ pub struct S3Config {
     pub region: String,
     pub bucket: String,
     /// Prefix of every object key this deployment writes (e.g. `site-a/`); the orphan sweep
-    /// only looks under it.
+    /// aborts any old multipart upload under it in `bucket` that no live session knows.
     #[serde(default)]
     pub key_prefix: String,
     pub access_key_id: Secret,

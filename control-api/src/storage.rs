@@ -346,12 +346,13 @@ impl Storage {
         }
     }
 
-    /// Multipart uploads in progress under `prefix`: (key, upload id, initiated Unix secs).
+    /// Multipart uploads in progress under `prefix`: (key, upload id, initiated Unix secs
+    /// when storage says).
     pub async fn list_uploads(
         &self,
         bucket: &str,
         prefix: &str,
-    ) -> Result<Vec<(String, String, i64)>, StorageError> {
+    ) -> Result<Vec<(String, String, Option<i64>)>, StorageError> {
         let mut out = Vec::new();
         let (mut key_marker, mut id_marker): (Option<String>, Option<String>) = (None, None);
         loop {
@@ -370,7 +371,7 @@ impl Storage {
                     out.push((
                         key.to_string(),
                         id.to_string(),
-                        u.initiated().map(|t| t.secs()).unwrap_or(0),
+                        u.initiated().map(|t| t.secs()),
                     ));
                 }
             }

@@ -715,10 +715,8 @@ async fn cleanup_expires_idle_sessions_and_aborts_orphans() {
         .expect("backdate");
     // An upload no session knows: the API died between recording its intent and writing
     // the session.
-    let orphan_key = format!(
-        "{}default/default/robot-cl/orphan/file.bin",
-        app.state.config.s3.key_prefix
-    );
+    let prefix = app.state.config.s3.key_prefix.clone();
+    let orphan_key = format!("{prefix}default/default/robot-cl/orphan/file.bin");
     let bucket = app.state.storage.bucket.clone();
     let orphan_obj = uplink_api::storage::Object {
         bucket: &bucket,
@@ -736,15 +734,66 @@ async fn cleanup_expires_idle_sessions_and_aborts_orphans() {
         .create_multipart(&orphan_obj, &Default::default())
         .await
         .expect("create orphan");
-
-    let mut config = (*app.state.config).clone();
-    config.cleanup.orphan_grace_secs = 0;
-    app.state.config = std::sync::Arc::new(config);
+    // An upload another tool started under the prefix, straight in S3: no session, no intent.
+    let foreign_key = format!("{prefix}by-another-tool/dump.bin");
+    let foreign = app
+        .state
+        .storage
+        .create_multipart(
+            &uplink_api::storage::Object {
+                bucket: &bucket,
+                key: &foreign_key,
+            },
+            &Default::default(),
+        )
+        .await
+        .expect("create foreign upload");
+    // An upload being created: its intent is committed, its session not yet.
+    let creating_key = format!("{prefix}default/default/robot-cl/creating/file.bin");
+    sqlx::query("INSERT INTO upload_intents (bucket, object_key) VALUES ($1, $2)")
+        .bind(&bucket)
+        .bind(&creating_key)
+        .execute(&app.state.store.pool)
+        .await
+        .expect("intent");
+    let creating = app
+        .state
+        .storage
+        .create_multipart(
+            &uplink_api::storage::Object {
+                bucket: &bucket,
+                key: &creating_key,
+            },
+            &Default::default(),
+        )
+        .await
+        .expect("create in-flight upload");
+    // Within the grace period nothing is an orphan yet.
     let report = uplink_api::cleanup::run_once(&app.state)
         .await
         .expect("cleanup");
     assert_eq!(report.expired_sessions, 1);
-    assert_eq!(report.aborted_orphans, 1, "{report:?}");
+    assert_eq!(report.aborted_orphans, 0, "{report:?}");
+    assert!(upload_exists(&app, &foreign_key, &foreign).await);
+    assert!(upload_exists(&app, &orphan_key, &orphan).await);
+
+    // Past a 3 s grace period (by storage's Initiated time) ...
+    let mut config = (*app.state.config).clone();
+    config.cleanup.orphan_grace_secs = 3;
+    app.state.config = std::sync::Arc::new(config);
+    tokio::time::sleep(std::time::Duration::from_millis(4100)).await;
+    // ... except the create still in flight: its intent is within the grace period (as
+    // when storage's clock runs behind ours), so its key is skipped whatever Initiated says.
+    sqlx::query("UPDATE upload_intents SET created_at = now() WHERE object_key = $1")
+        .bind(&creating_key)
+        .execute(&app.state.store.pool)
+        .await
+        .expect("refresh intent");
+    let report = uplink_api::cleanup::run_once(&app.state)
+        .await
+        .expect("cleanup");
+    assert_eq!(report.expired_sessions, 0);
+    assert_eq!(report.aborted_orphans, 2, "{report:?}");
 
     let (_, view) = app
         .operator(
@@ -771,22 +820,64 @@ async fn cleanup_expires_idle_sessions_and_aborts_orphans() {
         "the idle session's multipart upload must be aborted"
     );
     assert!(
-        app.state
-            .storage
-            .list_parts(&orphan_obj, &orphan)
-            .await
-            .is_err(),
+        !upload_exists(&app, &orphan_key, &orphan).await,
         "orphan must be aborted"
     );
-    // The live session is untouched.
+    assert!(
+        !upload_exists(&app, &foreign_key, &foreign).await,
+        "an upload under the prefix that no session knows must be aborted"
+    );
+    assert!(
+        upload_exists(&app, &creating_key, &creating).await,
+        "an upload whose key has a fresh intent is being created: never aborted"
+    );
+    let intents: Vec<String> =
+        sqlx::query_scalar("SELECT object_key FROM upload_intents ORDER BY object_key")
+            .fetch_all(&app.state.store.pool)
+            .await
+            .expect("intents");
+    assert_eq!(
+        intents,
+        vec![creating_key.clone()],
+        "stale intents are dropped"
+    );
+    // The live session and its upload are untouched.
+    let fresh_id: Uuid = fresh["session_id"]
+        .as_str()
+        .expect("id")
+        .parse()
+        .expect("uuid");
     let (_, view) = app
         .operator(
             reqwest::Method::GET,
-            &format!("/v1/sessions/{}", fresh["session_id"].as_str().expect("id")),
+            &format!("/v1/sessions/{fresh_id}"),
             None,
         )
         .await;
     assert_eq!(view["state"], "created");
+    let live = app
+        .state
+        .store
+        .session(fresh_id)
+        .await
+        .expect("db")
+        .expect("row");
+    assert!(
+        app.state
+            .storage
+            .list_parts(
+                &live.object(),
+                live.upload_id.as_deref().expect("upload id")
+            )
+            .await
+            .is_ok(),
+        "a live session's upload must survive"
+    );
+    // Still being created (its intent kept fresh): nothing more to do.
+    sqlx::query("UPDATE upload_intents SET created_at = now()")
+        .execute(&app.state.store.pool)
+        .await
+        .expect("refresh intent");
     let again = uplink_api::cleanup::run_once(&app.state)
         .await
         .expect("cleanup");
@@ -795,6 +886,16 @@ async fn cleanup_expires_idle_sessions_and_aborts_orphans() {
         0,
         "{again:?}"
     );
+    assert!(upload_exists(&app, &creating_key, &creating).await);
+}
+
+/// Whether storage still has multipart upload `upload_id` at `key` in the test bucket.
+async fn upload_exists(app: &TestApp, key: &str, upload_id: &str) -> bool {
+    let obj = uplink_api::storage::Object {
+        bucket: &app.state.storage.bucket,
+        key,
+    };
+    app.state.storage.list_parts(&obj, upload_id).await.is_ok()
 }
 
 #[tokio::test]
