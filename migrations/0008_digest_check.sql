@@ -15,3 +15,7 @@ ALTER TABLE sessions ADD COLUMN digest_claim UUID;
 -- Completed sessions of earlier versions are checked too, so they can become dedupe sources.
 UPDATE sessions SET digest_check = 'pending' WHERE state = 'completed' AND deduplicated_from IS NULL;
 CREATE INDEX sessions_digest_pending ON sessions (completed_at) WHERE digest_check = 'pending';
+
+-- The storage policy in force when the session was created (control-api/src/guarantees.rs):
+-- completion checks that storage applied it. NULL for sessions of earlier versions.
+ALTER TABLE sessions ADD COLUMN policy JSONB;

@@ -15,6 +15,7 @@
 //! - [`validate`]: pure per-dataset validators (JSONL, CSV, Parquet) for completed objects.
 //! - [`validation`]: the worker that reads completed objects back and records the verdict.
 //! - [`digest`]: the worker that reads completed objects back and checks their SHA-256.
+//! - [`guarantees`]: whether storage really applies a storage policy (probe, completion check).
 //! - [`readback`]: what those two share: claims under a lease, backoff, exact-length reads.
 
 pub mod cleanup;
@@ -23,6 +24,7 @@ pub mod digest;
 pub mod domain;
 pub mod egress;
 pub mod events;
+pub mod guarantees;
 pub mod http;
 pub mod metrics;
 pub mod readback;

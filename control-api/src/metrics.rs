@@ -23,6 +23,8 @@ pub struct Counters {
     pub commands_issued: AtomicU64,
     pub webhooks_delivered: AtomicU64,
     pub webhooks_failed: AtomicU64,
+    /// Sessions failed because storage did not apply their storage policy.
+    pub policy_violations: AtomicU64,
     /// Time from issue to the `accepted` ack, and to the final ack (microseconds).
     pub ack_accepted: Summary,
     pub ack_final: Summary,
@@ -151,6 +153,14 @@ pub async fn render(State(st): State<AppState>) -> Result<impl IntoResponse, Api
             ("{outcome=\"ok\"}".into(), get(&c.webhooks_delivered)),
             ("{outcome=\"failed\"}".into(), get(&c.webhooks_failed)),
         ],
+    );
+
+    line(
+        &mut out,
+        "uplink_policy_violations_total",
+        "counter",
+        "Sessions this instance failed because storage did not apply their storage policy (encryption, lock, retention, legal hold).",
+        &[(String::new(), get(&c.policy_violations))],
     );
 
     let name = "uplink_command_ack_seconds";

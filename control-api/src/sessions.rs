@@ -13,6 +13,7 @@ use std::time::Duration;
 use crate::domain::policy::{self, KeyVars, StoragePolicy};
 use crate::domain::session::Event;
 use crate::domain::verify::{self, PlannedPart, VerifyError};
+use crate::guarantees;
 use crate::http::error::ApiError;
 use crate::storage::{Object, ObjectOptions};
 use crate::store::{audit, transition_in, Actor, Device, Session};
@@ -223,16 +224,16 @@ pub async fn create(
             bucket: &bucket,
             key: &object_key,
         };
-        Some(
-            st.storage
-                .create_multipart(&obj, &ObjectOptions::of(&policy))
-                .await?,
-        )
+        let opts = ObjectOptions::of(&policy);
+        match st.storage.create_multipart(&obj, &opts).await {
+            Ok(id) => Some(id),
+            Err(e) => return Err(refused_policy(st, &bucket, &opts).await.unwrap_or(e.into())),
+        }
     };
     let inserted: Result<Session, sqlx::Error> = sqlx::query_as(
         "INSERT INTO sessions (session_id, device_id, job_id, command_id, file_name, bucket, object_key, size, part_size,
-                               part_count, claimed_sha256, upload_id, state, dataset, project_id, reserved_bytes)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'created', $13, $14, $8) RETURNING *",
+                               part_count, claimed_sha256, upload_id, state, dataset, project_id, reserved_bytes, policy)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'created', $13, $14, $8, $15) RETURNING *",
     )
     .bind(session_id)
     .bind(device_id)
@@ -248,6 +249,7 @@ pub async fn create(
     .bind(&upload_id)
     .bind(dataset)
     .bind(project)
+    .bind(serde_json::to_value(&policy).unwrap_or_default())
     .fetch_one(&mut *tx)
     .await;
     let session = match inserted {
@@ -282,6 +284,23 @@ pub async fn create(
         .await?;
     tracing::info!(%session_id, %device_id, %project, %dataset, size = req.size, parts = plan.part_count, "Session created");
     Ok((201, info(&session, vec![])))
+}
+
+/// After storage refused to create an object with `opts`: the policy's fault (422
+/// `policy_not_supported`, naming what storage cannot do), if a probe finds one.
+async fn refused_policy(st: &AppState, bucket: &str, opts: &ObjectOptions) -> Option<ApiError> {
+    let unsupported = guarantees::probe(&st.storage, bucket, &st.config.s3.key_prefix, opts)
+        .await
+        .ok()?;
+    (!unsupported.is_empty()).then(|| {
+        ApiError::Unprocessable(
+            "policy_not_supported",
+            format!(
+                "storage cannot honour the storage policy: {}",
+                unsupported.join("; ")
+            ),
+        )
+    })
 }
 
 /// The dataset every session without a label lands in.
@@ -701,7 +720,7 @@ pub async fn complete(
     // No part can be presigned any more: this list is final, for verification and custody.
     let part_rows = st.store.planned_parts(session_id).await?;
 
-    let etag = match &session.upload_id {
+    let head = match &session.upload_id {
         Some(upload_id) => {
             let planned: Vec<PlannedPart> = part_rows
                 .iter()
@@ -742,9 +761,8 @@ pub async fn complete(
                 Err(crate::storage::StorageError::NoSuchUpload) => {}
                 Err(e) => return Err(e.into()),
             }
-            let (size, etag) = st
-                .storage
-                .head(&session.object())
+            st.storage
+                .head_object(&session.object())
                 .await
                 .map_err(|e| match e {
                     crate::storage::StorageError::NotFound => ApiError::Conflict(
@@ -752,25 +770,10 @@ pub async fn complete(
                         "storage has neither the upload nor the object".into(),
                     ),
                     e => e.into(),
-                })?;
-            if size != plan.size {
-                let reason = format!("stored object is {size} bytes, expected {}", plan.size);
-                st.store
-                    .transition(&session, Event::Fail, actor, Some(&reason))
-                    .await?;
-                return Err(ApiError::Conflict("verification_failed", reason));
-            }
-            etag
+                })?
         }
-        None => match st.storage.head(&session.object()).await {
-            Ok((0, etag)) => etag,
-            Ok((size, _)) => {
-                let reason = format!("stored object is {size} bytes, expected 0");
-                st.store
-                    .transition(&session, Event::Fail, actor, Some(&reason))
-                    .await?;
-                return Err(ApiError::Conflict("verification_failed", reason));
-            }
+        None => match st.storage.head_object(&session.object()).await {
+            Ok(head) => head,
             Err(crate::storage::StorageError::NotFound) => {
                 st.store
                     .transition(&session, Event::CompleteRefused, actor, None)
@@ -783,9 +786,42 @@ pub async fn complete(
             Err(e) => return Err(e.into()),
         },
     };
+    if head.size != plan.size {
+        let reason = format!(
+            "stored object is {} bytes, expected {}",
+            head.size, plan.size
+        );
+        st.store
+            .transition(&session, Event::Fail, actor, Some(&reason))
+            .await?;
+        return Err(ApiError::Conflict("verification_failed", reason));
+    }
+    if let Some(policy) = session
+        .policy
+        .as_ref()
+        .and_then(|p| serde_json::from_value::<StoragePolicy>(p.clone()).ok())
+    {
+        let unmet = guarantees::unmet(
+            &ObjectOptions::of(&policy),
+            &head,
+            session.created_at.timestamp(),
+        );
+        if !unmet.is_empty() {
+            let reason = format!(
+                "storage did not apply the storage policy: {}",
+                unmet.join("; ")
+            );
+            st.store
+                .transition(&session, Event::Fail, actor, Some(&reason))
+                .await?;
+            crate::metrics::Counters::add(&st.counters.policy_violations, 1);
+            tracing::error!(%session_id, %device_id, %reason, "Storage ignored the storage policy; session failed");
+            return Err(ApiError::Conflict("policy_not_honoured", reason));
+        }
+    }
 
     failpoint::hit(failpoint::API_COMPLETE_AFTER_HEAD);
-    record_completion(st, &session, &etag, actor, &req, signed.as_ref()).await
+    record_completion(st, &session, &head.etag, actor, &req, signed.as_ref()).await
 }
 
 /// Records a verified completion: the state, the digest, ETag, size and time, the pending

@@ -61,6 +61,22 @@ pub struct Object<'a> {
     pub key: &'a str,
 }
 
+/// What a HEAD of an object reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Head {
+    pub size: u64,
+    pub etag: String,
+    /// `x-amz-server-side-encryption`: `AES256`, `aws:kms`, …
+    pub sse: Option<String>,
+    pub sse_kms_key_id: Option<String>,
+    /// `x-amz-object-lock-mode`: `GOVERNANCE` or `COMPLIANCE`.
+    pub lock_mode: Option<String>,
+    /// `x-amz-object-lock-retain-until-date`, Unix seconds.
+    pub retain_until: Option<i64>,
+    /// `x-amz-object-lock-legal-hold: ON`.
+    pub legal_hold: bool,
+}
+
 /// A presigned request: URL and the headers that must accompany it.
 #[derive(Debug, Clone)]
 pub struct Presigned {
@@ -437,6 +453,13 @@ impl Storage {
 
     /// Size and ETag of a stored object.
     pub async fn head(&self, obj: &Object<'_>) -> Result<(u64, String), StorageError> {
+        let h = self.head_object(obj).await?;
+        Ok((h.size, h.etag))
+    }
+
+    /// What storage reports of a stored object: size, ETag, and the guarantees a storage
+    /// policy asks for (encryption, lock, retention, legal hold).
+    pub async fn head_object(&self, obj: &Object<'_>) -> Result<Head, StorageError> {
         let out = self
             .client
             .head_object()
@@ -445,9 +468,62 @@ impl Storage {
             .send()
             .await
             .map_err(|e| call_error("HeadObject", e))?;
-        Ok((
-            out.content_length().unwrap_or(0).max(0) as u64,
-            out.e_tag().unwrap_or_default().to_string(),
-        ))
+        Ok(Head {
+            size: out.content_length().unwrap_or(0).max(0) as u64,
+            etag: out.e_tag().unwrap_or_default().to_string(),
+            sse: out.server_side_encryption().map(|s| s.as_str().to_string()),
+            sse_kms_key_id: out.ssekms_key_id().map(str::to_string),
+            lock_mode: out.object_lock_mode().map(|m| m.as_str().to_string()),
+            retain_until: out.object_lock_retain_until_date().map(|d| d.secs()),
+            legal_hold: out.object_lock_legal_hold_status() == Some(&ObjectLockLegalHoldStatus::On),
+        })
+    }
+
+    /// Whether the bucket has object lock enabled (storage that does not know object lock
+    /// answers with an error: not enabled).
+    pub async fn object_lock_enabled(&self, bucket: &str) -> Result<bool, StorageError> {
+        match self
+            .client
+            .get_object_lock_configuration()
+            .bucket(bucket)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out
+                .object_lock_configuration()
+                .and_then(|c| c.object_lock_enabled())
+                .is_some_and(|e| e.as_str() == "Enabled")),
+            Err(e) if e.raw_response().is_some() => Ok(false),
+            Err(e) => Err(call_error("GetObjectLockConfiguration", e)),
+        }
+    }
+
+    /// Writes an empty object with `opts`' encryption (no lock: it is deleted at once).
+    pub async fn put_empty(
+        &self,
+        obj: &Object<'_>,
+        opts: &ObjectOptions,
+    ) -> Result<(), StorageError> {
+        self.client
+            .put_object()
+            .bucket(obj.bucket)
+            .key(obj.key)
+            .set_server_side_encryption(opts.sse())
+            .set_ssekms_key_id(opts.sse_kms_key_id.clone())
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| call_error("PutObject", e))
+    }
+
+    pub async fn delete(&self, obj: &Object<'_>) -> Result<(), StorageError> {
+        self.client
+            .delete_object()
+            .bucket(obj.bucket)
+            .key(obj.key)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| call_error("DeleteObject", e))
     }
 }

@@ -79,6 +79,9 @@ pub struct Session {
     pub digest_check: Option<String>,
     /// The SHA-256 the API computed from the stored object.
     pub stored_sha256: Option<String>,
+    /// The storage policy in force at creation; completion checks that storage applied it.
+    #[serde(skip)]
+    pub policy: Option<serde_json::Value>,
 }
 
 impl Session {

@@ -859,3 +859,110 @@ async fn policies_encrypt_and_lock_objects_in_storage() {
         );
     }
 }
+
+/// A policy storage cannot honour is refused when it is set: object lock on a bucket
+/// without it. The reason names the missing guarantee; nothing is stored.
+#[tokio::test]
+async fn policies_storage_cannot_honour_are_refused() {
+    let app = TestApp::spawn().await;
+    let (status, p) = app
+        .operator(
+            Method::POST,
+            "/v1/projects",
+            Some(json!({"project_id": "nolock", "policy": {"object_lock_mode": "GOVERNANCE", "retention_days": 1}})),
+        )
+        .await;
+    assert_eq!(status, 422, "{p}");
+    assert_eq!(p["code"], "policy_not_supported", "{p}");
+    assert!(
+        p["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("does not have object lock enabled")),
+        "{p}"
+    );
+    let (status, _) = app.operator(Method::GET, "/v1/projects/nolock", None).await;
+    assert_eq!(status, 404);
+
+    // A dataset's legal hold, over a project policy storage honours, is checked the same way.
+    new_project(
+        &app,
+        json!({"project_id": "enc", "policy": {"sse": "AES256"}}),
+    )
+    .await;
+    let (status, p) = app
+        .operator(
+            Method::POST,
+            "/v1/projects/enc/datasets",
+            Some(json!({"name": "held", "policy": {"legal_hold": true}})),
+        )
+        .await;
+    assert_eq!(status, 422, "{p}");
+    assert_eq!(p["code"], "policy_not_supported", "{p}");
+}
+
+/// A policy that storage refuses at upload time (it was written straight into the database,
+/// as if the bucket had lost object lock after the policy was set) is named as such, not
+/// "storage unavailable". When storage accepts an upload but does not apply the session's
+/// policy (simulated by changing the policy recorded on the session), completion fails the
+/// session with a reason naming what is missing, and counts it.
+#[tokio::test]
+async fn completion_fails_when_storage_ignores_the_policy() {
+    let app = TestApp::spawn().await;
+    new_project(&app, json!({"project_id": "lax"})).await;
+    let key = register_in(&app, "lax", "dev-l").await;
+    let data = file(3000, 5);
+    let create = || create_in(Uuid::new_v4(), &data, None, "l.bin");
+    let hold = json!({"legal_hold": true});
+    sqlx::query("UPDATE projects SET policy = $1 WHERE project_id = 'lax'")
+        .bind(&hold)
+        .execute(&app.state.store.pool)
+        .await
+        .expect("set policy");
+    let (status, p) = app
+        .device(&key, "dev-l", "session.create", &rid(), &create())
+        .await;
+    assert_eq!(status, 422, "{p}");
+    assert_eq!(p["code"], "policy_not_supported", "{p}");
+    sqlx::query("UPDATE projects SET policy = '{}' WHERE project_id = 'lax'")
+        .execute(&app.state.store.pool)
+        .await
+        .expect("clear policy");
+
+    let (status, created) = app
+        .device(&key, "dev-l", "session.create", &rid(), &create())
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let sid = created["session_id"].as_str().expect("id").to_string();
+    sqlx::query("UPDATE sessions SET policy = $1 WHERE session_id = $2::uuid")
+        .bind(&hold)
+        .bind(&sid)
+        .execute(&app.state.store.pool)
+        .await
+        .expect("set the session's policy");
+    put_parts(&app, &key, "dev-l", &sid, &data).await;
+    let (status, p) = app
+        .device(
+            &key,
+            "dev-l",
+            "session.complete",
+            &rid(),
+            &json!({"session_id": sid}),
+        )
+        .await;
+    assert_eq!(status, 409, "{p}");
+    assert_eq!(p["code"], "policy_not_honoured", "{p}");
+    let (_, view) = app
+        .operator(Method::GET, &format!("/v1/sessions/{sid}"), None)
+        .await;
+    assert_eq!(view["state"], "failed", "{view}");
+    assert_eq!(
+        view["error"], "storage did not apply the storage policy: legal hold: storage reports none",
+        "{view}"
+    );
+    assert!(
+        app.metrics()
+            .await
+            .contains("uplink_policy_violations_total 1"),
+        "the violation is counted"
+    );
+}

@@ -15,13 +15,21 @@ use super::operator::{project_missing, scope, visible_session};
 use super::{no_such_endpoint, openapi, ApiJson, ApiPath, ApiQuery};
 use crate::domain::access::{Need, Role};
 use crate::domain::policy::StoragePolicy;
+use crate::guarantees;
 use crate::sessions::SignedRequest;
+use crate::storage::ObjectOptions;
 use crate::store::{audit, Dataset, Project};
 use crate::validate::Validator;
 use crate::AppState;
 
-/// Parses and checks a policy; a named bucket must be reachable.
-async fn checked_policy(st: &AppState, v: serde_json::Value) -> Result<StoragePolicy, ApiError> {
+/// Parses and checks a policy; a named bucket must be reachable, and storage must honour the
+/// encryption and object lock it asks for ([`guarantees::probe`]). `project`: the project
+/// whose policy a dataset's policy overrides (`None` for a project's own policy).
+async fn checked_policy(
+    st: &AppState,
+    v: serde_json::Value,
+    project: Option<&str>,
+) -> Result<StoragePolicy, ApiError> {
     let policy: StoragePolicy = serde_json::from_value(v)
         .map_err(|e| ApiError::Unprocessable("invalid_policy", format!("policy: {e}")))?;
     let problems = policy.problems();
@@ -38,6 +46,36 @@ async fn checked_policy(st: &AppState, v: serde_json::Value) -> Result<StoragePo
                 format!("bucket {b} does not exist or the API's credentials cannot reach it"),
             ));
         }
+    }
+    let mut under = st.config.default_policy();
+    if let Some(project) = project {
+        let p: Option<serde_json::Value> =
+            sqlx::query_scalar("SELECT policy FROM projects WHERE project_id = $1")
+                .bind(project)
+                .fetch_optional(&st.store.pool)
+                .await?;
+        let p: StoragePolicy = p
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default();
+        under = p.over(&under);
+    }
+    let effective = policy.over(&under);
+    let bucket = effective.bucket.as_deref().unwrap_or(&st.storage.bucket);
+    let unsupported = guarantees::probe(
+        &st.storage,
+        bucket,
+        &st.config.s3.key_prefix,
+        &ObjectOptions::of(&effective),
+    )
+    .await?;
+    if !unsupported.is_empty() {
+        return Err(ApiError::Unprocessable(
+            "policy_not_supported",
+            format!(
+                "storage cannot honour this policy: {}",
+                unsupported.join("; ")
+            ),
+        ));
     }
     Ok(policy)
 }
@@ -99,7 +137,7 @@ pub async fn create_project(
     let policy = if req.policy.is_null() {
         StoragePolicy::default()
     } else {
-        checked_policy(&st, req.policy).await?
+        checked_policy(&st, req.policy, None).await?
     };
     let mut tx = st.store.pool.begin().await?;
     let project: Option<Project> = sqlx::query_as(
@@ -238,7 +276,7 @@ pub async fn patch_project(
         check_quota(q)?;
     }
     let policy = match patch.policy {
-        Some(v) => Some(to_value(&checked_policy(&st, v).await?)),
+        Some(v) => Some(to_value(&checked_policy(&st, v, None).await?)),
         None => None,
     };
     let mut tx = st.store.pool.begin().await?;
@@ -332,7 +370,7 @@ pub async fn create_dataset(
     }
     check_validator(&req.validator)?;
     let policy = match req.policy {
-        Some(v) => checked_policy(&st, v).await?,
+        Some(v) => checked_policy(&st, v, Some(&project)).await?,
         None => StoragePolicy::default(),
     };
     let mut tx = st.store.pool.begin().await?;
@@ -459,7 +497,7 @@ pub async fn patch_dataset(
         check_validator(v)?;
     }
     let policy = match patch.policy {
-        Some(v) => Some(to_value(&checked_policy(&st, v).await?)),
+        Some(v) => Some(to_value(&checked_policy(&st, v, Some(&project)).await?)),
         None => None,
     };
     let mut tx = st.store.pool.begin().await?;
