@@ -4,6 +4,9 @@
 //! Authentication: the bridge's own client (username [`INTERNAL_USERNAME`] and a random
 //! password made at start) is checked locally; every other client is checked by the control
 //! API (`POST /v1/bridge/mqtt-auth`). If the API cannot be asked, the client is refused.
+//! rumqttd's auth hook can only say yes or no: a refused client's connection is closed
+//! without a CONNACK (as are keep-alive 0 and anything but MQTT 3.1.1), which
+//! docs/protocol.md tells devices (`tests/embedded.rs` holds it).
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -23,7 +26,10 @@ use crate::config::Secret;
 pub const INTERNAL_USERNAME: &str = "uplink-bridge";
 
 /// Room for the topic and MQTT headers on top of the largest accepted payload, so a payload
-/// slightly over the limit still arrives and is answered with a 413 problem.
+/// slightly over the limit still arrives and is answered with a 413 problem. rumqttd closes
+/// the connection of a client whose packet's remaining length is over 64 KiB + this (also
+/// a CONNECT, before it is authenticated: the limit bounds what an unknown client makes
+/// the broker buffer). docs/protocol.md states the numbers; `tests/embedded.rs` holds them.
 pub const PACKET_HEADROOM: usize = 16 * 1024;
 
 /// How long an auth call to the control API may take before the client is refused.
