@@ -72,7 +72,9 @@ impl RequestEnvelope {
 /// The answer to a request, on `res`: `result` when `status` < 400, else `problem`.
 /// `sig` is the control API's signature (its command key) over the device, request id,
 /// status and answer (see [`answer_canonical`]); agents accept an unsigned answer only as
-/// "retry later" (status 5xx, made by a bridge that could not reach the API).
+/// "retry later" (status 5xx, made by a bridge that could not reach the API). The bridge's
+/// own 4xx refusals (`malformed_request`, `unknown_op`, `payload_too_large`) are unsigned
+/// too; they are never the API's answer (docs/protocol.md says what a device does).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResponseEnvelope {
     pub v: u32,
