@@ -7,6 +7,7 @@
 #   stack_up DIR       start PostgreSQL + SeaweedFS under DIR, write DIR/env and source it
 #   stack_down DIR     stop everything stack_up started (safe to call twice, or after a
 #                      failed stack_up); call it from an EXIT trap
+#   ensure_garage, garage_up DIR: the second S3 server (scripts/garage.sh)
 #
 # Ports (each can be overridden; a busy default moves to the next free port):
 #   UPLINK_PG_PORT (55432), UPLINK_S3_PORT (8333), UPLINK_WEED_MASTER_PORT (9333),
@@ -72,6 +73,7 @@ ensure_deps() {
     command -v runuser >/dev/null 2>&1 || apt_pkgs+=(util-linux)
     # fiu-run / fiu-ctrl (libfiu): disk errors under the agent's database (faults_disk).
     command -v fiu-run >/dev/null 2>&1 || apt_pkgs+=(fiu-utils)
+    command -v faketime >/dev/null 2>&1 || apt_pkgs+=(faketime) # agents with a wrong clock (clock_skew)
 
     if ((${#apt_pkgs[@]})); then
         if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
@@ -357,6 +359,7 @@ EOF
 stack_down() {
     local dir="$1" pid
     [[ -n "$dir" && -d "$dir" ]] || return 0
+    garage_down "$dir"
     if [[ -f "$dir/weed.pid" ]]; then
         pid="$(cat "$dir/weed.pid")"
         if kill -0 "$pid" 2>/dev/null; then
@@ -394,3 +397,6 @@ stack_down() {
     fi
     return 0
 }
+
+# shellcheck source=garage.sh
+. "$UPLINK_ROOT/scripts/garage.sh"

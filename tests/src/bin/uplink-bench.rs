@@ -100,8 +100,11 @@ async fn curl_run(
     let md5s: Vec<String> = tokio::task::spawn_blocking(move || split(&path, &dir, part_size))
         .await
         .expect("split");
+    // A dataset of its own: the agent's upload of the same file must not be its dedupe
+    // source (the baseline would then have nothing to upload).
+    let dataset = format!("curl-baseline-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let body = json!({"job_id": uuid::Uuid::new_v4(), "file_name": "curl-baseline.bin", "size": file.size,
-                      "sha256": file.sha256, "part_size": part_size});
+                      "sha256": file.sha256, "part_size": part_size, "dataset": dataset});
     let created = stack
         .device_http
         .call(&dev.id, &dev.key, "session.create", &body)
