@@ -102,7 +102,10 @@ async fn curl_run(
         .expect("split");
     // A dataset of its own: the agent's upload of the same file must not be its dedupe
     // source (the baseline would then have nothing to upload).
-    let dataset = format!("curl-baseline-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let dataset = format!(
+        "curl-baseline-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let body = json!({"job_id": uuid::Uuid::new_v4(), "file_name": "curl-baseline.bin", "size": file.size,
                       "sha256": file.sha256, "part_size": part_size, "dataset": dataset});
     let created = stack
