@@ -20,6 +20,7 @@
 //! Every test gets its own database, device ids, ports and directories, so tests run in
 //! parallel. When a test panics, the logs of every process it started are printed.
 
+pub mod ctl;
 pub mod db;
 pub mod device;
 pub mod env;
