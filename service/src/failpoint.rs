@@ -7,7 +7,8 @@
 //! inline function and the environment is never read.
 //!
 //! Armed by `UPLINK_FAILPOINTS=name[=n][,name[=n]...]`: the process aborts the `n`-th time
-//! (default 1) it reaches `name`. The points:
+//! (default 1) it reaches `name`; with `UPLINK_FAILPOINT_PAUSE_MS=ms` it pauses that thread
+//! for `ms` instead, and goes on. The points:
 //! - [`PART_BEFORE_COMMIT`]: storage answered a part's PUT (ETag checked), before the part
 //!   is committed to `agent.db`;
 //! - [`COMPLETE_BEFORE_DONE`]: the control API answered the completion with a completed
@@ -38,6 +39,10 @@ const KNOWN: [&str; 5] = [
     API_COMPLETE_AFTER_HEAD,
     API_COMPLETE_BEFORE_COMMIT,
 ];
+
+/// With this set to a number of milliseconds, an armed failpoint pauses the thread that
+/// reached it that long instead of aborting the process.
+pub const PAUSE_ENV: &str = "UPLINK_FAILPOINT_PAUSE_MS";
 
 /// The environment variable that arms failpoints.
 pub const ENV: &str = "UPLINK_FAILPOINTS";
@@ -129,6 +134,22 @@ mod armed {
     pub fn hit(name: &str) {
         for p in points().iter().filter(|p| p.name == name) {
             if p.hits.fetch_add(1, Ordering::SeqCst) + 1 == p.at {
+                if let Some(ms) = std::env::var(super::PAUSE_ENV)
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                {
+                    // Blocks this thread on purpose: the test acts meanwhile (e.g. cuts the
+                    // database connection the caller holds), then the caller goes on.
+                    tracing::warn!(
+                        failpoint = name,
+                        hit = p.at,
+                        pause_ms = ms,
+                        "Failpoint: pausing"
+                    );
+                    eprintln!("failpoint {name}: pause at hit {}", p.at);
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                    return;
+                }
                 tracing::error!(failpoint = name, hit = p.at, "Failpoint: aborting");
                 eprintln!("failpoint {name}: abort at hit {}", p.at);
                 std::process::abort();

@@ -105,3 +105,79 @@ async fn api_dies_after_reading_the_object_back() {
 async fn api_dies_before_the_completion_commits() {
     api_dies_at("api-complete-before-commit").await;
 }
+
+/// The API's database connection is cut while the completion's transaction is open (every
+/// statement run, not committed): the commit fails, nothing of the completion is kept, the
+/// device is told to retry, and its retry records the whole completion once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_connection_dropped_before_the_completion_commits() {
+    use sqlx::Connection as _;
+    let stack = Stack::start(StackOptions::default()).await;
+    stack
+        .restart_api_with(&[
+            ("UPLINK_FAILPOINTS", "api-complete-before-commit"),
+            ("UPLINK_FAILPOINT_PAUSE_MS", "3000"),
+        ])
+        .await;
+    let dev = stack
+        .add_device(&AgentOptions {
+            part_size_mib: 5,
+            ..AgentOptions::default()
+        })
+        .await;
+    let file = stack.source_file(&dev, "rec/cut.bin", 6 * MIB).await;
+    let command_id = stack.upload_command(&dev.id, file.path_str()).await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while !stack
+        .log_of(Service::Api)
+        .contains("failpoint api-complete-before-commit: pause")
+    {
+        stack.assert_alive();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the API did not reach api-complete-before-commit in 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut admin = sqlx::PgConnection::connect(&stack.env.database_url)
+        .await
+        .expect("connect as the admin");
+    let cut: Vec<(bool,)> = sqlx::query_as(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = $1 AND state = 'idle in transaction'",
+    )
+    .bind(&stack.db.name)
+    .fetch_all(&mut admin)
+    .await
+    .expect("terminate the completion's connection");
+    // The completion's transaction, and the request's idempotency record (held open for the
+    // request's duration, see docs/security.md).
+    assert!(
+        !cut.is_empty() && cut.iter().all(|(ok,)| *ok),
+        "the completion's open transaction must be cut: {cut:?}"
+    );
+
+    let cmd = stack
+        .wait_command_final(&command_id, Duration::from_secs(180))
+        .await;
+    let session = stack.verify_upload(&file, &cmd).await;
+    let sid = session["session_id"].as_str().expect("session_id");
+    assert!(session["completed_at"].is_string(), "{session}");
+    let custody = stack
+        .get_json(&format!("/v1/sessions/{sid}/manifest"))
+        .await;
+    assert_eq!(
+        custody.status, 200,
+        "the signed manifest was lost: {custody}"
+    );
+    assert_eq!(stack.acks_recorded(&command_id, "done").await, 1);
+    assert!(
+        stack
+            .log_of(Service::Api)
+            .matches("Session completed")
+            .count()
+            == 1,
+        "the first completion must not have been recorded"
+    );
+}
