@@ -42,9 +42,7 @@ async fn encryption_is_applied_or_the_policy_refused() {
         .await;
     eprintln!("{}: PATCH sse=AES256 → {reply}", stack.env.s3_endpoint);
     let dev = stack.add_device(&AgentOptions::default()).await;
-    let file = stack
-        .source_file(&dev, "rec/enc.bin", 5 * MIB + 1)
-        .await;
+    let file = stack.source_file(&dev, "rec/enc.bin", 5 * MIB + 1).await;
     match reply.status {
         200 => {
             let session = stack
