@@ -128,6 +128,8 @@ struct Display {
     last: Option<(String, String, u64)>,
     last_line: Instant,
     sized: bool,
+    /// When the session was first seen `uploading`, and its bytes then.
+    uploading_since: Option<(Instant, u64)>,
 }
 
 impl Display {
@@ -149,6 +151,7 @@ impl Display {
             last: None,
             last_line: Instant::now() - Duration::from_secs(60),
             sized: false,
+            uploading_since: None,
         }
     }
 
@@ -157,7 +160,18 @@ impl Display {
         let state = session.map_or_else(String::new, |s| text(&s["state"]));
         let done = session.and_then(|s| s["bytes_done"].as_u64()).unwrap_or(0);
         let size = session.and_then(|s| s["size"].as_u64());
-        let rate = session.and_then(|s| s["rate_bps"].as_u64()).unwrap_or(0);
+        let reported = session.and_then(|s| s["rate_bps"].as_u64()).unwrap_or(0);
+        if state == "uploading" && self.uploading_since.is_none() {
+            self.uploading_since = Some((Instant::now(), done));
+        }
+        // The gateway's rate when it reports one, else the average since uploading began.
+        let rate = match self.uploading_since {
+            _ if reported > 0 => reported,
+            Some((t, from)) if done > from && t.elapsed() >= Duration::from_millis(200) => {
+                ((done - from) as f64 / t.elapsed().as_secs_f64()) as u64
+            }
+            _ => 0,
+        };
         let now = (command_state.clone(), state.clone(), done);
         let changed = self.last.as_ref() != Some(&now);
         let state_changed = self
@@ -191,22 +205,33 @@ impl Display {
             state.clone()
         };
         if let Some(bar) = &self.bar {
+            // Rate and ETA as the gateway measures them: bytes_done moves a whole part at
+            // a time, the gateway's rate moves with every chunk sent.
+            let rate_eta = || {
+                format!(
+                    "{}/s ETA {}",
+                    human_bytes(rate),
+                    eta.map_or_else(|| "-".into(), human_secs)
+                )
+            };
             if let Some(size) = size {
                 if !self.sized {
                     self.sized = true;
                     bar.set_length(size);
                     bar.set_style(
                         ProgressStyle::with_template(
-                            "{spinner} {msg:10} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}",
+                            "{spinner} {prefix:10} [{bar:30}] {binary_bytes}/{binary_total_bytes} {msg}",
                         )
                         .unwrap_or_else(|_| ProgressStyle::default_bar())
                         .progress_chars("=> "),
                     );
-                    bar.reset_eta();
                 }
                 bar.set_position(done.min(size));
+                bar.set_prefix(what);
+                bar.set_message(rate_eta());
+            } else {
+                bar.set_message(what);
             }
-            bar.set_message(what);
             return;
         }
         // Not a terminal: a line per change of state, and progress at most every 5 s.

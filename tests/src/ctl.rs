@@ -90,8 +90,21 @@ impl Ctl {
     /// The command with this caller's environment (and nothing of the runner's `UPLINK_*`).
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.bin);
-        cmd.args(args)
-            .env_remove("UPLINK_PROFILE")
+        cmd.args(args);
+        self.environment(&mut cmd);
+        cmd
+    }
+
+    /// `program args…` (e.g. `script -qec "uplinkctl …"`) with this caller's environment.
+    pub fn wrapped(&self, program: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        self.environment(&mut cmd);
+        cmd
+    }
+
+    fn environment(&self, cmd: &mut Command) {
+        cmd.env_remove("UPLINK_PROFILE")
             .env("HOME", self.home.path())
             .env("XDG_CONFIG_HOME", self.home.path().join("config"))
             .env("UPLINK_API_URL", &self.api_url)
@@ -99,7 +112,6 @@ impl Ctl {
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .kill_on_drop(true);
-        cmd
     }
 
     /// Runs to the end (at most 180 s).
