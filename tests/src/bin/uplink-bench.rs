@@ -1,11 +1,17 @@
-//! `uplink-bench`: the agent's upload throughput and memory against a baseline measured in
-//! the same run: the same file PUT by parallel `curl` processes to presigned part URLs from
-//! the same control API and S3 server. Run it through `scripts/bench`, which starts the
-//! stack and builds everything in release mode.
+//! `uplink-bench`: the agent against the tools a user would pick instead, in the same run,
+//! against the same S3 server, with the same file size, part size and concurrency:
+//! aws-cli (`aws s3 cp`), s5cmd (`s5cmd cp`), rclone (`rclone copyto`), and parallel `curl`
+//! PUTs of presigned part URLs from the same control API. Run it through `scripts/bench`,
+//! which starts the stack, installs the tools and builds everything in release mode.
 //!
-//! Environment: `UPLINK_BENCH_SIZES_MIB` (default `256,1024`: the agent's peak RSS is
-//! reported for each size, to show it does not grow with the file; the curl baseline runs on
-//! the largest), `UPLINK_BENCH_CONCURRENCY` (default 4), `UPLINK_BENCH_PART_MIB` (default 8).
+//! Every setting (part size × parts in flight) runs every tool `UPLINK_BENCH_REPS` times in
+//! rotating order; medians are reported. Each tool uploads a file of its own content (so
+//! dedupe cannot short-cut it) and each object is checked byte-identical.
+//!
+//! Environment: `UPLINK_BENCH_SIZE_MIB` (default 1024), `UPLINK_BENCH_SETTINGS` (default
+//! `8x4,8x8,16x4,16x8`: part MiB × in flight), `UPLINK_BENCH_REPS` (default 3),
+//! `UPLINK_BENCH_SMALL=1` (64 MiB, `8x4`, one repetition: the test command's check that the
+//! benchmark still works; its figures mean nothing).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,6 +21,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use md5::{Digest, Md5};
 use serde_json::{json, Value};
+use uplink_e2e::bench;
 use uplink_e2e::files::SourceFile;
 use uplink_e2e::stack::{AgentOptions, Device, Stack, StackOptions};
 
@@ -36,52 +43,6 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
-}
-
-struct AgentRun {
-    size: u64,
-    end_to_end: f64,
-    upload_phase: f64,
-    peak_rss_kib: u64,
-}
-
-async fn agent_run(
-    stack: &Stack,
-    opts: &AgentOptions,
-    size: u64,
-) -> (AgentRun, SourceFile, Device) {
-    let dev = stack.add_device(opts).await;
-    let file = stack
-        .source_file(&dev, &format!("bench-{}.bin", size / MIB), size)
-        .await;
-    let started = Instant::now();
-    let command_id = stack.upload_command(&dev.id, file.path_str()).await;
-    let cmd = stack
-        .wait_command_final(&command_id, Duration::from_secs(1800))
-        .await;
-    let end_to_end = started.elapsed().as_secs_f64();
-    let pid = stack.agent_pid(&dev).expect("agent running");
-    let peak = peak_rss_kib(pid).expect("read /proc/PID/status of the agent");
-    // Verified: the stored object is byte-identical (downloaded and hashed).
-    let session = stack.verify_upload(&file, &cmd).await;
-    // The session is created after the hash pass: created → completed is the upload phase.
-    let secs = |k: &str| {
-        chrono::DateTime::parse_from_rfc3339(session[k].as_str().expect("timestamp"))
-            .expect("rfc3339")
-            .timestamp_micros() as f64
-            / 1e6
-    };
-    let upload_phase = secs("completed_at") - secs("created_at");
-    (
-        AgentRun {
-            size,
-            end_to_end,
-            upload_phase,
-            peak_rss_kib: peak,
-        },
-        file,
-        dev,
-    )
 }
 
 /// The baseline: open a session as the device, presign every part, then PUT the parts with
@@ -219,83 +180,218 @@ fn split(path: &Path, dir: &Path, part_size: u64) -> Vec<String> {
     md5s
 }
 
+/// One agent run: a fresh file, an upload command, timed to `done`.
+struct AgentMeasure {
+    end_to_end: f64,
+    upload_phase: f64,
+    /// Command issued → session created (delivery and the hash pass).
+    before_session: f64,
+    cpu_secs: f64,
+    peak_rss_kib: u64,
+}
+
+async fn agent_once(stack: &Stack, dev: &Device, size: u64, rep: usize) -> AgentMeasure {
+    let file = stack
+        .source_file(dev, &format!("bench-{}-{rep}.bin", size / MIB), size)
+        .await;
+    let pid = stack.agent_pid(dev).expect("agent running");
+    let cpu_before = bench::cpu_secs_of(pid).expect("read the agent's /proc/PID/stat");
+    let started = Instant::now();
+    let command_id = stack.upload_command(&dev.id, file.path_str()).await;
+    let cmd = stack
+        .wait_command_final(&command_id, Duration::from_secs(1800))
+        .await;
+    let end_to_end = started.elapsed().as_secs_f64();
+    let cpu_secs = bench::cpu_secs_of(pid).expect("agent /proc/PID/stat") - cpu_before;
+    let peak_rss_kib = peak_rss_kib(pid).expect("read /proc/PID/status of the agent");
+    // Verified: the stored object is byte-identical (downloaded and hashed).
+    let session = stack.verify_upload(&file, &cmd).await;
+    std::fs::remove_file(&file.path).ok();
+    let at = |v: &Value, k: &str| {
+        chrono::DateTime::parse_from_rfc3339(v[k].as_str().expect("timestamp"))
+            .expect("rfc3339")
+            .timestamp_micros() as f64
+            / 1e6
+    };
+    AgentMeasure {
+        end_to_end,
+        upload_phase: at(&session, "completed_at") - at(&session, "created_at"),
+        before_session: at(&session, "created_at") - at(&cmd, "created_at"),
+        cpu_secs,
+        peak_rss_kib,
+    }
+}
+
+/// Medians of one tool's runs at one setting.
+#[derive(Default)]
+struct Row {
+    mib_s: Vec<f64>,
+    cpu_per_gib: Vec<f64>,
+    rss_mib: Vec<f64>,
+}
+
+impl Row {
+    fn add(&mut self, size: u64, secs: f64, cpu_secs: f64, rss_kib: u64) {
+        self.mib_s.push(mib_per_s(size, secs));
+        self.cpu_per_gib
+            .push(cpu_secs / (size as f64 / (1u64 << 30) as f64));
+        self.rss_mib.push(rss_kib as f64 / 1024.0);
+    }
+
+    fn cell(&self) -> String {
+        if self.mib_s.is_empty() {
+            return "-".into();
+        }
+        let rss = self.rss_mib.iter().cloned().fold(0.0, f64::max);
+        let rss = if rss > 0.0 {
+            format!(", {rss:.0} MiB")
+        } else {
+            String::new()
+        };
+        // Runs without a CPU figure (the upload phase, curl) record 0.
+        let cpu = bench::median(self.cpu_per_gib.clone());
+        let cpu = if cpu > 0.0 {
+            format!(", {cpu:.1} s/GiB")
+        } else {
+            String::new()
+        };
+        format!("{:.0} MiB/s{cpu}{rss}", bench::median(self.mib_s.clone()))
+    }
+
+    fn median(&self) -> f64 {
+        bench::median(self.mib_s.clone())
+    }
+}
+
 #[tokio::main]
 async fn main() {
-    let sizes: Vec<u64> = std::env::var("UPLINK_BENCH_SIZES_MIB")
-        .unwrap_or_else(|_| "256,1024".into())
-        .split(',')
-        .filter_map(|s| s.trim().parse::<u64>().ok())
-        .map(|m| m * MIB)
-        .collect();
+    let small = std::env::var("UPLINK_BENCH_SMALL").is_ok_and(|v| v == "1");
+    let size = if small {
+        64
+    } else {
+        env_u64("UPLINK_BENCH_SIZE_MIB", 1024)
+    } * MIB;
+    let reps = if small {
+        1
+    } else {
+        env_u64("UPLINK_BENCH_REPS", 3) as usize
+    };
+    let settings: Vec<(u64, u32)> = if small {
+        vec![(8, 4)]
+    } else {
+        std::env::var("UPLINK_BENCH_SETTINGS")
+            .unwrap_or_else(|_| "8x4,8x8,16x4,16x8".into())
+            .split(',')
+            .filter_map(|s| {
+                let (p, c) = s.trim().split_once('x')?;
+                Some((p.parse().ok()?, c.parse().ok()?))
+            })
+            .collect()
+    };
     assert!(
-        !sizes.is_empty(),
-        "UPLINK_BENCH_SIZES_MIB must list sizes in MiB, e.g. 256,1024"
+        !settings.is_empty() && reps > 0,
+        "UPLINK_BENCH_SETTINGS must list PARTxINFLIGHT items, e.g. 8x4,16x8; UPLINK_BENCH_REPS >= 1"
     );
-    let concurrency = env_u64("UPLINK_BENCH_CONCURRENCY", 4) as u32;
-    let part_mib = env_u64("UPLINK_BENCH_PART_MIB", 8);
     let stack = Stack::start(StackOptions {
         direct_s3: true,
         ..StackOptions::default()
     })
     .await;
-    let opts = AgentOptions {
-        concurrency,
-        part_size_mib: part_mib,
-        request_timeout_secs: 10,
-        ..AgentOptions::default()
-    };
+    let scratch = stack.dir.path().join("bench");
+    std::fs::create_dir_all(&scratch).expect("scratch dir");
     println!(
-        "uplink-bench: parts of {part_mib} MiB, {concurrency} at a time, S3 at {}",
+        "uplink-bench: {} MiB file, settings {settings:?} (part MiB, in flight), {reps} repetition(s), S3 at {}",
+        size / MIB,
         stack.env.s3_endpoint
     );
-
-    let mut runs = Vec::new();
-    let mut largest = None;
-    for &size in &sizes {
-        let (run, file, dev) = agent_run(&stack, &opts, size).await;
+    println!(
+        "\n| parts × in flight | agent, command → done | agent, upload phase | aws-cli | s5cmd | rclone | parallel curl |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut verdicts = Vec::new();
+    for &(part_mib, concurrency) in &settings {
+        let dev = stack
+            .add_device(&AgentOptions {
+                concurrency,
+                part_size_mib: part_mib,
+                request_timeout_secs: 10,
+                ..AgentOptions::default()
+            })
+            .await;
+        let (mut agent, mut phase, mut curl) = (Row::default(), Row::default(), Row::default());
+        let mut tools: Vec<Row> = bench::Tool::ALL.iter().map(|_| Row::default()).collect();
+        let mut before_session = Vec::new();
+        // 0 = agent, 1..=3 = the tools, 4 = curl; each repetition starts one later.
+        for rep in 0..reps {
+            for k in 0..5 {
+                match (rep + k) % 5 {
+                    0 => {
+                        let m = agent_once(&stack, &dev, size, rep).await;
+                        agent.add(size, m.end_to_end, m.cpu_secs, m.peak_rss_kib);
+                        phase.add(size, m.upload_phase, 0.0, 0);
+                        before_session.push(m.before_session);
+                    }
+                    i @ 1..=3 => {
+                        let tool = bench::Tool::ALL[i - 1];
+                        let file = uplink_e2e::files::write_random_file(
+                            &scratch.join(format!(
+                                "{}-{part_mib}x{concurrency}-{rep}.bin",
+                                tool.name()
+                            )),
+                            size,
+                        )
+                        .await;
+                        let key =
+                            format!("bench-baselines/{}/{}", tool.name(), uuid::Uuid::new_v4());
+                        let m = bench::upload(
+                            &stack.env,
+                            &scratch,
+                            tool,
+                            &file,
+                            &key,
+                            part_mib,
+                            concurrency as usize,
+                        )
+                        .await;
+                        std::fs::remove_file(&file.path).ok();
+                        tools[i - 1].add(size, m.secs, m.cpu_secs, m.peak_rss_kib);
+                    }
+                    _ => {
+                        let file = stack
+                            .source_file(&dev, &format!("curl-{rep}.bin"), size)
+                            .await;
+                        let secs =
+                            curl_run(&stack, &dev, &file, part_mib * MIB, concurrency as usize)
+                                .await;
+                        std::fs::remove_file(&file.path).ok();
+                        curl.add(size, secs, 0.0, 0);
+                    }
+                }
+            }
+        }
         println!(
-            "agent  {:>6} MiB: end to end {:>7.1} MiB/s ({:.1} s, includes the hash pass), upload phase {:>7.1} MiB/s ({:.1} s), peak RSS {:.1} MiB",
-            size / MIB,
-            mib_per_s(size, run.end_to_end),
-            run.end_to_end,
-            mib_per_s(size, run.upload_phase),
-            run.upload_phase,
-            run.peak_rss_kib as f64 / 1024.0
+            "| {part_mib} MiB × {concurrency} | {} | {} | {} | {} | {} | {} |",
+            agent.cell(),
+            phase.cell(),
+            tools[0].cell(),
+            tools[1].cell(),
+            tools[2].cell(),
+            curl.cell()
         );
-        runs.push(run);
-        largest = Some((file, dev));
+        let best = tools.iter().map(Row::median).fold(0.0, f64::max);
+        verdicts.push(format!(
+            "{part_mib} MiB × {concurrency}: agent end to end / best of aws, s5cmd, rclone = {:.2} (goal ≥ 1.10); upload phase / curl = {:.2} (goal ≥ 0.95); agent CPU {:.2} s/GiB (goal ≤ 1.5); command → session (delivery + hash pass) {:.1} s",
+            agent.median() / best,
+            phase.median() / curl.median(),
+            bench::median(agent.cpu_per_gib.clone()),
+            bench::median(before_session)
+        ));
     }
-    let (file, dev) = largest.expect("at least one size");
-    let curl_secs = curl_run(&stack, &dev, &file, part_mib * MIB, concurrency as usize).await;
-    let curl = mib_per_s(file.size, curl_secs);
+    println!();
+    for v in verdicts {
+        println!("result: {v}");
+    }
     println!(
-        "curl   {:>6} MiB: {:>7.1} MiB/s ({:.1} s), {concurrency} parallel PUTs of presigned parts",
-        file.size / MIB,
-        curl,
-        curl_secs
-    );
-    let last = runs.last().expect("runs");
-    let agent = mib_per_s(last.size, last.upload_phase);
-    println!(
-        "result: agent upload phase / curl = {:.2} (target >= 0.90)",
-        agent / curl
-    );
-    println!(
-        "result: agent end to end / curl = {:.2} (the agent also hashes the file first)",
-        mib_per_s(last.size, last.end_to_end) / curl
-    );
-    let rss: Vec<String> = runs
-        .iter()
-        .map(|r| {
-            format!(
-                "{} MiB file: {:.1} MiB",
-                r.size / MIB,
-                r.peak_rss_kib as f64 / 1024.0
-            )
-        })
-        .collect();
-    println!(
-        "result: agent peak RSS {} (target <= 32 MiB, flat in file size)",
-        rss.join(", ")
+        "MiB/s are medians over the repetitions; CPU is user + system seconds per GiB (GNU time for the tools, /proc/PID/stat for the agent); memory is the peak RSS. The upload phase and curl exclude hashing and planning."
     );
 }
