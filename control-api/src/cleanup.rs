@@ -66,7 +66,7 @@ pub async fn run_once(st: &AppState) -> Result<Report, ApiError> {
         {
             Ok(_) => {
                 report.expired_sessions += 1;
-                tracing::info!(session_id = %s.session_id, device_id = %s.device_id, "Session expired");
+                tracing::info!(session_id = %s.session_id, device_id = ?s.device_id, "Session expired");
             }
             // Someone moved it meanwhile; next pass looks again.
             Err(ApiError::Conflict(..)) => {}

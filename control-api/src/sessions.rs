@@ -84,9 +84,47 @@ fn valid_sha256(hex: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// Who a session belongs to: a registered device, or (an upload from a workstation) the API
+/// key or operator token that opened it, in a project it may operate.
+pub enum Owner<'a> {
+    Device(&'a Device),
+    Client { project: &'a str, owner: &'a str },
+}
+
+impl Owner<'_> {
+    fn project(&self) -> &str {
+        match self {
+            Owner::Device(d) => &d.project_id,
+            Owner::Client { project, .. } => project,
+        }
+    }
+
+    fn device_id(&self) -> Option<&str> {
+        match self {
+            Owner::Device(d) => Some(&d.device_id),
+            Owner::Client { .. } => None,
+        }
+    }
+
+    fn owner(&self) -> Option<&str> {
+        match self {
+            Owner::Device(_) => None,
+            Owner::Client { owner, .. } => Some(owner),
+        }
+    }
+
+    /// The key template's `{device}`: the device id, or the owner (`key-<id>`, `operator`).
+    fn key_name(&self) -> String {
+        match self {
+            Owner::Device(d) => d.device_id.clone(),
+            Owner::Client { owner, .. } => owner.replace(':', "-"),
+        }
+    }
+}
+
 pub async fn create(
     st: &AppState,
-    device: &Device,
+    owner: &Owner<'_>,
     actor: &Actor,
     req: CreateSession,
 ) -> Result<(u16, SessionInfo), ApiError> {
@@ -115,7 +153,7 @@ pub async fn create(
     let plan = plan::validate(req.size, req.part_size)
         .map_err(|e| ApiError::Unprocessable("invalid_part_plan", e.to_string()))?;
     let dataset = req.dataset.as_deref().unwrap_or(DEFAULT_DATASET);
-    let device_id = device.device_id.as_str();
+    let device_id = owner.device_id();
     if let Some(command_id) = req.command_id {
         // Another device's command is "not found", as every other op answers for it.
         let owned: bool = sqlx::query_scalar(
@@ -134,12 +172,14 @@ pub async fn create(
     }
 
     // One session per job: a repeated create for the same job answers with that session.
-    let existing: Option<Session> =
-        sqlx::query_as("SELECT * FROM sessions WHERE device_id = $1 AND job_id = $2")
-            .bind(device_id)
-            .bind(req.job_id)
-            .fetch_optional(&st.store.pool)
-            .await?;
+    let existing: Option<Session> = sqlx::query_as(
+        "SELECT * FROM sessions WHERE (device_id = $1 OR owner = $2) AND job_id = $3",
+    )
+    .bind(device_id)
+    .bind(owner.owner())
+    .bind(req.job_id)
+    .fetch_optional(&st.store.pool)
+    .await?;
     if let Some(s) = existing {
         if s.size as u64 != req.size
             || s.claimed_sha256 != req.sha256
@@ -157,7 +197,7 @@ pub async fn create(
         return Ok((200, info(&s, vec![])));
     }
 
-    let project = device.project_id.as_str();
+    let project = owner.project();
     open_dataset(st, project, dataset, actor).await?;
     let policy = effective_policy(st, project, dataset).await?;
     if let Some(min) = policy.min_part_size_mib {
@@ -171,7 +211,7 @@ pub async fn create(
         }
     }
     if let Some(original) = stored_copy(st, project, dataset, &req).await? {
-        return deduplicate(st, device, dataset, actor, &req, &plan, original).await;
+        return deduplicate(st, owner, dataset, actor, &req, &plan, original).await;
     }
     let session_id = Uuid::new_v4();
 
@@ -180,7 +220,11 @@ pub async fn create(
         .clone()
         .unwrap_or_else(|| st.storage.bucket.clone());
     let date = chrono::Utc::now().format("%Y-%m-%d").to_string();
-    let (sid, job) = (session_id.to_string(), req.job_id.to_string());
+    let (sid, job, key_name) = (
+        session_id.to_string(),
+        req.job_id.to_string(),
+        owner.key_name(),
+    );
     let mut object_key = format!(
         "{}{}",
         st.config.s3.key_prefix,
@@ -192,7 +236,7 @@ pub async fn create(
             &KeyVars {
                 project,
                 dataset,
-                device: device_id,
+                device: &key_name,
                 date: &date,
                 session: &sid,
                 job: &job,
@@ -232,8 +276,8 @@ pub async fn create(
     };
     let inserted: Result<Session, sqlx::Error> = sqlx::query_as(
         "INSERT INTO sessions (session_id, device_id, job_id, command_id, file_name, bucket, object_key, size, part_size,
-                               part_count, claimed_sha256, upload_id, state, dataset, project_id, reserved_bytes, policy)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'created', $13, $14, $8, $15) RETURNING *",
+                               part_count, claimed_sha256, upload_id, state, dataset, project_id, reserved_bytes, policy, owner)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'created', $13, $14, $8, $15, $16) RETURNING *",
     )
     .bind(session_id)
     .bind(device_id)
@@ -250,6 +294,7 @@ pub async fn create(
     .bind(dataset)
     .bind(project)
     .bind(serde_json::to_value(&policy).unwrap_or_default())
+    .bind(owner.owner())
     .fetch_one(&mut *tx)
     .await;
     let session = match inserted {
@@ -272,7 +317,7 @@ pub async fn create(
         "session.create",
         &session_id.to_string(),
         Some(project),
-        serde_json::json!({"device_id": device_id, "job_id": req.job_id, "file_name": req.file_name, "dataset": dataset, "size": req.size, "sha256": req.sha256, "bucket": bucket, "object_key": object_key}),
+        serde_json::json!({"device_id": device_id, "owner": owner.owner(), "job_id": req.job_id, "file_name": req.file_name, "dataset": dataset, "size": req.size, "sha256": req.sha256, "bucket": bucket, "object_key": object_key}),
     )
     .await?;
     tx.commit().await?;
@@ -282,7 +327,7 @@ pub async fn create(
         .bind(&object_key)
         .execute(&st.store.pool)
         .await?;
-    tracing::info!(%session_id, %device_id, %project, %dataset, size = req.size, parts = plan.part_count, "Session created");
+    tracing::info!(%session_id, device_id = ?device_id, owner = ?owner.owner(), %project, %dataset, size = req.size, parts = plan.part_count, "Session created");
     Ok((201, info(&session, vec![])))
 }
 
@@ -430,7 +475,7 @@ async fn stored_copy(
 /// and no quota is used.
 async fn deduplicate(
     st: &AppState,
-    device: &Device,
+    owner: &Owner<'_>,
     dataset: &str,
     actor: &Actor,
     req: &CreateSession,
@@ -442,13 +487,13 @@ async fn deduplicate(
     let session: Session = sqlx::query_as(
         "INSERT INTO sessions (session_id, device_id, job_id, command_id, file_name, bucket, object_key, size, part_size,
                                part_count, claimed_sha256, sha256, etag, state, dataset, project_id, bytes_done,
-                               completed_at, deduplicated_from, validation, validation_error, digest_check, stored_sha256)
+                               completed_at, deduplicated_from, validation, validation_error, digest_check, stored_sha256, owner)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12, 'completed', $13, $14, $8, now(), $15, $16, $17,
-                 'verified', $11)
+                 'verified', $11, $18)
          RETURNING *",
     )
     .bind(session_id)
-    .bind(&device.device_id)
+    .bind(owner.device_id())
     .bind(req.job_id)
     .bind(req.command_id)
     .bind(&req.file_name)
@@ -460,10 +505,11 @@ async fn deduplicate(
     .bind(&req.sha256)
     .bind(&original.etag)
     .bind(dataset)
-    .bind(&device.project_id)
+    .bind(owner.project())
     .bind(original.session_id)
     .bind(&original.validation)
     .bind(&original.validation_error)
+    .bind(owner.owner())
     .fetch_one(&mut *tx)
     .await?;
     audit(
@@ -471,8 +517,8 @@ async fn deduplicate(
         actor,
         "session.deduplicated",
         &session_id.to_string(),
-        Some(&device.project_id),
-        serde_json::json!({"device_id": device.device_id, "job_id": req.job_id, "file_name": req.file_name, "dataset": dataset,
+        Some(owner.project()),
+        serde_json::json!({"device_id": owner.device_id(), "owner": owner.owner(), "job_id": req.job_id, "file_name": req.file_name, "dataset": dataset,
                            "size": req.size, "sha256": req.sha256, "original_session_id": original.session_id, "object_key": original.object_key}),
     )
     .await?;
@@ -482,17 +528,17 @@ async fn deduplicate(
         st.validation_wake.notify_one();
     }
     crate::metrics::Counters::add(&st.counters.sessions_completed, 1);
-    tracing::info!(%session_id, device_id = %device.device_id, original = %original.session_id, "Content already stored: session completed without upload");
+    tracing::info!(%session_id, device_id = ?owner.device_id(), owner = ?owner.owner(), original = %original.session_id, "Content already stored: session completed without upload");
     Ok((201, info(&session, vec![])))
 }
 
+/// Presigns parts of `session` (loaded, and checked to be the caller's).
 pub async fn presign(
     st: &AppState,
-    device_id: &str,
+    mut session: Session,
     actor: &Actor,
     req: PresignParts,
 ) -> Result<PresignedParts, ApiError> {
-    let mut session = st.store.device_session(device_id, req.session_id).await?;
     match session.state() {
         SessionState::Created | SessionState::Uploading => {}
         SessionState::Paused => {
@@ -595,12 +641,8 @@ pub async fn presign(
 }
 
 /// Session info with the parts storage holds; also refreshes `bytes_done` from storage.
-pub async fn status(
-    st: &AppState,
-    device_id: &str,
-    session_id: Uuid,
-) -> Result<SessionInfo, ApiError> {
-    let session = st.store.device_session(device_id, session_id).await?;
+pub async fn status(st: &AppState, session: Session) -> Result<SessionInfo, ApiError> {
+    let session_id = session.session_id;
     let mut stored = Vec::new();
     if let (Some(upload_id), false) = (&session.upload_id, session.state().is_terminal()) {
         match st.storage.list_parts(&session.object(), upload_id).await {
@@ -646,7 +688,7 @@ async fn check_manifest(st: &AppState, s: &Session, m: &FileManifest) -> Result<
     let parts = st.store.planned_parts(s.session_id).await?;
     let digest = parts_digest(parts.iter().map(|p| (p.number as u32, p.md5.as_str())));
     let mut wrong = Vec::new();
-    if m.device_id != s.device_id || m.session_id != s.session_id {
+    if Some(&m.device_id) != s.device_id.as_ref() || m.session_id != s.session_id {
         wrong.push("device_id/session_id");
     }
     if m.size != s.size as u64 {
@@ -674,15 +716,15 @@ async fn check_manifest(st: &AppState, s: &Session, m: &FileManifest) -> Result<
     }
 }
 
+/// Completes `session` (loaded, and checked to be the caller's).
 pub async fn complete(
     st: &AppState,
-    device_id: &str,
+    session: Session,
     actor: &Actor,
     req: CompleteSession,
     signed: Option<SignedRequest>,
 ) -> Result<SessionInfo, ApiError> {
-    let session_id = req.session_id;
-    let session = st.store.device_session(device_id, session_id).await?;
+    let session_id = session.session_id;
     if let Some(m) = &req.manifest {
         if !session.state().is_terminal() || session.state() == SessionState::Completed {
             check_manifest(st, &session, m).await?;
@@ -815,7 +857,7 @@ pub async fn complete(
                 .transition(&session, Event::Fail, actor, Some(&reason))
                 .await?;
             crate::metrics::Counters::add(&st.counters.policy_violations, 1);
-            tracing::error!(%session_id, %device_id, %reason, "Storage ignored the storage policy; session failed");
+            tracing::error!(%session_id, %reason, "Storage ignored the storage policy; session failed");
             return Err(ApiError::Conflict("policy_not_honoured", reason));
         }
     }
@@ -889,7 +931,7 @@ async fn record_completion(
     st.digest_wake.notify_one();
     crate::metrics::Counters::add(&st.counters.sessions_completed, 1);
     crate::metrics::Counters::add(&st.counters.bytes_completed, done.size.max(0) as u64);
-    tracing::info!(%session_id, device_id = %done.device_id, size = done.size, "Session completed");
+    tracing::info!(%session_id, device_id = ?done.device_id, owner = ?done.owner, size = done.size, "Session completed");
     Ok(info(&done, vec![]))
 }
 

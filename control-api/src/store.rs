@@ -38,7 +38,11 @@ pub struct Device {
 #[derive(Debug, Clone, FromRow, Serialize, utoipa::ToSchema)]
 pub struct Session {
     pub session_id: Uuid,
-    pub device_id: String,
+    /// The device the session belongs to; `null` for an upload from a workstation.
+    pub device_id: Option<String>,
+    /// The API key (`key:<id>`) or operator token (`operator`) that opened an upload from a
+    /// workstation; `null` for a device's session.
+    pub owner: Option<String>,
     pub job_id: Uuid,
     pub command_id: Option<Uuid>,
     pub file_name: String,
@@ -284,7 +288,7 @@ impl Store {
         session_id: Uuid,
     ) -> Result<Session, ApiError> {
         match self.session(session_id).await? {
-            Some(s) if s.device_id == device_id => Ok(s),
+            Some(s) if s.device_id.as_deref() == Some(device_id) => Ok(s),
             _ => Err(ApiError::NotFound(
                 "session_not_found",
                 format!("no session {session_id} for this device"),

@@ -15,7 +15,7 @@ use axum::Json;
 use serde::de::DeserializeOwned;
 use uplink_protocol::command::{AckState, CommandAck};
 use uplink_protocol::envelope::answer_canonical;
-use uplink_protocol::ops::{Op, SessionInfo, SessionRef};
+use uplink_protocol::ops::{CompleteSession, Op, PresignParts, SessionInfo, SessionRef};
 use uplink_protocol::sign::{self, RequestToSign};
 use uplink_protocol::telemetry::Progress;
 use uplink_protocol::{sha256_hex, topics, unix_now, valid_request_id};
@@ -421,17 +421,23 @@ async fn run_op(st: &AppState, req: &Verified) -> Result<(u16, serde_json::Value
     let dev = req.device.device_id.as_str();
     match req.op {
         Op::SessionCreate => {
+            let owner = sessions::Owner::Device(&req.device);
             let (status, info) =
-                sessions::create(st, &req.device, &actor, parse_body(&req.body)?).await?;
+                sessions::create(st, &owner, &actor, parse_body(&req.body)?).await?;
             Ok((status, to_json(info)))
         }
-        Op::PartsPresign => Ok((
-            200,
-            to_json(sessions::presign(st, dev, &actor, parse_body(&req.body)?).await?),
-        )),
+        Op::PartsPresign => {
+            let r: PresignParts = parse_body(&req.body)?;
+            let session = st.store.device_session(dev, r.session_id).await?;
+            Ok((
+                200,
+                to_json(sessions::presign(st, session, &actor, r).await?),
+            ))
+        }
         Op::SessionStatus => {
             let r: SessionRef = parse_body(&req.body)?;
-            Ok((200, to_json(sessions::status(st, dev, r.session_id).await?)))
+            let session = st.store.device_session(dev, r.session_id).await?;
+            Ok((200, to_json(sessions::status(st, session).await?)))
         }
         Op::SessionComplete => {
             let signed = sessions::SignedRequest {
@@ -443,8 +449,9 @@ async fn run_op(st: &AppState, req: &Verified) -> Result<(u16, serde_json::Value
                 public_key: req.device.public_key.clone(),
                 body: req.body.clone(),
             };
-            let info =
-                sessions::complete(st, dev, &actor, parse_body(&req.body)?, Some(signed)).await?;
+            let r: CompleteSession = parse_body(&req.body)?;
+            let session = st.store.device_session(dev, r.session_id).await?;
+            let info = sessions::complete(st, session, &actor, r, Some(signed)).await?;
             Ok((200, to_json(info)))
         }
         Op::SessionAbort => {

@@ -10,6 +10,7 @@ pub mod idempotency;
 pub mod openapi;
 pub mod operator;
 pub mod projects;
+pub mod uploads;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
@@ -199,6 +200,10 @@ fn operator_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(operator::pause_session))
         .routes(routes!(operator::resume_session))
         .routes(routes!(operator::abort_session))
+        .routes(routes!(uploads::create_upload))
+        .routes(routes!(uploads::presign_parts))
+        .routes(routes!(uploads::session_status))
+        .routes(routes!(uploads::complete_upload))
 }
 
 /// Bridge routes: bearer `bridge_token` (layer added by [`router`]).

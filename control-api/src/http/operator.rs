@@ -595,7 +595,10 @@ async fn steer_session(
             Action::Pause { job_id },
         ),
     };
-    issue_command(st, &session.device_id, action, &actor).await?;
+    // A workstation's upload has no device to tell: its client sees the state on its next call.
+    if let Some(device_id) = &session.device_id {
+        issue_command(st, device_id, action, &actor).await?;
+    }
     Ok(Json(session))
 }
 
