@@ -48,6 +48,16 @@ async fn events_page(
     Ok((events, next))
 }
 
+/// Long-polls can come back at once with nothing (an API whose `long_poll_max_secs` is 0):
+/// then wait out the rest of `at_least`, so following never spins.
+async fn pace(started: Instant, got_events: bool, at_least: Duration) {
+    if !got_events {
+        if let Some(rest) = at_least.checked_sub(started.elapsed()) {
+            tokio::time::sleep(rest).await;
+        }
+    }
+}
+
 /// The `seq` of the newest event the caller sees (of `project`), without reading the log:
 /// the smallest `after` with nothing after it, found by doubling then bisecting (about
 /// 2·log2(newest) small requests).
@@ -415,10 +425,12 @@ async fn follow_upload(
             )));
         }
         // Wake-up: something happened, or the wait is up.
+        let polled = Instant::now();
         let page = events_page(api, cursor, 1000, PROGRESS_WAIT_SECS, project).await;
         let Some((events, next)) = patience.take(page).await? else {
             continue;
         };
+        pace(polled, !events.is_empty(), Duration::from_millis(500)).await;
         cursor = next;
         for e in &events {
             let subject = text(&e["subject"]);
@@ -550,10 +562,12 @@ pub async fn wait_command(
     let mut cursor = cursor;
     let mut patience = Patience::new();
     while !is_final_command(cmd["state"].as_str().unwrap_or("")) {
+        let polled = Instant::now();
         let page = events_page(api, cursor, 1000, 5, project).await;
-        let Some((_, next)) = patience.take(page).await? else {
+        let Some((events, next)) = patience.take(page).await? else {
             continue;
         };
+        pace(polled, !events.is_empty(), Duration::from_secs(1)).await;
         cursor = next;
         if let Some(c) = patience
             .take(api.get(&format!("/v1/commands/{}", seg(&command_id))).await)
@@ -602,6 +616,7 @@ pub async fn events(api: &Api, req: EventsRequest<'_>, json: bool) -> Result<()>
     }
     loop {
         let wait = if req.follow { 30 } else { 0 };
+        let polled = Instant::now();
         let page = tokio::select! {
             p = events_page(api, cursor, req.limit, wait, req.project) => p,
             _ = tokio::signal::ctrl_c() => return Ok(()),
@@ -625,6 +640,7 @@ pub async fn events(api: &Api, req: EventsRequest<'_>, json: bool) -> Result<()>
         if !req.follow {
             return Ok(());
         }
+        pace(polled, !events.is_empty(), Duration::from_secs(1)).await;
     }
 }
 
