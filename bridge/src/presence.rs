@@ -146,6 +146,7 @@ mod tests {
             agent_version: None,
             queue_depth: None,
             free_disk_bytes: None,
+            clock_offset_secs: None,
             ts_ms: None,
             sig: None,
         }

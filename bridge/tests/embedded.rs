@@ -174,6 +174,7 @@ async fn bridge_with_embedded_broker() {
         agent_version: Some("0.1.0".into()),
         queue_depth: Some(2),
         free_disk_bytes: None,
+        clock_offset_secs: None,
         ts_ms: Some(1_700_000_000_000),
         sig: None,
     }

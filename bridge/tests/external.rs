@@ -110,6 +110,7 @@ async fn bridge_with_external_broker_and_shared_subscriptions() {
         agent_version: None,
         queue_depth: None,
         free_disk_bytes: None,
+        clock_offset_secs: None,
         ts_ms: Some(1_700_000_000_000),
         sig: None,
     }

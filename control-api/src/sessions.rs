@@ -631,6 +631,7 @@ pub async fn presign(
             url: presigned.url,
             headers: presigned.headers,
             expires_at,
+            expires_in_secs: Some(ttl.as_secs()),
         });
     }
     crate::metrics::Counters::add(&st.counters.parts_presigned, parts.len() as u64);

@@ -31,6 +31,10 @@ pub struct Device {
     pub online: bool,
     pub agent_version: Option<String>,
     pub queue_depth: Option<i32>,
+    /// How far the device's clock is from the API's, in seconds (device minus API;
+    /// positive: ahead), as last reported in its presence status. Beyond the replay window
+    /// (`replay_window_secs`, 300 s by default) its signed requests are refused.
+    pub clock_offset_secs: Option<i64>,
     pub last_seen_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
 }

@@ -128,6 +128,11 @@ async fn completion_refuses_missing_parts_and_storage_refuses_other_bytes() {
         )
         .await;
     let p = &presigned["parts"][1];
+    // The lifetime comes with the URL, so a device need not trust its own clock.
+    let ttl = p["expires_in_secs"].as_i64().expect("expires_in_secs");
+    assert!(ttl > 0, "{p}");
+    let made_at = p["expires_at"].as_i64().expect("expires_at") - ttl;
+    assert!((made_at - unix_now()).abs() <= 5, "{p}");
     // The URL signs part 2's Content-MD5: other bytes are refused by storage.
     let resp = put(&app.http, p, b"0123456789".to_vec()).await;
     assert!(
@@ -250,6 +255,18 @@ async fn signatures_devices_and_replays_are_checked() {
         )
         .await;
     assert_eq!((status, p["code"].as_str()), (401, Some("stale_request")));
+    // It says by how much the device's clock is off, and carries the API's clock.
+    let offset = p["clock_offset_secs"].as_i64().expect("clock_offset_secs");
+    assert!((-3602..=-3599).contains(&offset), "{p}");
+    assert!((p["server_time"].as_i64().expect("server_time") - unix_now()).abs() <= 2);
+    assert_eq!(p["replay_window_secs"], 300);
+    let detail = p["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("the device's clock is 360")
+            && detail.contains("s behind the API's")
+            && detail.contains("NTP"),
+        "{detail}"
+    );
     assert_eq!(app.session_count("robot-sa").await, 0);
 
     // B may not see or abort A's session.

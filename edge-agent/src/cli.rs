@@ -395,6 +395,9 @@ pub fn parse_http_date(s: &str) -> Option<i64> {
 
 /// Largest clock difference with the API that `doctor` accepts.
 pub const MAX_SKEW_SECS: i64 = 60;
+/// The control API's default replay window: signed requests and MQTT passwords further
+/// than this from its clock are refused.
+pub const REPLAY_WINDOW_SECS: i64 = 300;
 /// Free space below this fails `doctor` (parts are read from the files, but SQLite and logs
 /// need room).
 pub const MIN_FREE_BYTES: u64 = 256 * 1024 * 1024;
@@ -508,9 +511,15 @@ async fn check_clock(api_url: Option<&str>) -> Check {
         return Check::NotChecked("the API sent no Date header".into());
     };
     let skew = unix_now() - remote;
-    if skew.abs() > MAX_SKEW_SECS {
+    if skew.abs() > REPLAY_WINDOW_SECS {
         Check::Fail(format!(
-            "this clock is {skew:+} s off the API's (more than {MAX_SKEW_SECS} s; signed requests will be refused)"
+            "{skew:+} s: {}",
+            crate::clock::describe(skew, Some(REPLAY_WINDOW_SECS as u64))
+        ))
+    } else if skew.abs() > MAX_SKEW_SECS {
+        Check::Fail(format!(
+            "{skew:+} s (more than {MAX_SKEW_SECS} s): {}",
+            crate::clock::describe(skew, None)
         ))
     } else {
         Check::Ok(format!("{skew:+} s from the API"))

@@ -16,6 +16,8 @@
 //! - [`agent`]: [`run`]: command handling, job runners, resume after restart, shutdown.
 //! - [`watch`]: `[[watch]]` directory scans that queue settled files as local jobs, once per
 //!   file version, and delete them after a verified upload when asked.
+//! - [`clock`]: this device's clock offset from the API's (measured from signed answers,
+//!   reported in the status, logged when requests are refused as stale).
 //! - [`metrics`]: counters and the optional Prometheus `/metrics` responder.
 //! - [`failpoint`]: named crash points for the fault tests (cargo feature `failpoints` only;
 //!   shared with the API, in `uplink-service`).
@@ -24,6 +26,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub use uplink_service::failpoint;
 pub mod flow;

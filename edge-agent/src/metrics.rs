@@ -72,6 +72,8 @@ pub struct Snapshot {
     /// Jobs per state (every state listed, zeros included).
     pub jobs: Vec<(&'static str, u64)>,
     pub queue_depth: u64,
+    /// This device's clock minus the API's, seconds, once measured ([`crate::clock`]).
+    pub clock_offset_secs: Option<i64>,
 }
 
 /// Every job state, for the `uplink_agent_jobs{state}` gauge.
@@ -118,6 +120,7 @@ impl Snapshot {
             concurrency: COUNTERS.concurrency.load(Ordering::Relaxed),
             jobs,
             queue_depth,
+            clock_offset_secs: crate::clock::offset(),
         }
     }
 
@@ -199,6 +202,12 @@ impl Snapshot {
             "Effective number of parts in flight over all jobs.",
             vec![(String::new(), self.concurrency)],
         );
+        // Signed, and only once measured (no sample rather than a made-up 0).
+        if let Some(offset) = self.clock_offset_secs {
+            out.push_str(&format!(
+                "# HELP uplink_agent_clock_offset_seconds This device's clock minus the control API's, as last measured from its signed answers.\n# TYPE uplink_agent_clock_offset_seconds gauge\nuplink_agent_clock_offset_seconds {offset}\n"
+            ));
+        }
         out
     }
 }
@@ -297,6 +306,7 @@ mod tests {
             jobs_waiting_for_slot: 2,
             max_upload_bytes_per_sec: 65536,
             concurrency: 3,
+            clock_offset_secs: Some(-240),
         };
         let text = s.render();
         for line in [
@@ -314,6 +324,8 @@ mod tests {
             "uplink_agent_jobs{state=\"done\"} 4",
             "uplink_agent_queue_depth 1",
             "uplink_agent_mqtt_connected 1",
+            "# TYPE uplink_agent_clock_offset_seconds gauge",
+            "uplink_agent_clock_offset_seconds -240",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -321,6 +333,12 @@ mod tests {
             );
         }
         assert!(text.ends_with('\n'));
+        let unknown = Snapshot {
+            clock_offset_secs: None,
+            ..s
+        }
+        .render();
+        assert!(!unknown.contains("clock_offset"), "{unknown}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use uplink_protocol::envelope::{RequestEnvelope, ResponseEnvelope, MAX_PAYLOAD_BYTES};
 use uplink_protocol::ops::Op;
 use uplink_protocol::sign::{self, PrivateKey, PublicKey, SignError};
@@ -70,6 +70,11 @@ impl RpcError {
             // These conflicts mean the session is in a state that forbids the op just now
             // (paused by an operator, parts missing at completion, …): look again later
             // via `session.status`. Other conflicts are final.
+            // This device's clock is beyond the replay window: retried (with the job's
+            // backoff) until it is set right, which NTP often does minutes after boot.
+            RpcError::Refused {
+                status: 401, code, ..
+            } if code == "stale_request" => true,
             RpcError::Refused { status, code, .. } => {
                 *status == 409
                     && matches!(
@@ -185,6 +190,8 @@ fn status_payload(
         queue_depth,
         free_disk_bytes: None,
         ts_ms: Some(ts_ms),
+        // Known only from answers of an API that reads the field (see `crate::clock`).
+        clock_offset_secs: crate::clock::offset(),
         sig: None,
     }
     .signed(key, device_id);
@@ -283,20 +290,52 @@ impl Link {
     pub fn set_queue_depth(&self, depth: u32) {
         let old = self.queue_depth.swap(depth, Ordering::Relaxed);
         if old != depth {
-            let payload = status_payload(
-                &self.key,
-                &self.device_id,
-                Presence::Online,
-                Some(depth),
-                self.conn_ms.load(Ordering::Relaxed),
-            );
-            let topic = topics::topic(&self.device_id, Channel::Status);
-            if let Err(e) = self
-                .client
-                .try_publish(topic, QoS::AtLeastOnce, true, payload)
-            {
-                debug!(error = %e, "Status not queued");
+            self.publish_status();
+        }
+    }
+
+    /// Republishes the `online` status (queue depth, clock offset) of this connection.
+    fn publish_status(&self) {
+        let payload = status_payload(
+            &self.key,
+            &self.device_id,
+            Presence::Online,
+            Some(self.queue_depth.load(Ordering::Relaxed)),
+            self.conn_ms.load(Ordering::Relaxed),
+        );
+        let topic = topics::topic(&self.device_id, Channel::Status);
+        if let Err(e) = self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, true, payload)
+        {
+            debug!(error = %e, "Status not queued");
+        }
+    }
+
+    /// Records that the API's clock read `api_now` (from a signed answer to this device's
+    /// request) when this device's read `device_now`; a changed offset is reported in a
+    /// new status.
+    pub fn observe_api_clock(&self, api_now: i64, device_now: i64) {
+        if crate::clock::observe(api_now, device_now).is_some() {
+            self.publish_status();
+        }
+    }
+
+    /// A signed `stale_request` refusal: says in the log by how much this device's clock is
+    /// off (from the API's `server_time`) and reports it in the status.
+    fn stale_request(&self, answer: &ResponseEnvelope) {
+        let extra = answer.problem.as_ref().map(|p| &p.extra);
+        let server_time = extra.and_then(|e| e.get("server_time")?.as_i64());
+        let window = extra.and_then(|e| e.get("replay_window_secs")?.as_u64());
+        match server_time {
+            Some(t) => {
+                if crate::clock::stale_request(t, window, unix_now()).is_some() {
+                    self.publish_status();
+                }
             }
+            None => error!(
+                "Request refused as stale: this device's clock is more than the API's replay window (300 s by default) off the API's; enable NTP (systemd-timesyncd or chrony), and run `uplink-agent doctor` to see the offset"
+            ),
         }
     }
 
@@ -432,6 +471,9 @@ impl Link {
                         None => ("unknown".to_string(), format!("status {}", answer.status)),
                     };
                     if !(answer.status >= 500 || answer.status == 429 || answer.status == 408) {
+                        if answer.status == 401 && code == "stale_request" {
+                            self.stale_request(&answer);
+                        }
                         return Err(RpcError::Refused {
                             op: op.as_str(),
                             status: answer.status,
@@ -550,6 +592,7 @@ async fn event_loop(
     shutdown: CancellationToken,
 ) {
     let mut delay = RECONNECT_MIN;
+    let mut failures = 0u32;
     let device = settings.device_id.clone();
     loop {
         let event = tokio::select! {
@@ -560,6 +603,7 @@ async fn event_loop(
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 info!(host = %settings.host, port = settings.port, code = ?ack.code, "Connected to broker");
                 delay = RECONNECT_MIN;
+                failures = 0;
                 crate::metrics::set_mqtt_connected(true);
                 // Subscribe and announce presence before anything else queued.
                 let depth = link.queue_depth.load(Ordering::Relaxed);
@@ -609,7 +653,11 @@ async fn event_loop(
             Ok(_) => {}
             Err(e) => {
                 crate::metrics::set_mqtt_connected(false);
+                failures += 1;
                 warn!(error = %e, retry_in_s = delay.as_secs(), "MQTT connection failed; reconnecting");
+                if let Some(hint) = reconnect_hint(failures, crate::clock::offset()) {
+                    warn!("{hint}");
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(delay) => {}
@@ -629,6 +677,22 @@ async fn event_loop(
     }
     goodbye(&mut eventloop, &link, &device).await;
     crate::metrics::set_mqtt_connected(false);
+}
+
+/// What to add to the log after `failures` connection failures in a row: the embedded
+/// broker refuses a password whose timestamp is beyond the replay window by closing the
+/// connection, which looks like a network fault, so the clock is named as a likely cause.
+fn reconnect_hint(failures: u32, offset: Option<i64>) -> Option<String> {
+    match offset {
+        Some(o) if o.abs() > 300 && failures % 3 == 1 => Some(format!(
+            "MQTT connections fail and {}",
+            crate::clock::describe(o, Some(300))
+        )),
+        None if failures % 10 == 3 => Some(
+            "MQTT connections keep failing: if the broker is reachable, this device's clock may be more than the replay window (300 s by default) off the API's (the broker refuses such passwords by closing the connection); run `uplink-agent doctor` (with api_url set) to check the clock, and enable NTP".to_string(),
+        ),
+        _ => None,
+    }
 }
 
 /// Publishes the retained `offline` status and disconnects cleanly (best effort, ≤ 2 s).
@@ -805,5 +869,20 @@ mod tests {
         assert!(refused(409, "parts_incomplete").is_transient());
         assert!(!refused(409, "part_digest_mismatch").is_transient());
         assert!(!refused(422, "idempotency_key_reused").is_transient());
+        assert!(refused(401, "stale_request").is_transient());
+        assert!(!refused(401, "bad_signature").is_transient());
+    }
+
+    #[test]
+    fn reconnect_hints_name_the_clock() {
+        // Offset unknown: a hint at the 3rd failure in a row, then every 10th.
+        let hints: Vec<u32> = (1..=25)
+            .filter(|n| reconnect_hint(*n, None).is_some())
+            .collect();
+        assert_eq!(hints, [3, 13, 23]);
+        // Known to be beyond the window: said with the offset.
+        let hint = reconnect_hint(1, Some(-3600)).unwrap();
+        assert!(hint.contains("3600 s behind"), "{hint}");
+        assert!(reconnect_hint(1, Some(30)).is_none());
     }
 }

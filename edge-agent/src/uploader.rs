@@ -44,6 +44,13 @@ const DRAIN_FLOOR_BPS: f64 = 64.0 * 1024.0;
 const PUT_ATTEMPTS: usize = 5;
 /// Re-presigns of one part (after 403 / expiry) before the job gives up on this round.
 const MAX_REPRESIGNS: u32 = 5;
+/// Fresh URLs of one part that storage may refuse in a row as expired or not yet valid
+/// before the job fails: storage refusing every fresh signature is a real fault (wrong
+/// keys, storage's clock far off), not an expiry.
+const MAX_SIGNATURE_REFUSALS: u32 = 3;
+/// A URL refused with at least this long to go before its renewal counts as a refusal of
+/// a fresh signature (towards [`MAX_SIGNATURE_REFUSALS`]).
+const FRESH_URL: Duration = Duration::from_secs(5);
 /// How long shutdown waits for the PUTs in flight (the agent's own grace is 10 s).
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(8);
 
@@ -58,8 +65,10 @@ pub struct Control {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PutError {
-    #[error("presigned URL expired or was refused (403)")]
-    Expired,
+    /// The URL is about to expire (`None`), or storage refused it as expired, not yet valid
+    /// or otherwise not accepted (`Some(storage's answer)`): presign again.
+    #[error("{}", match .0 { Some(a) => format!("storage refused the presigned URL: {a}"), None => "presigned URL about to expire".to_string() })]
+    Expired(Option<String>),
     #[error("{0}")]
     Transient(String),
     #[error("storage refused the part: {0}")]
@@ -106,7 +115,7 @@ impl UploadError {
         match self {
             UploadError::Rpc(e) => e.is_transient(),
             UploadError::Part { source, .. } => {
-                source.retryable() || matches!(source, PutError::Expired)
+                source.retryable() || matches!(source, PutError::Expired(_))
             }
             UploadError::Task(_) | UploadError::Store(_) => true,
             _ => false,
@@ -129,12 +138,89 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// Whether a URL that expires at `expires_at` (received at `received_at`) must be
-/// re-presigned before use at `now`: less than max(1 s, min(60 s, lifetime/4)) left.
-pub fn needs_represign(expires_at: i64, received_at: i64, now: i64) -> bool {
-    let lifetime = (expires_at - received_at).max(0);
-    let margin = (lifetime / 4).clamp(1, 60);
-    expires_at - now < margin
+/// When a presigned URL must be renewed, on this device's monotonic clock: max(1 s,
+/// min(60 s, lifetime/4)) before its lifetime has passed.
+///
+/// The lifetime is the API's `expires_in_secs`, counted from when the presign request was
+/// first sent (the API made the URL after that, so this errs early, never late), so a
+/// device clock that is wrong, or is set while the agent runs, changes nothing. An API that
+/// predates the field gives only `expires_at` (its clock): then it is compared with this
+/// device's clock at that moment, as before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UrlLife {
+    renew_at: Instant,
+}
+
+impl UrlLife {
+    /// `asked_at`/`asked_unix`: when the request was first sent, on the monotonic clock and
+    /// on this device's wall clock.
+    pub fn of(part: &PresignedPart, asked_at: Instant, asked_unix: i64) -> UrlLife {
+        let margin = |lifetime: i64| (lifetime / 4).clamp(1, 60);
+        let usable = match part.expires_in_secs {
+            Some(secs) => {
+                let secs = secs.min(i64::MAX as u64) as i64;
+                secs - margin(secs)
+            }
+            None => {
+                let left = part.expires_at - asked_unix;
+                left - margin(left.max(0))
+            }
+        };
+        UrlLife {
+            renew_at: asked_at + Duration::from_secs(usable.max(0) as u64),
+        }
+    }
+
+    /// Whether the URL must be presigned again before it is used now.
+    pub fn needs_represign(&self) -> bool {
+        Instant::now() >= self.renew_at
+    }
+
+    /// How long until it must be renewed.
+    pub fn left(&self) -> Duration {
+        self.renew_at.saturating_duration_since(Instant::now())
+    }
+}
+
+/// Whether storage's error answer says the presigned signature is expired or not yet valid
+/// (or otherwise refused): then a fresh URL is asked for, whatever the status. AWS and
+/// MinIO answer an expired URL with 403 `AccessDenied` "Request has expired", SeaweedFS with
+/// 403, Garage with 400 `InvalidRequest` "Date is too old"; a clock skew shows as
+/// `RequestTimeTooSkewed`. Every 403 counts (a fresh URL fixes most; the caller caps how
+/// many in a row it asks for).
+fn signature_refused(status: u16, body: &str) -> bool {
+    if status == 403 {
+        return true;
+    }
+    let code = xml_element(body, "Code").unwrap_or_default();
+    if matches!(
+        code,
+        "RequestTimeTooSkewed" | "RequestExpired" | "ExpiredToken" | "AccessDenied"
+    ) {
+        return true;
+    }
+    if status != 400 || !matches!(code, "InvalidRequest" | "AuthorizationQueryParametersError") {
+        return false;
+    }
+    let message = xml_element(body, "Message")
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    [
+        "too old",
+        "expired",
+        "not yet valid",
+        "in the future",
+        "skew",
+    ]
+    .iter()
+    .any(|w| message.contains(w))
+}
+
+/// The trimmed text of the first `<name>…</name>` in an S3 error document.
+fn xml_element<'a>(body: &'a str, name: &str) -> Option<&'a str> {
+    let start = body.find(&format!("<{name}>"))? + name.len() + 2;
+    let len = body[start..].find(&format!("</{name}>"))?;
+    Some(body[start..start + len].trim())
 }
 
 /// A token bucket shared by every PUT: `rate` bytes per second, bursts up to one second.
@@ -343,8 +429,10 @@ impl Uploader {
         let code = status.as_u16();
         let text = response.text().await.unwrap_or_default();
         let answer = storage_answer(code, &text);
+        if signature_refused(code, &text) {
+            return Err(PutError::Expired(Some(answer)));
+        }
         match code {
-            403 => Err(PutError::Expired),
             // 499 ClientDisconnected, and S3's 400 RequestTimeout / IncompleteBody: the
             // connection broke mid-body, so the part is simply sent again.
             408 | 429 | 499 | 500..=599 => Err(PutError::Transient(answer)),
@@ -365,7 +453,7 @@ impl Uploader {
         path: &Path,
         part: &PartRecord,
         url: &PresignedPart,
-        received_at: i64,
+        life: UrlLife,
         sent: &Arc<AtomicU64>,
     ) -> Result<String, PutError> {
         let mut backoff = ExponentialBuilder::default()
@@ -375,11 +463,18 @@ impl Uploader {
             .with_max_times(PUT_ATTEMPTS - 1)
             .build();
         loop {
-            if needs_represign(url.expires_at, received_at, unix_now()) {
-                return Err(PutError::Expired);
+            if life.needs_represign() {
+                return Err(PutError::Expired(None));
             }
+            let fresh = life.left() >= FRESH_URL;
             match self.put_once(path, part, url, sent).await {
                 Ok(etag) => return Ok(etag),
+                // A URL used close to its end may expire on the way: an expiry, not a
+                // refusal of a fresh signature.
+                Err(PutError::Expired(Some(answer))) if !fresh => {
+                    debug!(part = part.number, %answer, "URL used close to its expiry refused; presigning again");
+                    return Err(PutError::Expired(None));
+                }
                 Err(e) if e.retryable() => match backoff.next() {
                     Some(delay) => {
                         crate::metrics::part_retried();
@@ -399,11 +494,7 @@ impl Uploader {
 /// `status 404: NoSuchUpload: The specified multipart upload does not exist.`; any other
 /// body is kept (whitespace folded, at most 300 characters).
 fn storage_answer(status: u16, body: &str) -> String {
-    fn element<'a>(body: &'a str, name: &str) -> Option<&'a str> {
-        let start = body.find(&format!("<{name}>"))? + name.len() + 2;
-        let len = body[start..].find(&format!("</{name}>"))?;
-        Some(body[start..start + len].trim())
-    }
+    let element = xml_element;
     fn unescape(s: &str) -> String {
         s.replace("&lt;", "<")
             .replace("&gt;", ">")
@@ -425,6 +516,13 @@ fn storage_answer(status: u16, body: &str) -> String {
     } else {
         format!("status {status}: {line}")
     }
+}
+
+/// The failure reason once storage refused `times` fresh URLs of a part in a row.
+fn signature_fault(times: u32, answer: &str) -> String {
+    format!(
+        "{times} freshly presigned URLs in a row refused as expired or not yet valid (last: {answer}); storage's clock or the API's storage credentials are probably wrong (check storage's clock, and the API's S3 keys)"
+    )
 }
 
 /// A reqwest error without its URL (which would carry the presigned query).
@@ -469,7 +567,7 @@ pub struct Pass<'a> {
 
 struct Url {
     part: PresignedPart,
-    received_at: i64,
+    life: UrlLife,
 }
 
 impl Pass<'_> {
@@ -484,6 +582,8 @@ impl Pass<'_> {
             .min(ops::MAX_PRESIGN_BATCH);
         let mut urls: HashMap<u32, Url> = HashMap::new();
         let mut represigns: HashMap<u32, u32> = HashMap::new();
+        // Storage's refusals of fresh URLs per part, in a row.
+        let mut refusals: HashMap<u32, u32> = HashMap::new();
         let mut in_flight: HashMap<u32, PartRecord> = HashMap::new();
         let mut tasks: JoinSet<(u32, Result<String, PutError>)> = JoinSet::new();
         let sent = Arc::new(AtomicU64::new(0));
@@ -507,19 +607,16 @@ impl Pass<'_> {
                 let Some(part) = pending.pop_front() else {
                     break;
                 };
-                let fresh = urls.get(&part.number).is_some_and(|u| {
-                    !needs_represign(u.part.expires_at, u.received_at, unix_now())
-                });
+                let fresh = urls
+                    .get(&part.number)
+                    .is_some_and(|u| !u.life.needs_represign());
                 if !fresh {
                     // Presign this part and the next few that lack a fresh URL.
-                    let now = unix_now();
                     let wanted: Vec<PartDigest> = std::iter::once(&part)
                         .chain(pending.iter())
                         .filter(|p| {
                             p.number == part.number
-                                || !urls.get(&p.number).is_some_and(|u| {
-                                    !needs_represign(u.part.expires_at, u.received_at, now)
-                                })
+                                || urls.get(&p.number).is_none_or(|u| u.life.needs_represign())
                         })
                         .take(batch)
                         .map(|p| PartDigest {
@@ -532,6 +629,9 @@ impl Pass<'_> {
                         parts: wanted,
                     };
                     let request_id = format!("presign-{}", Uuid::new_v4().simple());
+                    // The API makes the URLs after the request is first sent: their
+                    // lifetime is counted from here.
+                    let (asked_at, asked_unix) = (Instant::now(), unix_now());
                     let answer: PresignedParts = tokio::select! {
                         r = self.link.call(Op::PartsPresign, &request_id, &body) => r?,
                         _ = self.shutdown.cancelled() => {
@@ -540,23 +640,24 @@ impl Pass<'_> {
                             return Err(UploadError::Shutdown);
                         }
                     };
-                    let received_at = unix_now();
                     debug!(job_id = %job_id, count = answer.parts.len(), "Parts presigned");
+                    if let Some(p) = answer.parts.first() {
+                        if let Some(secs) = p.expires_in_secs {
+                            // The API's clock when it made the URLs, against this one's now.
+                            let api_now = p.expires_at.saturating_sub(secs as i64);
+                            self.link.observe_api_clock(api_now, unix_now());
+                        }
+                    }
                     for p in answer.parts {
-                        urls.insert(
-                            p.number,
-                            Url {
-                                part: p,
-                                received_at,
-                            },
-                        );
+                        let life = UrlLife::of(&p, asked_at, asked_unix);
+                        urls.insert(p.number, Url { part: p, life });
                     }
                 }
                 let Some(url) = urls.get(&part.number) else {
                     tasks.abort_all();
                     return Err(UploadError::MissingUrl(part.number));
                 };
-                let (url, received_at) = (url.part.clone(), url.received_at);
+                let (url, life) = (url.part.clone(), url.life);
                 let uploader = self.uploader.clone();
                 let flow = self.flow.clone();
                 let (priority, created_at) = (self.priority, self.created_at);
@@ -573,7 +674,7 @@ impl Pass<'_> {
                         }
                     };
                     let r = uploader
-                        .put_part(&path, &task_part, &url, received_at, &sent)
+                        .put_part(&path, &task_part, &url, life, &sent)
                         .await;
                     (number, r)
                 });
@@ -612,13 +713,25 @@ impl Pass<'_> {
                             crate::metrics::part_uploaded(size);
                             debug!(job_id = %job_id, part = number, %etag, "Part uploaded");
                         }
-                        Err(PutError::Expired) => {
+                        Err(PutError::Expired(refused)) => {
                             let n = represigns.entry(number).or_insert(0);
                             *n += 1;
                             urls.remove(&number);
+                            if let Some(answer) = &refused {
+                                let r = refusals.entry(number).or_insert(0);
+                                *r += 1;
+                                if *r >= MAX_SIGNATURE_REFUSALS {
+                                    tasks.abort_all();
+                                    return Err(UploadError::Part {
+                                        number,
+                                        source: PutError::Refused(signature_fault(*r, answer)),
+                                    });
+                                }
+                                warn!(job_id = %job_id, part = number, answer = %answer, "Storage refused the presigned URL as expired or not yet valid; presigning again");
+                            }
                             if *n > MAX_REPRESIGNS {
                                 tasks.abort_all();
-                                return Err(UploadError::Part { number, source: PutError::Expired });
+                                return Err(UploadError::Part { number, source: PutError::Expired(refused) });
                             }
                             crate::metrics::part_retried();
                             debug!(job_id = %job_id, part = number, "URL expired; re-presigning");
@@ -747,19 +860,140 @@ mod tests {
         assert_eq!(redact_url("not a url?secret=1"), "not a url");
     }
 
-    #[test]
-    fn represign_margin() {
-        // 900 s lifetime: margin 60 s.
-        assert!(!needs_represign(1900, 1000, 1839));
-        assert!(needs_represign(1900, 1000, 1841));
+    fn url(expires_at: i64, expires_in_secs: Option<u64>) -> PresignedPart {
+        PresignedPart {
+            number: 1,
+            method: "PUT".into(),
+            url: "http://s3/b/k".into(),
+            headers: vec![],
+            expires_at,
+            expires_in_secs,
+        }
+    }
+
+    /// Whether a URL asked for at unix `asked` (device clock) needs renewal `after` seconds
+    /// later, on tokio's paused clock.
+    async fn renews_after(part: &PresignedPart, asked: i64, after: u64) -> bool {
+        let life = UrlLife::of(part, Instant::now(), asked);
+        tokio::time::sleep(Duration::from_secs(after)).await;
+        life.needs_represign()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn represign_margin_by_the_lifetime_on_the_monotonic_clock() {
+        // 900 s lifetime: margin 60 s, whatever the device's clock says (expires_at is by
+        // the API's clock: 240 s behind or an hour ahead changes nothing).
+        for device_unix in [1000, 1240, 760, 4600] {
+            assert!(!renews_after(&url(1900, Some(900)), device_unix, 839).await);
+            assert!(renews_after(&url(1900, Some(900)), device_unix, 841).await);
+        }
         // 20 s lifetime: margin 5 s.
-        assert!(!needs_represign(1020, 1000, 1014));
-        assert!(needs_represign(1020, 1000, 1016));
+        assert!(!renews_after(&url(1020, Some(20)), 0, 14).await);
+        assert!(renews_after(&url(1020, Some(20)), 0, 16).await);
         // 2 s lifetime: margin at least 1 s.
-        assert!(needs_represign(1002, 1000, 1002));
-        assert!(!needs_represign(1002, 1000, 1000));
-        // Already expired.
-        assert!(needs_represign(1000, 900, 1001));
+        assert!(!renews_after(&url(1002, Some(2)), 0, 0).await);
+        assert!(renews_after(&url(1002, Some(2)), 0, 1).await);
+        assert!(renews_after(&url(1000, Some(0)), 0, 0).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn represign_margin_from_expires_at_with_an_older_api() {
+        // No expires_in_secs: expires_at against this device's clock when asked.
+        assert!(!renews_after(&url(1900, None), 1000, 839).await);
+        assert!(renews_after(&url(1900, None), 1000, 841).await);
+        assert!(!renews_after(&url(1020, None), 1000, 14).await);
+        assert!(renews_after(&url(1020, None), 1000, 16).await);
+        // Already expired by this clock.
+        assert!(renews_after(&url(1000, None), 1001, 0).await);
+    }
+
+    #[test]
+    fn expired_or_skewed_signatures_are_presigned_again_whatever_the_status() {
+        let doc = |code: &str, message: &str| {
+            format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message><Resource>/b/k</Resource></Error>")
+        };
+        for (status, body) in [
+            (403, doc("AccessDenied", "Request has expired")),
+            (403, doc("RequestExpired", "Request has expired")),
+            (
+                403,
+                doc(
+                    "SignatureDoesNotMatch",
+                    "The request signature we calculated does not match",
+                ),
+            ),
+            (403, String::new()),
+            (
+                403,
+                doc(
+                    "RequestTimeTooSkewed",
+                    "The difference between the request time and the server's time is too large.",
+                ),
+            ),
+            (
+                400,
+                doc(
+                    "RequestTimeTooSkewed",
+                    "The difference between the request time and the current time is too large.",
+                ),
+            ),
+            // Garage.
+            (400, doc("InvalidRequest", "Bad request: Date is too old")),
+            (
+                400,
+                doc(
+                    "InvalidRequest",
+                    "Bad request: X-Amz-Expires: presigned URL has expired",
+                ),
+            ),
+            (
+                400,
+                doc(
+                    "AuthorizationQueryParametersError",
+                    "X-Amz-Date is in the future",
+                ),
+            ),
+            (400, doc("InvalidRequest", "Request is not yet valid")),
+            (400, doc("ExpiredToken", "The provided token has expired.")),
+        ] {
+            assert!(signature_refused(status, &body), "{status} {body}");
+        }
+        for (status, body) in [
+            (400, doc("BadDigest", "The Content-MD5 you specified did not match what we received.")),
+            (400, doc("InvalidRequest", "Part number must be an integer between 1 and 10000")),
+            (400, doc("RequestTimeout", "Your socket connection to the server was not read from or written to within the timeout period.")),
+            (400, "IncompleteBody".to_string()),
+            (404, doc("NoSuchUpload", "The specified multipart upload does not exist.")),
+            (500, doc("InternalError", "We encountered an internal error.")),
+            (503, String::new()),
+        ] {
+            assert!(!signature_refused(status, &body), "{status} {body}");
+        }
+    }
+
+    #[test]
+    fn a_signature_fault_reads_clearly() {
+        let e = UploadError::Part {
+            number: 3,
+            source: PutError::Refused(signature_fault(
+                3,
+                "status 403: SignatureDoesNotMatch: The request signature we calculated does not match",
+            )),
+        };
+        assert!(!e.is_transient());
+        assert_eq!(
+            e.to_string(),
+            "part 3: storage refused the part: 3 freshly presigned URLs in a row refused as expired or not yet valid (last: status 403: SignatureDoesNotMatch: The request signature we calculated does not match); storage's clock or the API's storage credentials are probably wrong (check storage's clock, and the API's S3 keys)"
+        );
+        let e = UploadError::Part {
+            number: 3,
+            source: PutError::Expired(Some("status 400: InvalidRequest: Date is too old".into())),
+        };
+        assert!(e.is_transient());
+        assert_eq!(
+            e.to_string(),
+            "part 3: storage refused the presigned URL: status 400: InvalidRequest: Date is too old"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -847,6 +1081,7 @@ mod tests {
             url,
             headers: vec![("content-md5".into(), "kAFQmDzST7DWlj99KOF/cg==".into())],
             expires_at: unix_now() + 900,
+            expires_in_secs: Some(900),
         };
         let sent = Arc::new(AtomicU64::new(0));
         let etag = up.put_once(&path, &p, &presigned, &sent).await.unwrap();
@@ -880,6 +1115,7 @@ mod tests {
             url,
             headers: vec![],
             expires_at: unix_now() + 900,
+            expires_in_secs: Some(900),
         };
         let sent = Arc::new(AtomicU64::new(0));
 
@@ -892,8 +1128,24 @@ mod tests {
         let (url, _s) = serve_once("HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n").await;
         assert!(matches!(
             up.put_once(&path, &p, &presigned(url), &sent).await,
-            Err(PutError::Expired)
+            Err(PutError::Expired(Some(_)))
         ));
+        // Garage's answer to an expired URL: 400, not 403.
+        let garage = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>InvalidRequest</Code><Message>Bad request: Date is too old</Message></Error>";
+        let answer = format!(
+            "HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\n\r\n{garage}",
+            garage.len()
+        );
+        let (url, _s) = serve_once(Box::leak(answer.into_boxed_str())).await;
+        match up.put_once(&path, &p, &presigned(url), &sent).await {
+            Err(PutError::Expired(Some(a))) => {
+                assert_eq!(
+                    a,
+                    "status 400: InvalidRequest: Bad request: Date is too old"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
         let (url, _s) = serve_once("HTTP/1.1 503 Slow Down\r\nContent-Length: 0\r\n\r\n").await;
         assert!(matches!(
             up.put_once(&path, &p, &presigned(url), &sent).await,
@@ -939,10 +1191,11 @@ mod tests {
         }
         // Expiring URLs are not even tried.
         let mut soon = presigned("http://127.0.0.1:1/x".into());
-        soon.expires_at = unix_now() + 10;
+        soon.expires_in_secs = Some(0);
+        let life = UrlLife::of(&soon, Instant::now(), unix_now());
         assert!(matches!(
-            up.put_part(&path, &p, &soon, unix_now() - 900, &sent).await,
-            Err(PutError::Expired)
+            up.put_part(&path, &p, &soon, life, &sent).await,
+            Err(PutError::Expired(None))
         ));
     }
 
@@ -993,6 +1246,7 @@ mod tests {
             url,
             headers: vec![],
             expires_at: unix_now() + 900,
+            expires_in_secs: Some(900),
         };
         let sent = Arc::new(AtomicU64::new(0));
         let err = up
@@ -1032,6 +1286,7 @@ mod tests {
             url,
             headers: vec![],
             expires_at: unix_now() + 900,
+            expires_in_secs: Some(900),
         };
         let sent = Arc::new(AtomicU64::new(0));
         let etag = up

@@ -316,6 +316,8 @@ fn answer(
                         ),
                         headers: vec![("content-md5".into(), p.md5)],
                         expires_at: unix_now() + 900,
+                        // An API that predates expires_in_secs.
+                        expires_in_secs: None,
                     }
                 })
                 .collect();

@@ -115,8 +115,15 @@ pub struct PresignedPart {
     /// Headers that must be sent exactly (they are signed into the URL), e.g. `content-md5`.
     #[cfg_attr(feature = "openapi", schema(value_type = Vec<Vec<String>>))]
     pub headers: Vec<(String, String)>,
-    /// Unix seconds after which the URL no longer works.
+    /// Unix seconds after which the URL no longer works, by the API's clock (a device's
+    /// clock may be off: judge the URL by `expires_in_secs` when present).
     pub expires_at: i64,
+    /// The URL's lifetime in seconds from when the API made it. A device renews the URL a
+    /// margin before this has passed, measured with its monotonic clock from when it sent
+    /// the request, so a wrong device clock does not matter. Absent from APIs that predate
+    /// it (then only `expires_at` is there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_secs: Option<u64>,
 }
 
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -348,6 +355,7 @@ mod tests {
                 url: "http://s3/b/k?X-Amz-Signature=x".into(),
                 headers: vec![("content-md5".into(), "x".into())],
                 expires_at: 5,
+                expires_in_secs: Some(900),
             }],
         });
         round_trip(SessionRef { session_id: id });
@@ -383,6 +391,16 @@ mod tests {
             validation: Some("rejected".into()),
             validation_error: Some("line 1: expected value at column 1".into()),
         });
+    }
+
+    #[test]
+    fn presigned_part_without_lifetime_reads() {
+        // From an API that predates `expires_in_secs`.
+        let p: PresignedPart = serde_json::from_str(
+            r#"{"number":1,"method":"PUT","url":"http://s3/b/k","headers":[],"expires_at":5}"#,
+        )
+        .unwrap();
+        assert_eq!((p.expires_at, p.expires_in_secs), (5, None));
     }
 
     #[test]

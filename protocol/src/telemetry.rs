@@ -101,6 +101,13 @@ pub struct Status {
     /// its own time. The API keeps the newest (`ts_ms`, then `offline` after `online`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ts_ms: Option<i64>,
+    /// How far the device's clock is from the API's, in seconds (device minus API:
+    /// positive when the device is ahead), as the device last measured it from the API's
+    /// signed answers. Covered by the signature like every other field; a device sends it
+    /// only once an answer showed the API knows it (an API that predates it drops it and
+    /// the signature would no longer verify).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_offset_secs: Option<i64>,
     /// Base64 Ed25519 signature by the device key over [`Status::canonical`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sig: Option<String>,
@@ -170,6 +177,7 @@ mod tests {
             queue_depth: None,
             free_disk_bytes: None,
             ts_ms: None,
+            clock_offset_secs: None,
             sig: None,
         };
         assert_eq!(
@@ -213,6 +221,10 @@ mod tests {
             },
             Status {
                 queue_depth: None,
+                ..back.clone()
+            },
+            Status {
+                clock_offset_secs: Some(-240),
                 ..back.clone()
             },
             Status {

@@ -79,6 +79,10 @@ pub struct AgentOptions {
     /// Runs the agent under this command (program and its arguments, the agent's command
     /// line follows), e.g. `fiu-run -x -c …`.
     pub wrapper: Vec<String>,
+    /// Runs the agent with its wall clock this many seconds off (under `faketime`, Debian
+    /// package `faketime`; the monotonic clock is left alone, as on a gateway whose clock
+    /// is merely set wrong). Comes before `wrapper`.
+    pub clock_offset_secs: Option<i64>,
 }
 
 impl Default for AgentOptions {
@@ -90,6 +94,7 @@ impl Default for AgentOptions {
             extra_toml: String::new(),
             env: Vec::new(),
             wrapper: Vec::new(),
+            clock_offset_secs: None,
         }
     }
 }
@@ -648,13 +653,35 @@ impl Stack {
         )
         .expect("write agent.toml");
         let bin = self.env.bin("uplink-agent");
-        let mut args: Vec<&str> = opts.wrapper.iter().skip(1).map(String::as_str).collect();
-        if !opts.wrapper.is_empty() {
+        let mut wrapper = Vec::new();
+        if let Some(offset) = opts.clock_offset_secs {
+            let faketime = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                .map(|d| d.join("faketime"))
+                .chain([PathBuf::from("/usr/bin/faketime")])
+                .find(|p| p.is_file())
+                .unwrap_or_else(|| {
+                    panic!(
+                        "faketime not found: install the Debian package faketime \
+                         (apt-get install faketime; scripts/lib.sh ensure_deps installs it)"
+                    )
+                });
+            wrapper.extend([
+                path_str(&faketime).to_string(),
+                "-f".into(),
+                format!("{offset:+}"),
+            ]);
+        }
+        wrapper.extend(opts.wrapper.iter().cloned());
+        let mut args: Vec<&str> = wrapper.iter().skip(1).map(String::as_str).collect();
+        if !wrapper.is_empty() {
             args.push(path_str(&bin));
         }
         args.extend(["--config", path_str(&config), "run"]);
-        let program = opts.wrapper.first().map_or(bin.clone(), PathBuf::from);
+        let program = wrapper.first().map_or(bin.clone(), PathBuf::from);
         let mut agent = Process::new("uplink-agent", &program, &args, dev.dir.join("agent.log"));
+        if opts.clock_offset_secs.is_some() {
+            agent = agent.env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
         for (k, v) in &opts.env {
             agent = agent.env(k, v);
         }

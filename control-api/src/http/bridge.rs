@@ -66,7 +66,10 @@ pub async fn mqtt_auth(
         Ok(ts) if (unix_now() - ts).abs() <= st.config.replay_window_secs as i64 => {
             Ok(Json(Allow { allow: true }))
         }
-        Ok(_) => deny("password too old"),
+        Ok(ts) => deny(&format!(
+            "password too old: {}",
+            super::error::clock_advice(ts - unix_now(), st.config.replay_window_secs)
+        )),
         Err(_) => deny("bad password"),
     }
 }
@@ -159,13 +162,15 @@ pub async fn presence(
     }
     sqlx::query(
         "UPDATE devices SET online = $2, last_seen_at = now(), agent_version = COALESCE($3, agent_version),
-                            queue_depth = COALESCE($4, queue_depth), presence_ts_ms = $5 WHERE device_id = $1",
+                            queue_depth = COALESCE($4, queue_depth), presence_ts_ms = $5,
+                            clock_offset_secs = COALESCE($6, clock_offset_secs) WHERE device_id = $1",
     )
     .bind(&device_id)
     .bind(online)
     .bind(&status.agent_version)
     .bind(status.queue_depth.map(|q| q as i32))
     .bind(status.ts_ms)
+    .bind(status.clock_offset_secs)
     .execute(&mut *tx)
     .await?;
     if online {
@@ -274,6 +279,7 @@ mod tests {
             agent_version: None,
             queue_depth: None,
             free_disk_bytes: None,
+            clock_offset_secs: None,
             ts_ms: Some(ts_ms),
             sig: None,
         }

@@ -121,12 +121,13 @@ async fn verify(
             format!("device {device_id} is disabled"),
         ));
     }
-    let window = st.config.replay_window_secs as i64;
-    if (unix_now() - ts).abs() > window {
-        return Err(ApiError::Unauthorized(
-            "stale_request",
-            format!("request timestamp is more than {window}s from the server's clock"),
-        ));
+    let (window, now) = (st.config.replay_window_secs, unix_now());
+    if (now - ts).abs() > window as i64 {
+        return Err(ApiError::StaleRequest {
+            offset: ts - now,
+            window,
+            server_time: now,
+        });
     }
     Ok(Verified {
         request_id: request_id.to_string(),

@@ -34,6 +34,17 @@ pub enum ApiError {
         limit: i64,
         requested: i64,
     },
+    /// A device's signed request whose `ts` is more than the replay window from the API's
+    /// clock (401 `stale_request`): the problem says by how much and carries the API's
+    /// clock (`server_time`, `clock_offset_secs`, `replay_window_secs`) so that the device
+    /// can say why.
+    #[error("request timestamp {offset:+} s from the server's clock")]
+    StaleRequest {
+        /// The request's `ts` minus the API's clock, seconds.
+        offset: i64,
+        window: u64,
+        server_time: i64,
+    },
     /// A dependency (database, storage) is down; the caller should retry.
     #[error("{0} unavailable: {1}")]
     Unavailable(&'static str, String),
@@ -45,7 +56,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(..) => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized(..) => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized(..) | ApiError::StaleRequest { .. } => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(..) => StatusCode::FORBIDDEN,
             ApiError::NotFound(..) => StatusCode::NOT_FOUND,
             ApiError::Conflict(..) => StatusCode::CONFLICT,
@@ -102,6 +113,23 @@ impl ApiError {
                 }
                 p
             }
+            ApiError::StaleRequest {
+                offset,
+                window,
+                server_time,
+            } => {
+                let mut p = Problem::new(
+                    status,
+                    "stale_request",
+                    title,
+                    Some(stale_detail(*offset, *window)),
+                );
+                p.extra.insert("server_time".into(), (*server_time).into());
+                p.extra.insert("clock_offset_secs".into(), (*offset).into());
+                p.extra
+                    .insert("replay_window_secs".into(), (*window).into());
+                p
+            }
             ApiError::Unavailable(what, _) => Problem::new(
                 status,
                 "unavailable",
@@ -111,6 +139,27 @@ impl ApiError {
             ApiError::Internal(_) => Problem::new(status, "internal", title, None),
         }
     }
+}
+
+/// Why a signed timestamp `offset` seconds from the API's clock is refused, for the device's
+/// log and the API's (the same words for requests and MQTT passwords).
+pub fn clock_advice(offset: i64, window: u64) -> String {
+    let (how, secs) = if offset >= 0 {
+        ("ahead of", offset)
+    } else {
+        ("behind", -offset)
+    };
+    format!(
+        "the device's clock is {secs} s {how} the API's, more than the replay window ({window} s); set the device's clock (enable NTP: systemd-timesyncd or chrony)"
+    )
+}
+
+/// The `detail` of a `stale_request` problem.
+pub fn stale_detail(offset: i64, window: u64) -> String {
+    format!(
+        "request timestamp is more than {window}s from the server's clock: {}",
+        clock_advice(offset, window)
+    )
 }
 
 /// A problem document as an HTTP response.
@@ -132,6 +181,13 @@ impl ApiError {
             ApiError::Internal(e) => tracing::error!(error = %format!("{e:#}"), "Request failed"),
             ApiError::Unavailable(what, cause) => {
                 tracing::warn!(%what, %cause, "Dependency unavailable")
+            }
+            ApiError::StaleRequest { offset, window, .. } => {
+                tracing::warn!(
+                    clock_offset_secs = offset,
+                    replay_window_secs = window,
+                    "Device request refused: the device's clock is off"
+                )
             }
             _ => {}
         }
