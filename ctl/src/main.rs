@@ -25,14 +25,14 @@ fn main() {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            // --help and --version print and exit 0; everything else is a usage error (2).
-            let code = if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::OK
-            };
-            let _ = e.print();
-            std::process::exit(code);
+            // --help and --version print and exit 0; everything else is a usage error (2),
+            // its message scrubbed of the token like every other.
+            if !e.use_stderr() {
+                let _ = e.print();
+                std::process::exit(exit::OK);
+            }
+            eprint!("{}", scrub(e.render().to_string(), &token_candidates()));
+            std::process::exit(exit::USAGE);
         }
     };
     let token = cli.token.clone();
@@ -49,15 +49,10 @@ fn main() {
     };
     let result = runtime.block_on(run(cli));
     if let Err(e) = result {
-        let mut msg = format!("error: {e}");
         // Last line of defence: whatever went wrong, the token is not printed.
-        for t in [token, std::env::var("UPLINK_TOKEN").ok()]
-            .into_iter()
-            .flatten()
-            .filter(|t| t.len() >= 4)
-        {
-            msg = msg.replace(t.trim(), "***");
-        }
+        let mut tokens = token_candidates();
+        tokens.extend(token);
+        let msg = scrub(format!("error: {e}"), &tokens);
         if json {
             if let CtlError::Refused { problem, .. } = &e {
                 if problem.is_object() {
@@ -68,6 +63,29 @@ fn main() {
         eprintln!("{msg}");
         std::process::exit(e.code());
     }
+}
+
+/// Every token this run could hold: `UPLINK_TOKEN` and the value of `--token` as given
+/// (read from the raw arguments, so it is known even when they do not parse).
+fn token_candidates() -> Vec<String> {
+    let mut out: Vec<String> = std::env::var("UPLINK_TOKEN").ok().into_iter().collect();
+    let args: Vec<String> = std::env::args().collect();
+    for (i, a) in args.iter().enumerate() {
+        if let Some(v) = a.strip_prefix("--token=") {
+            out.push(v.to_string());
+        } else if a == "--token" {
+            out.extend(args.get(i + 1).cloned());
+        }
+    }
+    out
+}
+
+/// `text` with each token (of 4 characters or more) replaced by `***`.
+fn scrub(mut text: String, tokens: &[String]) -> String {
+    for t in tokens.iter().map(|t| t.trim()).filter(|t| t.len() >= 4) {
+        text = text.replace(t, "***");
+    }
+    text
 }
 
 async fn run(cli: Cli) -> Result<()> {

@@ -183,6 +183,24 @@ fn usage_errors_exit_2() {
     );
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("--max-rate"), "{}", stderr(&out));
+    // clap's own errors are scrubbed of the token too, even one echoed back.
+    let out = run(
+        home.path(),
+        &[
+            "--token",
+            "upk_k_s3cr3tvalue",
+            "devices",
+            "upk_k_s3cr3tvalue",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("unrecognized subcommand '***'"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("s3cr3t"), "{}", stderr(&out));
     // An explicit profile that does not exist.
     let out = run(home.path(), &["--profile", "nope", "devices", "list"], &[]);
     assert_eq!(out.status.code(), Some(2));

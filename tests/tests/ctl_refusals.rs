@@ -1,7 +1,8 @@
 //! What `uplinkctl` says when it is refused: a viewer key (made with `uplinkctl keys create
 //! --role viewer`) reads but may not write (one line `error: 403 forbidden: …`, exit 3), a
 //! bad token (401, exit 3), a project quota a gateway upload does not fit (the API's reason,
-//! exit 1), an API that is gone (exit 4); the token is in none of the messages.
+//! exit 1), an unknown device (404, exit 3), a path the gateway rejects (exit 1), an API
+//! that is gone (exit 4); the token is in none of the messages.
 
 use uplink_e2e::ctl::Ctl;
 use uplink_e2e::{AgentOptions, Stack, StackOptions, MIB};
@@ -131,6 +132,34 @@ async fn quota_exceeded_fails_the_upload_with_the_apis_reason() {
         "tight"
     );
     stack.start_agent(&dev, &AgentOptions::default());
+    // A device that does not exist: refused before anything is sent.
+    let run = ctl
+        .run(&["upload", "no-such-robot:/data/x.bin", "--follow"])
+        .await;
+    assert_eq!(run.code, Some(3), "{run}");
+    assert!(
+        run.stderr.starts_with("error: 404 device_not_found: "),
+        "{run}"
+    );
+    // A path outside the agent's allowed roots: the gateway rejects the command.
+    let run = ctl
+        .run(&[
+            "upload",
+            &format!("{}:/etc/hostname", dev.id),
+            "--follow",
+            "--json",
+        ])
+        .await;
+    assert_eq!(run.code, Some(1), "{run}");
+    let last = run.json_lines().pop().expect("docs");
+    assert_eq!(last["event"], "failed", "{run}");
+    assert_eq!(last["command_state"], "rejected", "{run}");
+    assert!(
+        run.stderr
+            .starts_with("error: upload failed: command rejected: "),
+        "{run}"
+    );
+
     let file = stack.source_file(&dev, "too-big.bin", 3 * MIB).await;
     let target = format!("{}:{}", dev.id, file.path_str());
     let run = ctl
