@@ -48,6 +48,12 @@ async fn events_page(
     Ok((events, next))
 }
 
+/// SIGINT (Ctrl-C), caught from now on (registered at once, not when first awaited).
+fn interrupts() -> Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| CtlError::Failed(format!("cannot catch Ctrl-C: {e}")))
+}
+
 /// Long-polls can come back at once with nothing (an API whose `long_poll_max_secs` is 0):
 /// then wait out the rest of `at_least`, so following never spins.
 async fn pace(started: Instant, got_events: bool, at_least: Duration) {
@@ -300,6 +306,8 @@ pub async fn upload(api: &Api, req: UploadRequest<'_>, json: bool) -> Result<()>
     } else {
         0
     };
+    // Ctrl-C is caught from before the command is sent: it only stops following.
+    let mut sigint = interrupts()?;
     let mut body = json!({"type": "upload", "path": req.path});
     if let Some(p) = req.priority {
         body["priority"] = json!(p);
@@ -336,7 +344,7 @@ pub async fn upload(api: &Api, req: UploadRequest<'_>, json: bool) -> Result<()>
     let mut display = Display::new(json, &command_id, req.device);
     let end = tokio::select! {
         end = follow_upload(api, &mut display, cmd, cursor, project.as_deref(), req.device, req.timeout) => end,
-        _ = tokio::signal::ctrl_c() => {
+        _ = sigint.recv() => {
             display.finish();
             return Err(CtlError::Interrupted(format!(
                 "stopped following; the upload goes on: uplinkctl commands show {command_id}"
@@ -589,6 +597,7 @@ pub struct EventsRequest<'a> {
 
 /// Prints events; with `follow`, keeps long-polling for new ones until interrupted.
 pub async fn events(api: &Api, req: EventsRequest<'_>, json: bool) -> Result<()> {
+    let mut sigint = interrupts()?;
     let mut cursor = match req.after {
         Some(a) => a,
         None => {
@@ -619,7 +628,7 @@ pub async fn events(api: &Api, req: EventsRequest<'_>, json: bool) -> Result<()>
         let polled = Instant::now();
         let page = tokio::select! {
             p = events_page(api, cursor, req.limit, wait, req.project) => p,
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = sigint.recv() => return Ok(()),
         };
         let (events, next) = if req.follow {
             match patience.take(page).await? {

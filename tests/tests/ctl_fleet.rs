@@ -271,5 +271,18 @@ async fn devices_projects_datasets_webhooks_audit_and_events() {
         e["action"] == "device.update" && e["subject"] == other.id.as_str()
     })
     .await;
-    tail.child.kill().await.expect("stop the follower");
+    // Ctrl-C ends the tail quietly (exit 0), like `tail -f`.
+    interrupt(&tail.child);
+    let (code, _, stderr) = tail.finish(Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+/// SIGINT, as Ctrl-C sends.
+fn interrupt(child: &tokio::process::Child) {
+    let pid = child.id().expect("running").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("kill -INT");
+    assert!(status.success());
 }

@@ -197,6 +197,33 @@ async fn pause_resume_abort_while_following() {
         .until(Duration::from_secs(30), |d| d["state"] == "uploading")
         .await;
 
+    // Ctrl-C stops a follower (exit 130), not its upload.
+    let other = stack.source_file(&dev, "other.bin", 6 * MIB).await;
+    let mut interrupted = ctl.spawn(&[
+        "upload",
+        &format!("{}:{}", dev.id, other.path_str()),
+        "--follow",
+        "--json",
+    ]);
+    let started = interrupted
+        .until(Duration::from_secs(30), |d| d["event"] == "command")
+        .await;
+    let other_command = started["command_id"].as_str().expect("id").to_string();
+    let pid = interrupted.child.id().expect("running").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("kill -INT");
+    assert!(status.success());
+    let (code, _, stderr) = interrupted.finish(Duration::from_secs(30)).await;
+    assert_eq!(code, Some(130), "{stderr}");
+    assert!(stderr.contains("the upload goes on"), "{stderr}");
+    let cmd = ctl.ok(&["commands", "show", &other_command]).await;
+    assert!(
+        !matches!(cmd["state"].as_str(), Some("failed" | "rejected")),
+        "{cmd}"
+    );
+
     let aborted = ctl.run(&["sessions", "abort", &session_id]).await;
     assert_eq!(aborted.code, Some(0), "{aborted}");
     assert_eq!(
