@@ -405,7 +405,14 @@ async fn commands(api: &Api, c: CommandsCmd, json: bool) -> Result<()> {
 
 const SESSION_COLS: &[Col] = &[
     col("SESSION", |r| text(&r["session_id"])),
-    col("DEVICE", |r| text(&r["device_id"])),
+    // A workstation upload has no device: its owner (`key:<key_id>` or `operator`).
+    col("DEVICE", |r| {
+        if r["device_id"].is_null() && !r["owner"].is_null() {
+            text(&r["owner"])
+        } else {
+            text(&r["device_id"])
+        }
+    }),
     col("FILE", |r| text(&r["file_name"])),
     col("STATE", |r| text(&r["state"])),
     col("DONE", |r| {
