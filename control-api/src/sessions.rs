@@ -598,10 +598,21 @@ pub async fn presign(
     }
     tx.commit().await?;
     if session.state() == SessionState::Created {
-        session = st
+        session = match st
             .store
             .transition(&session, Event::StartUpload, actor, None)
-            .await?;
+            .await
+        {
+            Ok(s) => s,
+            // Presigns of several parts at once: another one started the upload first.
+            Err(e @ ApiError::Conflict("concurrent_update", _)) => {
+                match st.store.session(session.session_id).await? {
+                    Some(s) if s.state() == SessionState::Uploading => s,
+                    _ => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        };
     }
 
     let policy = effective_policy(st, &session.project_id, &session.dataset).await?;

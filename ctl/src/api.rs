@@ -10,6 +10,7 @@ use serde_json::Value;
 use crate::config::Target;
 use crate::error::{usage, CtlError, Result};
 
+#[derive(Clone)]
 pub struct Api {
     base: String,
     http: reqwest::Client,
@@ -44,6 +45,11 @@ pub fn query(pairs: &[(&str, Option<String>)]) -> String {
 }
 
 impl Api {
+    /// The API's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     pub fn new(target: &Target) -> Result<Api> {
         let mut auth = HeaderValue::from_str(&format!("Bearer {}", target.token.expose()))
             .map_err(|_| usage("the token holds characters an HTTP header cannot carry"))?;

@@ -152,6 +152,26 @@ rate, ETA) on a terminal, or with --json one document per line (\"event\": \"com
 \"progress\", then \"done\" or \"failed\"). It ends with the object key and SHA-256 (exit 0),
 or the reason of the failure (exit 1). Ctrl-C stops following, not the upload.")]
     Upload(UploadArgs),
+    /// Upload a file from this machine straight to storage, resumable.
+    #[command(after_help = "\
+Examples:
+  uplinkctl put rec/run-042.mcap
+  uplinkctl put run-042.mcap --project field --dataset runs --part-size 64MiB --concurrency 8
+  uplinkctl --json put big.bin            # a JSON line per part, then {\"event\":\"done\",…}
+
+The file goes straight to storage through presigned part URLs (no bytes through the API,
+no storage credentials here), in a session owned by this token's API key (an operator or
+admin of the project). Each part's MD5 is signed into its URL; the API verifies every part
+before completing and checks the SHA-256 from the stored bytes. Interrupted (Ctrl-C,
+kill -9, network loss)? Run the same command again: it resumes from its manifest under
+$XDG_STATE_HOME/uplink/put/ (~/.local/state/uplink/put/) and sends only the parts storage
+does not hold. A file changed since needs --restart.")]
+    Put(PutArgs),
+    /// Resume an interrupted `put` from its manifest file.
+    #[command(after_help = "\
+Examples:
+  uplinkctl resume ~/.local/state/uplink/put/3f2a9c01b7e4d2a85c6f0e19.json")]
+    Resume(ResumeArgs),
     /// Change a gateway's flow control at run time: bandwidth cap, upload windows, concurrency.
     #[command(after_help = "\
 Examples:
@@ -441,6 +461,36 @@ pub struct AuditArgs {
     /// 1-1000 (default 100).
     #[arg(long)]
     pub limit: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct PutArgs {
+    /// The file to upload.
+    pub file: std::path::PathBuf,
+    /// Project of the upload.
+    #[arg(long, default_value = "default")]
+    pub project: String,
+    /// Dataset of the project (default: `default`).
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Part size, 5MiB to 5GiB.
+    #[arg(long, default_value = "8MiB", value_name = "SIZE")]
+    pub part_size: String,
+    /// Parts in flight.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub concurrency: u16,
+    /// Upload anew a file that changed since its interrupted put.
+    #[arg(long)]
+    pub restart: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// The manifest an interrupted `put` left.
+    pub manifest: std::path::PathBuf,
+    /// Parts in flight.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub concurrency: u16,
 }
 
 #[derive(Debug, Args)]

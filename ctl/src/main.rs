@@ -8,6 +8,7 @@ mod config;
 mod error;
 mod follow;
 mod output;
+mod put;
 mod units;
 
 use std::io::{BufRead as _, IsTerminal as _};
@@ -120,6 +121,38 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Keys(c) => keys(&api, c, json).await,
         Cmd::Webhooks(c) => webhooks(&api, c, json).await,
         Cmd::Audit(a) => audit(&api, a, json).await,
+        Cmd::Put(a) => {
+            let part_size =
+                units::parse_bytes(&a.part_size).map_err(|e| usage(format!("--part-size: {e}")))?;
+            put::put(
+                &api,
+                put::PutRequest {
+                    file: &a.file,
+                    project: &a.project,
+                    dataset: a.dataset.as_deref(),
+                    part_size,
+                    concurrency: a.concurrency.into(),
+                    restart: a.restart,
+                    state_dir: None,
+                    api_url: api.base(),
+                    progress: std::io::stderr().is_terminal(),
+                },
+                json,
+            )
+            .await
+        }
+        Cmd::Resume(a) => {
+            let progress = std::io::stderr().is_terminal();
+            put::resume(
+                &api,
+                &a.manifest,
+                api.base(),
+                a.concurrency.into(),
+                progress,
+                json,
+            )
+            .await
+        }
         Cmd::Upload(a) => {
             let (device, path) = follow::split_target(&a.target)?;
             let follow = if a.no_follow {
