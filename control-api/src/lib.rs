@@ -7,6 +7,7 @@
 //! - [`store`]: PostgreSQL rows, version-checked transitions, the audit log.
 //! - [`storage`]: the S3 adapter (create, presign, list parts, complete, abort, head).
 //! - [`sessions`]: the session operations the device and operator APIs share.
+//! - [`completion`]: verified, crash-consistent completion of a session.
 //! - [`cleanup`]: the worker that expires idle sessions and aborts orphan uploads.
 //! - [`egress`]: which addresses the API's own requests (webhooks) may reach.
 //! - [`events`]: the outbox: the audit log sequenced for `GET /v1/events` and webhooks.
@@ -19,6 +20,7 @@
 //! - [`readback`]: what those two share: claims under a lease, backoff, exact-length reads.
 
 pub mod cleanup;
+pub mod completion;
 pub mod config;
 pub mod digest;
 pub mod domain;
