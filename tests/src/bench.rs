@@ -157,6 +157,8 @@ pub async fn upload(
         "{}'s object is not byte-identical to the file",
         tool.name()
     );
+    // A full run stores tens of GiB: storage keeps only what is being measured.
+    crate::files::s3_delete(env, &env.s3_bucket, key).await;
     measure
 }
 

@@ -109,3 +109,33 @@ pub async fn s3_download(env: &TestEnv, bucket: &str, key: &str, dest: &Path) ->
         )
     })
 }
+
+/// Deletes `bucket/key` with a SigV4-signed DELETE (curl `--aws-sigv4`); returns the HTTP
+/// status (204 when deleted).
+pub async fn s3_delete(env: &TestEnv, bucket: &str, key: &str) -> u16 {
+    let url = format!("{}/{bucket}/{key}", env.s3_endpoint);
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "60",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .args(["-X", "DELETE"])
+        .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
+        .arg("--aws-sigv4")
+        .arg(format!("aws:amz:{}:s3", env.s3_region))
+        .arg("--user")
+        .arg(format!("{}:{}", env.s3_access_key, env.s3_secret_key))
+        .arg(&url)
+        .output()
+        .await
+        .expect("run curl");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}

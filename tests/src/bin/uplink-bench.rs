@@ -148,6 +148,12 @@ async fn curl_run(
         done.body["state"], "completed",
         "the curl baseline's upload must complete: {done}"
     );
+    uplink_e2e::files::s3_delete(
+        &stack.env,
+        done.body["bucket"].as_str().expect("bucket"),
+        done.body["object_key"].as_str().expect("key"),
+    )
+    .await;
     std::fs::remove_dir_all(&parts_dir).ok();
     secs
 }
@@ -207,6 +213,11 @@ async fn agent_once(stack: &Stack, dev: &Device, size: u64, rep: usize) -> Agent
     // Verified: the stored object is byte-identical (downloaded and hashed).
     let session = stack.verify_upload(&file, &cmd).await;
     std::fs::remove_file(&file.path).ok();
+    let (bucket, key) = (
+        session["bucket"].as_str().expect("bucket"),
+        session["object_key"].as_str().expect("key"),
+    );
+    uplink_e2e::files::s3_delete(&stack.env, bucket, key).await;
     let at = |v: &Value, k: &str| {
         chrono::DateTime::parse_from_rfc3339(v[k].as_str().expect("timestamp"))
             .expect("rfc3339")
