@@ -276,7 +276,7 @@ impl Stack {
                  bridge_token = {br}\n\
                  command_key_file = {key}\n\
                  replay_window_secs = {replay}\n\
-                 command_ttl_secs = 3600\n\
+                 command_ttl_secs = 86400\n\
                  \n[s3]\n\
                  endpoint = {endpoint}\n\
                  public_endpoint = {public}\n\
