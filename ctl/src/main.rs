@@ -459,6 +459,17 @@ const SESSION_COLS: &[Col] = &[
     col("ERROR", |r| text(&r["error"])),
 ];
 
+/// `sessions pause|resume|abort`: POSTs `{path}/{verb}` and says the new state.
+async fn steer(api: &Api, path: &str, session: &str, verb: &str, json: bool) -> Result<()> {
+    let v = api.post(&format!("{path}/{verb}"), None).await?;
+    said(
+        &v,
+        json,
+        format!("session {session}: {}", text(&v["state"])),
+    );
+    Ok(())
+}
+
 async fn sessions(api: &Api, c: SessionsCmd, json: bool) -> Result<()> {
     let one = |id: &str| format!("/v1/sessions/{}", seg(id));
     match c {
@@ -484,28 +495,13 @@ async fn sessions(api: &Api, c: SessionsCmd, json: bool) -> Result<()> {
         }
         SessionsCmd::Show { session } => show(&api.get(&one(&session)).await?, json),
         SessionsCmd::Pause { session } => {
-            let v = api.post(&format!("{}/pause", one(&session)), None).await?;
-            said(
-                &v,
-                json,
-                format!("session {session}: {}", text(&v["state"])),
-            );
+            steer(api, &one(&session), &session, "pause", json).await?
         }
         SessionsCmd::Resume { session } => {
-            let v = api.post(&format!("{}/resume", one(&session)), None).await?;
-            said(
-                &v,
-                json,
-                format!("session {session}: {}", text(&v["state"])),
-            );
+            steer(api, &one(&session), &session, "resume", json).await?
         }
         SessionsCmd::Abort { session } => {
-            let v = api.post(&format!("{}/abort", one(&session)), None).await?;
-            said(
-                &v,
-                json,
-                format!("session {session}: {}", text(&v["state"])),
-            );
+            steer(api, &one(&session), &session, "abort", json).await?
         }
         SessionsCmd::Manifest { session } => {
             let v = api.get(&format!("{}/manifest", one(&session))).await?;
