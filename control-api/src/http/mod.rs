@@ -7,6 +7,7 @@ pub mod device;
 pub mod error;
 pub mod events;
 pub mod idempotency;
+pub mod keys;
 pub mod openapi;
 pub mod operator;
 pub mod projects;
@@ -183,8 +184,8 @@ fn operator_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(projects::get_dataset, projects::patch_dataset))
         .routes(routes!(projects::seal_dataset))
         .routes(routes!(projects::dataset_manifest))
-        .routes(routes!(projects::create_key, projects::list_keys))
-        .routes(routes!(projects::revoke_key))
+        .routes(routes!(keys::create_key, keys::list_keys))
+        .routes(routes!(keys::revoke_key))
         .routes(routes!(projects::session_manifest))
         .routes(routes!(operator::register_device, operator::list_devices))
         .routes(routes!(operator::get_device, operator::patch_device))
