@@ -21,7 +21,7 @@ use uplink_protocol::flow::{self as wire, FlowConfig, Window};
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::uploader::RateLimiter;
+use crate::rate::RateLimiter;
 
 /// How often the clock task looks at the local time.
 const CLOCK_TICK: Duration = Duration::from_secs(1);

@@ -34,6 +34,7 @@ pub mod hasher;
 pub mod job;
 pub mod metrics;
 pub mod policy;
+pub mod rate;
 pub mod rpc;
 pub mod store;
 pub mod uploader;

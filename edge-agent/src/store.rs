@@ -75,6 +75,25 @@ CREATE TABLE IF NOT EXISTS parts (
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 "#;
 
+/// The table of the files the watches (`crate::watch`) queued.
+const WATCH_SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS watched_files (
+    path         TEXT NOT NULL,
+    size         INTEGER NOT NULL,
+    mtime_ns     INTEGER NOT NULL,
+    inode        INTEGER NOT NULL,
+    job_id       TEXT NOT NULL UNIQUE,
+    dataset      TEXT NOT NULL,
+    after_upload TEXT NOT NULL,
+    queued_at    INTEGER NOT NULL,
+    -- after_upload = 'delete' only: what became of the file once the job ended.
+    outcome      TEXT,
+    finished_at  INTEGER,
+    PRIMARY KEY (path, size, mtime_ns, inode)
+);
+CREATE INDEX IF NOT EXISTS watched_files_pending ON watched_files(after_upload, outcome);
+"#;
+
 /// Schema changes after [`SCHEMA`], applied in order; `PRAGMA user_version` counts the ones
 /// applied, so an older database upgrades in place when it is opened. Never edit a landed
 /// entry; append a new one.
@@ -184,7 +203,7 @@ pub fn open_file(path: &Path) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.execute_batch(SCHEMA)?;
     migrate(&mut conn)?;
-    conn.execute_batch(crate::watch::SCHEMA)?;
+    conn.execute_batch(WATCH_SCHEMA)?;
     Ok(conn)
 }
 

@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -24,11 +24,10 @@ use uuid::Uuid;
 
 use crate::flow::Flow;
 use crate::hasher;
+use crate::rate::RateLimiter;
 use crate::rpc::{Link, RpcError};
 use crate::store::{self, PartRecord, Store, StoreError};
 
-/// Chunk size of part bodies (no whole-part buffering).
-pub const CHUNK_BYTES: usize = 64 * 1024;
 /// A PUT that takes no bytes of its body for this long is abandoned and retried. Once the
 /// whole body is handed off, the wait for the answer is longer (`idle_limit`: 188 s for a
 /// part of 8 MiB or more swallowed at once). These are the only timeouts on a PUT once
@@ -221,70 +220,6 @@ fn xml_element<'a>(body: &'a str, name: &str) -> Option<&'a str> {
     let start = body.find(&format!("<{name}>"))? + name.len() + 2;
     let len = body[start..].find(&format!("</{name}>"))?;
     Some(body[start..start + len].trim())
-}
-
-/// A token bucket shared by every PUT: `rate` bytes per second, bursts up to one second.
-/// The rate can change at run time (`config` command); 0 = unlimited.
-#[derive(Debug)]
-pub struct RateLimiter {
-    /// (rate, tokens, last refill).
-    state: Mutex<(f64, f64, Instant)>,
-}
-
-impl RateLimiter {
-    pub fn new(bytes_per_sec: u64) -> Self {
-        let rate = bytes_per_sec as f64;
-        RateLimiter {
-            state: Mutex::new((rate, rate, Instant::now())),
-        }
-    }
-
-    /// The cap in bytes/s; 0 = unlimited.
-    pub fn rate(&self) -> u64 {
-        self.state.lock().map(|st| st.0 as u64).unwrap_or(0)
-    }
-
-    /// Changes the cap; bytes already waited for are not re-timed.
-    pub fn set_rate(&self, bytes_per_sec: u64) {
-        if let Ok(mut st) = self.state.lock() {
-            let rate = bytes_per_sec as f64;
-            let tokens = st.1.min(rate);
-            *st = (rate, tokens, Instant::now());
-        }
-    }
-
-    /// Takes `n` tokens, waiting as long as the debt requires.
-    pub async fn acquire(&self, n: usize) {
-        let wait = {
-            let Ok(mut st) = self.state.lock() else {
-                return;
-            };
-            let (rate, tokens, last) = *st;
-            if rate <= 0.0 {
-                return;
-            }
-            let now = Instant::now();
-            let refilled = (tokens + now.duration_since(last).as_secs_f64() * rate).min(rate);
-            let left = refilled - n as f64;
-            *st = (rate, left, now);
-            if left < 0.0 {
-                Duration::from_secs_f64(-left / rate)
-            } else {
-                Duration::ZERO
-            }
-        };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
-    }
-
-    /// Read size of part bodies at the current rate: about a quarter second of bytes.
-    fn chunk(&self) -> usize {
-        match self.rate() {
-            0 => CHUNK_BYTES,
-            r => ((r / 4) as usize).clamp(4 * 1024, CHUNK_BYTES),
-        }
-    }
 }
 
 /// How long a PUT may go without pulling a byte of its body before it is abandoned. While
@@ -994,19 +929,6 @@ mod tests {
             e.to_string(),
             "part 3: storage refused the presigned URL: status 400: InvalidRequest: Date is too old"
         );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn rate_limiter_spreads_bytes_over_time() {
-        let l = RateLimiter::new(1000);
-        let start = Instant::now();
-        l.acquire(1000).await; // the initial burst
-        assert!(start.elapsed() < Duration::from_millis(10));
-        l.acquire(500).await;
-        assert!(start.elapsed() >= Duration::from_millis(499));
-        l.acquire(1000).await;
-        assert!(start.elapsed() >= Duration::from_millis(1499));
-        assert!(start.elapsed() < Duration::from_millis(1600));
     }
 
     fn part(size: u64, md5: &str) -> PartRecord {

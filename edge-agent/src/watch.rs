@@ -40,25 +40,6 @@ use crate::hasher::FileIdentity;
 use crate::policy;
 use crate::store::{self, NewJob, Store, StoreError};
 
-/// The table of files the watches queued; created with the rest of the schema.
-pub const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS watched_files (
-    path         TEXT NOT NULL,
-    size         INTEGER NOT NULL,
-    mtime_ns     INTEGER NOT NULL,
-    inode        INTEGER NOT NULL,
-    job_id       TEXT NOT NULL UNIQUE,
-    dataset      TEXT NOT NULL,
-    after_upload TEXT NOT NULL,
-    queued_at    INTEGER NOT NULL,
-    -- after_upload = 'delete' only: what became of the file once the job ended.
-    outcome      TEXT,
-    finished_at  INTEGER,
-    PRIMARY KEY (path, size, mtime_ns, inode)
-);
-CREATE INDEX IF NOT EXISTS watched_files_pending ON watched_files(after_upload, outcome);
-"#;
-
 /// Deeper directories are not scanned (symlinks are never followed, so this only guards
 /// against pathological trees).
 const MAX_DEPTH: usize = 64;
