@@ -43,8 +43,10 @@ async fn check_manifest(st: &AppState, s: &Session, m: &FileManifest) -> Result<
     if m.size != s.size as u64 {
         wrong.push("size");
     }
-    if m.sha256 != s.claimed_sha256 {
-        wrong.push("sha256");
+    match &s.claimed_sha256 {
+        Some(claimed) if *claimed != m.sha256 => wrong.push("sha256"),
+        None if !crate::sessions::valid_sha256(&m.sha256) => wrong.push("sha256"),
+        _ => {}
     }
     if m.part_count != s.part_count as u32 {
         wrong.push("part_count");
@@ -74,6 +76,12 @@ pub async fn complete(
     signed: Option<SignedRequest>,
 ) -> Result<SessionInfo, ApiError> {
     let session_id = session.session_id;
+    if session.claimed_sha256.is_none() && req.manifest.is_none() {
+        return Err(ApiError::Unprocessable(
+            "manifest_required",
+            "the session was created without the file's sha256: session.complete must carry the manifest with it".into(),
+        ));
+    }
     if let Some(m) = &req.manifest {
         if !session.state().is_terminal() || session.state() == SessionState::Completed {
             check_manifest(st, &session, m).await?;
@@ -250,7 +258,7 @@ async fn record_completion(
         transition_in(&mut tx, session, Event::Completed, actor, None).await?;
     }
     let done: Session = sqlx::query_as(
-        "UPDATE sessions SET sha256 = claimed_sha256, etag = $2, bytes_done = size, rate_bps = 0, completed_at = now(),
+        "UPDATE sessions SET claimed_sha256 = COALESCE(claimed_sha256, $5), sha256 = COALESCE(claimed_sha256, $5), etag = $2, bytes_done = size, rate_bps = 0, completed_at = now(),
                              validation = $3, validator = $4, digest_check = 'pending'
          WHERE session_id = $1 RETURNING *",
     )
@@ -258,6 +266,7 @@ async fn record_completion(
     .bind(verify::bare_etag(etag))
     .bind(validator.as_ref().map(|_| "pending"))
     .bind(&validator)
+    .bind(req.manifest.as_ref().map(|m| &m.sha256))
     .fetch_one(&mut *tx)
     .await?;
     if let (Some(manifest), Some(signed)) = (&req.manifest, signed) {

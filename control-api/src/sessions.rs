@@ -78,7 +78,7 @@ pub async fn effective_policy(
     Ok(parse(d).over(&parse(p)).over(&st.config.default_policy()))
 }
 
-fn valid_sha256(hex: &str) -> bool {
+pub(crate) fn valid_sha256(hex: &str) -> bool {
     hex.len() == 64
         && hex
             .bytes()
@@ -145,7 +145,7 @@ pub async fn create(
             ));
         }
     }
-    if !valid_sha256(&req.sha256) {
+    if req.sha256.as_deref().is_some_and(|h| !valid_sha256(h)) {
         return Err(ApiError::Unprocessable(
             "invalid_sha256",
             "sha256 must be 64 lower-case hex digits".into(),
@@ -183,7 +183,7 @@ pub async fn create(
     .await?;
     if let Some(s) = existing {
         if s.size as u64 != req.size
-            || s.claimed_sha256 != req.sha256
+            || matches!((&s.claimed_sha256, &req.sha256), (Some(a), Some(b)) if a != b)
             || s.part_size as u64 != req.part_size
             || s.dataset != dataset
         {
@@ -211,7 +211,11 @@ pub async fn create(
             ));
         }
     }
-    if let Some(original) = stored_copy(st, project, dataset, &req).await? {
+    let original = match &req.sha256 {
+        Some(sha256) => stored_copy(st, project, dataset, &req, sha256).await?,
+        None => None,
+    };
+    if let Some(original) = original {
         return deduplicate(st, owner, dataset, actor, &req, &plan, original).await;
     }
     let session_id = Uuid::new_v4();
@@ -445,6 +449,7 @@ async fn stored_copy(
     project: &str,
     dataset: &str,
     req: &CreateSession,
+    sha256: &str,
 ) -> Result<Option<Session>, ApiError> {
     let found: Option<Session> = sqlx::query_as(
         "SELECT * FROM sessions WHERE project_id = $1 AND dataset = $2 AND stored_sha256 = $3 AND size = $4
@@ -453,7 +458,7 @@ async fn stored_copy(
     )
     .bind(project)
     .bind(dataset)
-    .bind(&req.sha256)
+    .bind(sha256)
     .bind(req.size as i64)
     .fetch_optional(&st.store.pool)
     .await?;

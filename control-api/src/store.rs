@@ -56,7 +56,8 @@ pub struct Session {
     pub part_size: i64,
     pub part_count: i32,
     #[serde(skip)]
-    pub claimed_sha256: String,
+    /// NULL until completion when the device hashes while uploading.
+    pub claimed_sha256: Option<String>,
     #[serde(skip)]
     pub upload_id: Option<String>,
     #[schema(value_type = uplink_protocol::ops::SessionState)]

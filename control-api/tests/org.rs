@@ -628,3 +628,86 @@ async fn completion_keeps_the_device_signed_manifest() {
         "{p}"
     );
 }
+
+/// A device that hashes while its parts upload opens the session without the file's
+/// SHA-256: nothing is deduplicated at create, completion needs the manifest (which names
+/// the SHA-256), and the digest worker checks the stored bytes against it.
+#[tokio::test]
+async fn sha256_can_come_with_the_manifest_instead_of_at_create() {
+    let app = TestApp::spawn().await;
+    let key = app.register("dev-s").await;
+    let data = file(5 * MIB + 3, 9);
+    // The same bytes stored and verified first: a create with the SHA-256 would dedupe.
+    let first = upload(&app, &key, "dev-s", None, "a.bin", &data).await;
+    check_digests(&app).await;
+
+    let mut body = create_in(Uuid::new_v4(), &data, None, "b.bin");
+    body.as_object_mut().expect("object").remove("sha256");
+    let (status, created) = app
+        .device(&key, "dev-s", "session.create", &rid(), &body)
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(
+        created["state"], "created",
+        "no dedupe without a SHA-256: {created}"
+    );
+    let sid = created["session_id"].as_str().expect("id").to_string();
+    let md5s = put_parts(&app, &key, "dev-s", &sid, &data).await;
+
+    // Without the manifest the API does not know what it is completing.
+    let (status, refused) = app
+        .device(
+            &key,
+            "dev-s",
+            "session.complete",
+            &rid(),
+            &json!({"session_id": sid}),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(refused["code"], "manifest_required", "{refused}");
+
+    let digest = uplink_protocol::ops::parts_digest(
+        md5s.iter()
+            .enumerate()
+            .map(|(i, m)| ((i + 1) as u32, m.as_str())),
+    );
+    let manifest = |sha256: String| {
+        json!({"session_id": sid, "manifest": {"device_id": "dev-s", "session_id": sid,
+            "path": "/data/b.bin", "size": data.len(), "sha256": sha256,
+            "part_count": md5s.len(), "parts_digest": digest}})
+    };
+    let (status, bad) = app
+        .device(
+            &key,
+            "dev-s",
+            "session.complete",
+            &rid(),
+            &manifest("XYZ".into()),
+        )
+        .await;
+    assert_eq!(
+        (status, &bad["code"]),
+        (422, &json!("manifest_mismatch")),
+        "{bad}"
+    );
+
+    let (status, done) = app
+        .device(
+            &key,
+            "dev-s",
+            "session.complete",
+            &rid(),
+            &manifest(sha256_hex(&data)),
+        )
+        .await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["state"], "completed");
+    assert_eq!(done["sha256"], sha256_hex(&data));
+    assert_ne!(done["object_key"], first["object_key"]);
+    check_digests(&app).await;
+    let (_, view) = app
+        .operator(Method::GET, &format!("/v1/sessions/{sid}"), None)
+        .await;
+    assert_eq!(view["digest_check"], "verified", "{view}");
+}

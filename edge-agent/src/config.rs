@@ -30,6 +30,11 @@ pub struct Config {
     pub concurrency: usize,
     #[serde(default = "default_part_size_mib")]
     pub part_size_mib: u64,
+    /// Files up to this size (MiB) are hashed whole before their session, so storage's
+    /// verified copy of the same content can answer without a byte sent (deduplication);
+    /// larger files are hashed while their parts upload, at no wait. 0 = never first.
+    #[serde(default = "default_hash_first_max_mib")]
+    pub hash_first_max_mib: u64,
     /// An unanswered request is re-sent (same request_id) after this many seconds.
     #[serde(default = "default_request_timeout_secs")]
     pub request_timeout_secs: u64,
@@ -134,6 +139,9 @@ fn default_concurrency() -> usize {
 }
 fn default_part_size_mib() -> u64 {
     8
+}
+fn default_hash_first_max_mib() -> u64 {
+    64
 }
 fn default_request_timeout_secs() -> u64 {
     10
@@ -368,6 +376,7 @@ mod tests {
             allowed_roots: vec![root],
             concurrency: 4,
             part_size_mib: 8,
+            hash_first_max_mib: 64,
             request_timeout_secs: 10,
             max_upload_bytes_per_sec: 0,
             per_job_concurrency: None,

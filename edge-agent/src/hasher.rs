@@ -1,5 +1,6 @@
 //! The hash pass: one read of the file gives each part's MD5 (base64, as `Content-MD5`)
-//! and the whole file's SHA-256 (hex). Blocking: call it from `spawn_blocking`.
+//! and the whole file's SHA-256 (hex), either before the upload ([`hash_file`]) or part by
+//! part while the parts upload ([`hash_parts`]). Blocking: call it from `spawn_blocking`.
 
 use std::fs::File;
 use std::io::Read;
@@ -79,17 +80,46 @@ pub fn hash_file(
     part_size_hint: u64,
     cancel: &CancellationToken,
 ) -> Result<FileHash, HashError> {
-    let io = |source| HashError::Io {
+    let identity = FileIdentity::read(path).map_err(|source| io_error(path, source))?;
+    let plan = plan::plan(identity.size, part_size_hint)?;
+    let mut parts = Vec::with_capacity(plan.part_count as usize);
+    let sha256 = hash_parts(path, identity, plan, cancel, |p| {
+        parts.push(p);
+        Ok(())
+    })?;
+    Ok(FileHash {
+        identity,
+        plan,
+        sha256,
+        parts,
+    })
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> HashError {
+    HashError::Io {
         path: path.display().to_string(),
         source,
-    };
-    let mut file = File::open(path).map_err(io)?;
-    let identity = FileIdentity::of(&file.metadata().map_err(io)?);
-    let plan = plan::plan(identity.size, part_size_hint)?;
+    }
+}
 
+/// Reads `path` once, in order: hands each part's MD5 to `on_part` as soon as the part is
+/// read (so its upload can start while the rest is hashed) and returns the whole file's
+/// SHA-256. The file must still be `identity` at the start and at the end; an error from
+/// `on_part` stops the pass.
+pub fn hash_parts(
+    path: &Path,
+    identity: FileIdentity,
+    plan: PartPlan,
+    cancel: &CancellationToken,
+    mut on_part: impl FnMut(PartHash) -> Result<(), HashError>,
+) -> Result<String, HashError> {
+    let io = |source| io_error(path, source);
+    let mut file = File::open(path).map_err(io)?;
+    if FileIdentity::of(&file.metadata().map_err(io)?) != identity {
+        return Err(HashError::Changed);
+    }
     let mut buf = vec![0u8; BUFFER_BYTES];
     let mut sha = Sha256::new();
-    let mut parts = Vec::with_capacity(plan.part_count as usize);
     for number in 1..=plan.part_count {
         let Some((offset, size)) = plan.part(number) else {
             break;
@@ -109,12 +139,12 @@ pub fn hash_file(
             sha.update(&buf[..n]);
             left -= n as u64;
         }
-        parts.push(PartHash {
+        on_part(PartHash {
             number,
             offset,
             size,
             md5: B64.encode(md5.finalize()),
-        });
+        })?;
     }
     // Longer than when we started, or touched meanwhile?
     let mut probe = [0u8; 1];
@@ -124,12 +154,7 @@ pub fn hash_file(
     if FileIdentity::of(&file.metadata().map_err(io)?) != identity {
         return Err(HashError::Changed);
     }
-    Ok(FileHash {
-        identity,
-        plan,
-        sha256: hex::encode(sha.finalize()),
-        parts,
-    })
+    Ok(hex::encode(sha.finalize()))
 }
 
 /// Hex of a base64 MD5 (what S3 returns as the ETag of a part).
@@ -208,6 +233,39 @@ mod tests {
         assert_eq!(h.parts[2].size, 2 * MIB + 12_345);
         let id = FileIdentity::read(f.path()).unwrap();
         assert_eq!(id, h.identity);
+    }
+
+    #[test]
+    fn parts_come_one_by_one_and_agree_with_the_whole_pass() {
+        let data: Vec<u8> = (0..11 * MIB as usize + 7)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let f = write(&data);
+        let none = CancellationToken::new();
+        let whole = hash_file(f.path(), 0, &none).unwrap();
+        let mut seen = Vec::new();
+        let sha = hash_parts(f.path(), whole.identity, whole.plan, &none, |p| {
+            seen.push(p);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(sha, whole.sha256);
+        assert_eq!(seen, whole.parts);
+        // The consumer can stop the pass.
+        let mut calls = 0;
+        let stopped = hash_parts(f.path(), whole.identity, whole.plan, &none, |_| {
+            calls += 1;
+            Err(HashError::Cancelled)
+        });
+        assert!(matches!(stopped, Err(HashError::Cancelled)));
+        assert_eq!(calls, 1);
+        // A file that is no longer the one planned is refused before it is read.
+        let mut other = whole.identity;
+        other.mtime_ns += 1;
+        assert!(matches!(
+            hash_parts(f.path(), other, whole.plan, &none, |_| Ok(())),
+            Err(HashError::Changed)
+        ));
     }
 
     #[test]

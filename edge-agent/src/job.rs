@@ -55,18 +55,20 @@ pub fn transition(from: JobState, to: JobState) -> Result<JobState, TransitionEr
 pub enum NextStep {
     /// Nothing to do: the job is terminal.
     Nothing,
-    /// The file has not been hashed (or hashing was interrupted).
+    /// The file has not been planned (stat and part plan) or, below the agent's
+    /// `hash_first_max_mib`, hashed: hash or plan it.
     Hash,
-    /// Hashed, but no session yet: `session.create` (with the stored request id).
+    /// Planned, but no session yet: `session.create` (with the stored request id). The
+    /// parts of a planned file that was not hashed first are hashed while they upload.
     CreateSession,
     /// A session exists: ask `session.status` and reconcile, then upload and complete.
     Reconcile,
 }
 
-pub fn next_step(state: JobState, hashed: bool, has_session: bool) -> NextStep {
+pub fn next_step(state: JobState, planned: bool, has_session: bool) -> NextStep {
     if state.is_terminal() {
         NextStep::Nothing
-    } else if !hashed {
+    } else if !planned {
         NextStep::Hash
     } else if !has_session {
         NextStep::CreateSession

@@ -33,6 +33,7 @@ pub mod flow;
 pub mod hasher;
 pub mod job;
 pub mod metrics;
+pub mod pass;
 pub mod policy;
 pub mod rate;
 pub mod rpc;

@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Chunk size of part bodies (no whole-part buffering).
-pub const CHUNK_BYTES: usize = 64 * 1024;
+/// Chunk size of part bodies (no whole-part buffering). Each chunk is one read in tokio's
+/// blocking pool, so smaller chunks cost CPU: 256 KiB keeps that small while a PUT holds
+/// at most one chunk in memory.
+pub const CHUNK_BYTES: usize = 256 * 1024;
 
 /// A token bucket shared by every PUT: `rate` bytes per second, bursts up to one second.
 /// The rate can change at run time (`config` command); 0 = unlimited.

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 use uplink_protocol::command::AckState;
 use uplink_protocol::ops::StoredPart;
+use uplink_protocol::plan::PartPlan;
 use uplink_protocol::telemetry::JobState;
 use uuid::Uuid;
 
@@ -173,8 +174,14 @@ pub struct JobRecord {
 }
 
 impl JobRecord {
+    /// Identity and part plan stored: the session can be created.
+    pub fn planned(&self) -> bool {
+        self.identity.is_some() && self.part_size.is_some()
+    }
+
+    /// The whole file's SHA-256 is known too.
     pub fn hashed(&self) -> bool {
-        self.sha256.is_some() && self.identity.is_some() && self.part_size.is_some()
+        self.sha256.is_some() && self.planned()
     }
 }
 
@@ -183,9 +190,17 @@ pub struct PartRecord {
     pub number: u32,
     pub offset: u64,
     pub size: u64,
+    /// Base64 MD5; empty until the part is hashed (parts of a file hashed while it
+    /// uploads).
     pub md5: String,
     pub etag: Option<String>,
     pub done: bool,
+}
+
+impl PartRecord {
+    pub fn hashed(&self) -> bool {
+        !self.md5.is_empty()
+    }
 }
 
 /// Opens (creating when needed) the database in `state_dir`.
@@ -644,6 +659,49 @@ pub fn store_hash(
     hash: &FileHash,
     now: i64,
 ) -> Result<(), StoreError> {
+    let parts: Vec<_> = hash
+        .parts
+        .iter()
+        .map(|p| (p.number, p.offset, p.size, p.md5.as_str()))
+        .collect();
+    store_parts(
+        conn,
+        id,
+        hash.identity,
+        &hash.plan,
+        Some(&hash.sha256),
+        &parts,
+        now,
+    )
+}
+
+/// Stores the file's identity and part plan, its parts not hashed yet (they are hashed while
+/// they upload), and moves the job `hashing → open`.
+pub fn store_plan(
+    conn: &mut Connection,
+    id: Uuid,
+    identity: FileIdentity,
+    plan: &PartPlan,
+    now: i64,
+) -> Result<(), StoreError> {
+    let parts: Vec<_> = (1..=plan.part_count)
+        .filter_map(|n| plan.part(n).map(|(offset, size)| (n, offset, size, "")))
+        .collect();
+    store_parts(conn, id, identity, plan, None, &parts, now)
+}
+
+/// (number, offset, size, base64 MD5 or "" when not hashed yet).
+type NewPart<'a> = (u32, u64, u64, &'a str);
+
+fn store_parts(
+    conn: &mut Connection,
+    id: Uuid,
+    identity: FileIdentity,
+    plan: &PartPlan,
+    sha256: Option<&str>,
+    parts: &[NewPart<'_>],
+    now: i64,
+) -> Result<(), StoreError> {
     let tx = conn.transaction()?;
     tx.execute(
         "DELETE FROM parts WHERE job_id = ?1",
@@ -654,13 +712,13 @@ pub fn store_hash(
             "INSERT INTO parts (job_id, number, part_offset, size, md5, etag, done)
              VALUES (?1, ?2, ?3, ?4, ?5, NULL, 0)",
         )?;
-        for p in &hash.parts {
+        for (number, offset, size, md5) in parts {
             stmt.execute(params![
                 id.to_string(),
-                p.number,
-                p.offset as i64,
-                p.size as i64,
-                p.md5
+                number,
+                *offset as i64,
+                *size as i64,
+                md5
             ])?;
         }
     }
@@ -670,16 +728,50 @@ pub fn store_hash(
          WHERE id = ?1",
         params![
             id.to_string(),
-            hash.identity.size as i64,
-            hash.identity.mtime_ns,
-            hash.identity.inode as i64,
-            hash.plan.part_size as i64,
-            hash.sha256,
+            identity.size as i64,
+            identity.mtime_ns,
+            identity.inode as i64,
+            plan.part_size as i64,
+            sha256,
             now
         ],
     )?;
     transition_tx(&tx, id, JobState::Open, None, now)?;
     tx.commit()?;
+    Ok(())
+}
+
+/// Records a part's MD5 from the hash pass that runs while the parts upload. A part hashed
+/// before (by an earlier, interrupted pass) must hash the same, or the file changed:
+/// returns whether the part was newly hashed, or `None` on a different MD5.
+pub fn hash_part(
+    conn: &Connection,
+    job_id: Uuid,
+    number: u32,
+    md5: &str,
+) -> Result<Option<bool>, StoreError> {
+    let before: String = conn.query_row(
+        "SELECT md5 FROM parts WHERE job_id = ?1 AND number = ?2",
+        params![job_id.to_string(), number],
+        |row| row.get(0),
+    )?;
+    if before.is_empty() {
+        conn.execute(
+            "UPDATE parts SET md5 = ?3 WHERE job_id = ?1 AND number = ?2",
+            params![job_id.to_string(), number, md5],
+        )?;
+        Ok(Some(true))
+    } else {
+        Ok((before == md5).then_some(false))
+    }
+}
+
+/// Records the whole file's SHA-256 once the hash pass that ran with the upload ends.
+pub fn set_sha256(conn: &Connection, id: Uuid, sha256: &str, now: i64) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE jobs SET sha256 = ?2, updated_at = ?3 WHERE id = ?1",
+        params![id.to_string(), sha256, now],
+    )?;
     Ok(())
 }
 
@@ -1024,6 +1116,42 @@ mod tests {
         assert!(live_jobs(&conn).unwrap().is_empty());
         // Terminal states never change.
         assert!(set_job_state(&mut conn, id, JobState::Failed, 107).is_err());
+    }
+
+    #[test]
+    fn a_planned_job_is_hashed_part_by_part() {
+        let (_d, mut c) = db();
+        let id = Uuid::new_v4();
+        accept_upload(&mut c, &new_job(id), 1).unwrap();
+        set_job_state(&mut c, id, JobState::Hashing, 2).unwrap();
+        let h = hash();
+        store_plan(&mut c, id, h.identity, &h.plan, 3).unwrap();
+        let j = require_job(&c, id).unwrap();
+        assert_eq!(j.state, JobState::Open);
+        assert!(j.planned() && !j.hashed());
+        let ps = parts(&c, id).unwrap();
+        assert_eq!(ps.len(), h.parts.len());
+        assert!(ps.iter().all(|p| !p.hashed() && !p.done));
+        assert_eq!(
+            ps.iter()
+                .map(|p| (p.number, p.offset, p.size))
+                .collect::<Vec<_>>(),
+            h.parts
+                .iter()
+                .map(|p| (p.number, p.offset, p.size))
+                .collect::<Vec<_>>()
+        );
+        let md5 = &h.parts[0].md5;
+        assert_eq!(hash_part(&c, id, 1, md5).unwrap(), Some(true));
+        // Hashed again by a later pass: the same MD5 is no news, another one a changed file.
+        assert_eq!(hash_part(&c, id, 1, md5).unwrap(), Some(false));
+        assert_eq!(
+            hash_part(&c, id, 1, "AAAAAAAAAAAAAAAAAAAAAA==").unwrap(),
+            None
+        );
+        assert_eq!(&parts(&c, id).unwrap()[0].md5, md5);
+        set_sha256(&c, id, &h.sha256, 4).unwrap();
+        assert!(require_job(&c, id).unwrap().hashed());
     }
 
     #[test]

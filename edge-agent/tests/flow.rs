@@ -422,6 +422,7 @@ fn config(dir: &Path, port: u16, device_key: &PrivateKey, cmd_key: &PrivateKey) 
         allowed_roots: vec![dir.join("data")],
         concurrency: 2,
         part_size_mib: 5,
+        hash_first_max_mib: 64,
         request_timeout_secs: 2,
         max_upload_bytes_per_sec: 0,
         per_job_concurrency: None,

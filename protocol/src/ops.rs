@@ -69,8 +69,12 @@ pub struct CreateSession {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset: Option<String>,
     pub size: u64,
-    /// Hex SHA-256 of the whole file.
-    pub sha256: String,
+    /// Hex SHA-256 of the whole file, when the device hashed it before creating the
+    /// session: then the API can answer with a stored copy (deduplication). Absent when the
+    /// device hashes while its parts upload; the whole file's SHA-256 then arrives in the
+    /// `session.complete` manifest, which is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
     /// Part size the agent hashed with; must pass [`crate::plan::validate`].
     pub part_size: u64,
 }
@@ -328,7 +332,7 @@ mod tests {
             file_name: "run-042.mcap".into(),
             dataset: Some("field-tests".into()),
             size: 42,
-            sha256: "ab".repeat(32),
+            sha256: Some("ab".repeat(32)),
             part_size: 8 << 20,
         });
         round_trip(CreateSession {
@@ -337,7 +341,8 @@ mod tests {
             file_name: "run-042.mcap".into(),
             dataset: None,
             size: 42,
-            sha256: "ab".repeat(32),
+            // Hashed while uploading: the SHA-256 comes with the manifest.
+            sha256: None,
             part_size: 8 << 20,
         });
         round_trip(PresignParts {

@@ -71,6 +71,9 @@ pub enum Service {
 pub struct AgentOptions {
     pub concurrency: u32,
     pub part_size_mib: u64,
+    /// The agent's `hash_first_max_mib`: 0 (the default here) hashes every file while its
+    /// parts upload; files up to it are hashed first (needed for deduplication).
+    pub hash_first_max_mib: u64,
     pub request_timeout_secs: u64,
     /// Extra top-level TOML lines (before the `[mqtt]` table).
     pub extra_toml: String,
@@ -90,6 +93,7 @@ impl Default for AgentOptions {
         AgentOptions {
             concurrency: 2,
             part_size_mib: 5,
+            hash_first_max_mib: 0,
             request_timeout_secs: 5,
             extra_toml: String::new(),
             env: Vec::new(),
@@ -636,6 +640,7 @@ impl Stack {
                  allowed_roots = [{root}]\n\
                  concurrency = {conc}\n\
                  part_size_mib = {part}\n\
+                 hash_first_max_mib = {hash_first}\n\
                  request_timeout_secs = {rto}\n\
                  {extra}\n\
                  \n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\n{mqtt_login}",
@@ -646,6 +651,7 @@ impl Stack {
                 root = toml_str(path_str(&dev.root)),
                 conc = opts.concurrency,
                 part = opts.part_size_mib,
+                hash_first = opts.hash_first_max_mib,
                 rto = opts.request_timeout_secs,
                 extra = opts.extra_toml,
                 port = self.mqtt_proxy.as_ref().map_or(self.mqtt_port, |p| p.port),

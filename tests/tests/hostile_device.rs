@@ -37,6 +37,8 @@ fn stack_options(mosquitto: bool) -> StackOptions {
 fn agent() -> AgentOptions {
     AgentOptions {
         part_size_mib: 5,
+        // Hashed before the session, so a stored copy can answer (deduplication).
+        hash_first_max_mib: 64,
         ..AgentOptions::default()
     }
 }

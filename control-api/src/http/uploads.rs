@@ -97,7 +97,7 @@ pub async fn create_upload(
         file_name: req.file_name,
         dataset: req.dataset,
         size: req.size,
-        sha256: req.sha256,
+        sha256: Some(req.sha256),
         part_size: req.part_size,
     };
     let (status, info) = sessions::create(&st, &owner, &actor, create).await?;

@@ -68,6 +68,8 @@ struct Agent {
     command_key: PublicKey,
     roots: Vec<PathBuf>,
     part_size_hint: u64,
+    /// Files up to this size are hashed whole before their session (`hash_first_max_mib`).
+    hash_first_bytes: u64,
     store: Store,
     link: Arc<Link>,
     uploader: Uploader,
@@ -124,6 +126,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
         command_key: loaded.command_key,
         roots: loaded.roots,
         part_size_hint: cfg.part_size_mib.saturating_mul(MIB),
+        hash_first_bytes: cfg.hash_first_max_mib.saturating_mul(MIB),
         store,
         link: link_parts.link,
         uploader,

@@ -7,25 +7,28 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 use uplink_protocol::command::AckState;
 use uplink_protocol::ops::{
     parts_digest, CompleteSession, CreateSession, FileManifest, Op, SessionInfo, SessionRef,
     SessionState,
 };
-use uplink_protocol::plan::{self};
+use uplink_protocol::plan::{self, PartPlan};
 use uplink_protocol::telemetry::{JobState, Progress};
 use uplink_protocol::topics::Channel;
 use uplink_protocol::unix_now;
 use uuid::Uuid;
 
-use crate::hasher::{self, FileIdentity, HashError};
+use tokio_util::sync::CancellationToken;
+
+use crate::hasher::{self, FileHash, FileIdentity, HashError, PartHash};
 use crate::job::{self, NextStep};
+use crate::pass::{Pass, UploadEnd};
 use crate::policy;
 use crate::rpc::RpcError;
 use crate::store::{self, JobRecord, StoreError, StoredAck};
-use crate::uploader::{Control, Pass, UploadEnd, UploadError};
+use crate::uploader::{Control, UploadError};
 
 use super::Agent;
 
@@ -156,7 +159,7 @@ impl Agent {
                 Err(JobError::Cancelled)
             };
         }
-        match job::next_step(rec.state, rec.hashed(), rec.session_id.is_some()) {
+        match job::next_step(rec.state, rec.planned(), rec.session_id.is_some()) {
             NextStep::Nothing => return Ok(StepEnd::Finished),
             NextStep::Hash => {
                 self.hash(&rec, rx).await?;
@@ -192,9 +195,11 @@ impl Agent {
             let parts = self.store.call(move |c| store::parts(c, id)).await?;
             parts.iter().all(|p| p.done)
         };
-        // Restarted while completing with every part in storage: complete again. Otherwise
-        // (including storage having lost parts) upload what is missing first.
-        if !(rec.state == JobState::Completing && all_done) {
+        // Restarted while completing with every part in storage and the file hashed:
+        // complete again. Otherwise (including storage having lost parts) upload what is
+        // missing first, hashing the file on the way if it was not hashed first.
+        let streaming = !rec.hashed();
+        if !(rec.state == JobState::Completing && all_done) || streaming {
             if rx.borrow().pause {
                 self.to_paused(&rec).await?;
                 return Ok(StepEnd::Paused);
@@ -203,6 +208,13 @@ impl Agent {
             self.progress(&rec, JobState::Uploading, None, 0).await;
             let on_progress = |done: u64, rate: u64| {
                 self.progress_now(&rec, JobState::Uploading, done, rate);
+            };
+            let (hashing, hashed) = match streaming {
+                true => {
+                    let (h, rx) = self.hash_while_uploading(&rec)?;
+                    (Some(h), Some(rx))
+                }
+                false => (None, None),
             };
             let end = Pass {
                 job_id: id,
@@ -217,9 +229,22 @@ impl Agent {
                 control: &mut *rx,
                 shutdown: &self.shutdown,
                 on_progress: &on_progress,
+                hashed,
             }
             .run()
-            .await?;
+            .await;
+            let end = match (end, hashing) {
+                (Ok(UploadEnd::AllDone), Some(h)) => {
+                    self.finish_hashing(&rec, h).await?;
+                    UploadEnd::AllDone
+                }
+                (end, h) => {
+                    if let Some(h) = h {
+                        h.stop().await;
+                    }
+                    end?
+                }
+            };
             if end == UploadEnd::Paused {
                 self.to_paused(&rec).await?;
                 return Ok(StepEnd::Paused);
@@ -244,7 +269,10 @@ impl Agent {
         Ok(())
     }
 
-    /// The hash pass, one job at a time, in the blocking pool; cancel stops it.
+    /// Prepares the job for its session, in the blocking pool (cancel stops it): a file up
+    /// to `hash_first_max_mib` is hashed whole (one job at a time), so its SHA-256 goes
+    /// with `session.create` and storage's copy of the content can answer; a larger one is
+    /// only planned (size, identity, parts) and hashed while its parts upload.
     async fn hash(
         &self,
         rec: &JobRecord,
@@ -257,9 +285,9 @@ impl Agent {
         };
         self.set_state(rec.id, JobState::Hashing).await?;
         self.progress(rec, JobState::Hashing, None, 0).await;
-        info!(job_id = %rec.id, path = %rec.path.display(), "Hashing file");
         let stop = self.shutdown.child_token();
         let (path, roots, hint) = (rec.path.clone(), self.roots.clone(), self.part_size_hint);
+        let hash_first = self.hash_first_bytes;
         let token = stop.clone();
         let mut handle = tokio::task::spawn_blocking(move || {
             // The file may have been swapped since the command was accepted.
@@ -271,10 +299,16 @@ impl Agent {
                     path.display()
                 )));
             }
-            hasher::hash_file(&path, hint, &token).map_err(|e| match e {
-                HashError::Cancelled => JobError::Shutdown,
-                e => JobError::Fatal(e.to_string()),
-            })
+            let identity = FileIdentity::read(&path)
+                .map_err(|e| JobError::Fatal(format!("cannot read {}: {e}", path.display())))?;
+            if identity.size > hash_first {
+                let plan =
+                    plan::plan(identity.size, hint).map_err(|e| JobError::Fatal(e.to_string()))?;
+                return Ok(Prepared::Planned(identity, plan));
+            }
+            hasher::hash_file(&path, hint, &token)
+                .map(Prepared::Hashed)
+                .map_err(hash_error)
         });
         let result = tokio::select! {
             r = &mut handle => r,
@@ -284,11 +318,59 @@ impl Agent {
                 return Err(JobError::Cancelled);
             }
         };
-        let hash = result.map_err(|e| JobError::Transient(e.to_string()))??;
         let (id, now) = (rec.id, unix_now());
-        info!(job_id = %id, size = hash.identity.size, parts = hash.parts.len(), sha256 = %hash.sha256, "File hashed");
+        match result.map_err(|e| JobError::Transient(e.to_string()))?? {
+            Prepared::Hashed(hash) => {
+                info!(job_id = %id, size = hash.identity.size, parts = hash.parts.len(), sha256 = %hash.sha256, "File hashed");
+                self.store
+                    .call(move |c| store::store_hash(c, id, &hash, now))
+                    .await?;
+            }
+            Prepared::Planned(identity, plan) => {
+                info!(job_id = %id, size = identity.size, parts = plan.part_count, "File planned; hashing it while its parts upload");
+                self.store
+                    .call(move |c| store::store_plan(c, id, identity, &plan, now))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the hash pass that runs beside the upload: each part's MD5 comes through the
+    /// returned channel as soon as it is read (the pass takes it from there), the whole
+    /// file's SHA-256 at the end from [`Hashing`].
+    fn hash_while_uploading(
+        &self,
+        rec: &JobRecord,
+    ) -> Result<(Hashing, mpsc::Receiver<PartHash>), JobError> {
+        let (Some(identity), Some(part_size)) = (rec.identity, rec.part_size) else {
+            return Err(JobError::Fatal("job was not planned".into()));
+        };
+        let plan =
+            plan::validate(identity.size, part_size).map_err(|e| JobError::Fatal(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(1);
+        let stop = self.shutdown.child_token();
+        let (path, token) = (rec.path.clone(), stop.clone());
+        let task = tokio::task::spawn_blocking(move || {
+            hasher::hash_parts(&path, identity, plan, &token, |part| {
+                // The pass is gone (paused, cancelled, failed): stop reading.
+                tx.blocking_send(part).map_err(|_| HashError::Cancelled)
+            })
+            .map_err(hash_error)
+        });
+        Ok((Hashing { task, stop }, rx))
+    }
+
+    /// Waits for the SHA-256 of the hash pass that ran with the upload and stores it.
+    async fn finish_hashing(&self, rec: &JobRecord, hashing: Hashing) -> Result<(), JobError> {
+        let sha256 = hashing
+            .task
+            .await
+            .map_err(|e| JobError::Transient(e.to_string()))??;
+        info!(job_id = %rec.id, sha256 = %sha256, "File hashed while uploading");
+        let (id, now) = (rec.id, unix_now());
         self.store
-            .call(move |c| store::store_hash(c, id, &hash, now))
+            .call(move |c| store::set_sha256(c, id, &sha256, now))
             .await?;
         Ok(())
     }
@@ -315,11 +397,11 @@ impl Agent {
     }
 
     async fn create_session(&self, rec: &JobRecord) -> Result<SessionInfo, JobError> {
-        let (Some(identity), Some(part_size), Some(sha256)) =
-            (rec.identity, rec.part_size, rec.sha256.clone())
-        else {
-            return Err(JobError::Fatal("job was not hashed".into()));
+        let (Some(identity), Some(part_size)) = (rec.identity, rec.part_size) else {
+            return Err(JobError::Fatal("job was not planned".into()));
         };
+        // Known when the file was hashed first; otherwise it goes with the manifest.
+        let sha256 = rec.sha256.clone();
         let planned =
             plan::validate(identity.size, part_size).map_err(|e| JobError::Fatal(e.to_string()))?;
         let id = rec.id;
@@ -384,12 +466,16 @@ impl Agent {
     async fn manifest(&self, rec: &JobRecord, session_id: Uuid) -> Result<FileManifest, JobError> {
         let id = rec.id;
         let parts = self.store.call(move |c| store::parts(c, id)).await?;
+        // Hashed while uploading: the SHA-256 was stored after `rec` was read.
+        let Some(sha256) = self.load(id).await?.sha256 else {
+            return Err(JobError::Fatal("job was not hashed".into()));
+        };
         Ok(FileManifest {
             device_id: self.device_id.clone(),
             session_id,
             path: rec.path.display().to_string(),
             size: rec.identity.map(|i| i.size).unwrap_or(0),
-            sha256: rec.sha256.clone().unwrap_or_default(),
+            sha256,
             part_count: parts.len() as u32,
             parts_digest: parts_digest(parts.iter().map(|p| (p.number, p.md5.as_str()))),
         })
@@ -651,6 +737,33 @@ fn session_failure(info: &SessionInfo) -> String {
 async fn wait_for_cancel(rx: &mut watch::Receiver<Control>) {
     if rx.wait_for(|c| c.cancel).await.is_err() {
         std::future::pending::<()>().await;
+    }
+}
+
+/// What preparing a job gave: the whole hash, or only the plan.
+enum Prepared {
+    Hashed(FileHash),
+    Planned(FileIdentity, PartPlan),
+}
+
+/// The hash pass running beside a job's upload.
+struct Hashing {
+    task: tokio::task::JoinHandle<Result<String, JobError>>,
+    stop: CancellationToken,
+}
+
+impl Hashing {
+    /// Stops the pass (the upload paused or failed) and waits for it.
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+fn hash_error(e: HashError) -> JobError {
+    match e {
+        HashError::Cancelled => JobError::Shutdown,
+        e => JobError::Fatal(e.to_string()),
     }
 }
 
