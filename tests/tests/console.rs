@@ -251,7 +251,10 @@ async fn browser_upload_resumes_after_a_reload_and_arrives_intact() {
     b.click("#up-start").await;
     b.wait_text("#up-state", SLOW, |t| t.contains("stored"))
         .await;
+    // Parts still in flight die with the page: their connections are cut (bytes already in
+    // socket buffers would otherwise still reach storage).
     stack.proxy.set_stalled(true);
+    stack.proxy.drop_connections();
     b.client.refresh().await.expect("reload");
     stack.proxy.set_stalled(false);
     stack.proxy.set_rate(None);

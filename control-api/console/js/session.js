@@ -13,14 +13,20 @@ function kv(pairs) {
 export function render(root, ctx, id) {
   let stopped = false;
   let timer = null;
+  // The download link, kept across re-renders (asking for it is itself an audited event).
+  let link = null;
   const body = el('div', {});
   root.append(el('p', {}, el('a', { href: '#/uploads' }, '← Uploads')), body);
 
+  const linkView = () => (link && new Date(link.expires_at) > new Date()
+    ? [el('a', { href: link.url, id: 'download-link', rel: 'noreferrer' }, 'Download the object'),
+      el('span', { class: 'muted' }, ` (link valid until ${when(link.expires_at)})`)]
+    : []);
+
   async function download(out) {
     try {
-      const link = await get(`/v1/sessions/${id}/download`);
-      out.replaceChildren(el('a', { href: link.url, id: 'download-link', rel: 'noreferrer' }, 'Download the object'),
-        el('span', { class: 'muted' }, ` (link valid until ${when(link.expires_at)})`));
+      link = await get(`/v1/sessions/${id}/download`);
+      out.replaceChildren(...linkView());
     } catch (e) { say(`Download link refused: ${e.message}`); }
   }
 
@@ -39,7 +45,7 @@ export function render(root, ctx, id) {
       s.state === 'completed' ? get(`/v1/sessions/${id}/manifest`).catch(() => null) : null,
     ]);
     if (stopped) return;
-    const dl = el('div', { id: 'download' });
+    const dl = el('div', { id: 'download' }, linkView());
     const head = el('section', { class: 'card' },
       el('h1', {}, s.file_name, ' ', pill(s.state)),
       progressBar(s.bytes_done, s.size, `Progress of ${s.file_name}`),
