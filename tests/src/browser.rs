@@ -262,6 +262,16 @@ impl Browser {
         self.client.screenshot().await.expect("screenshot")
     }
 
+    /// With `UPLINK_SCREENSHOTS_DIR` set (scripts/screenshots), saves a PNG of the window
+    /// there as `{name}.png`, for the docs; otherwise does nothing.
+    pub async fn snapshot(&self, name: &str) {
+        if let Ok(dir) = std::env::var("UPLINK_SCREENSHOTS_DIR") {
+            let path = PathBuf::from(dir).join(format!("{name}.png"));
+            std::fs::write(&path, self.screenshot().await)
+                .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        }
+    }
+
     /// Ends the WebDriver session (Chromium exits) before chromedriver is stopped.
     pub async fn close(self) {
         self.client.clone().close().await.ok();

@@ -145,11 +145,18 @@ async fn operator_steers_uploads_and_a_viewer_cannot() {
         |t| t.contains("online"),
     )
     .await;
+    b.snapshot("console-fleet").await;
 
     // An upload command from the page; slowed so that it can be paused and resumed.
     stack.proxy.set_rate(Some(MIB));
     let file = stack.source_file(&dev, "rec/console-1.bin", 12 * MIB).await;
     let s1 = command_from_page(&b, &dev.id, file.path_str(), &[]).await;
+    b.find_within(
+        &format!("tr[data-session='{s1}'][data-state='uploading']"),
+        SLOW,
+    )
+    .await;
+    b.snapshot("console-uploads").await;
     b.click(&format!(
         "tr[data-session='{s1}'] button[data-action=pause]"
     ))
@@ -206,6 +213,7 @@ async fn operator_steers_uploads_and_a_viewer_cannot() {
         .await;
     assert_eq!(b.text("#sha256").await, file.sha256);
     assert_eq!(b.text("#stored-sha256").await, file.sha256);
+    b.snapshot("console-session").await;
     // The download link is a presigned GET of exactly those bytes.
     b.click("#get-download").await;
     let url = b.attr("#download-link", "href").await.expect("href");
@@ -228,6 +236,9 @@ async fn operator_steers_uploads_and_a_viewer_cannot() {
     wait_state(&b, &s2, "aborted").await;
     stack.proxy.set_rate(None);
     assert_eq!(stack.session(&s2).await["state"], "aborted");
+    b.goto_hash("#/projects").await;
+    b.find("section[data-project='default'] .bar").await;
+    b.snapshot("console-projects").await;
     b.close().await;
 }
 
@@ -270,6 +281,7 @@ async fn browser_upload_resumes_after_a_reload_and_arrives_intact() {
     b.click("#up-start").await;
     b.wait_text("#up-state", SLOW, |t| t.contains("Completed"))
         .await;
+    b.snapshot("console-browser-upload").await;
     assert_eq!(b.text("#up-sha256").await, file.sha256);
     let skipped: u64 = b
         .attr("#up-state", "data-skipped")
