@@ -228,7 +228,7 @@ async fn operator_steers_uploads_and_a_viewer_cannot() {
     // Another upload, aborted from the page.
     stack.proxy.set_rate(Some(MIB / 2));
     let other = stack.source_file(&dev, "rec/console-2.bin", 8 * MIB).await;
-    let s2 = command_from_page(&b, &dev.id, other.path_str(), &[s1.clone()]).await;
+    let s2 = command_from_page(&b, &dev.id, other.path_str(), std::slice::from_ref(&s1)).await;
     b.click(&format!(
         "tr[data-session='{s2}'] button[data-action=abort]"
     ))
