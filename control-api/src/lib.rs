@@ -12,6 +12,7 @@
 //! - [`egress`]: which addresses the API's own requests (webhooks) may reach.
 //! - [`events`]: the outbox: the audit log sequenced for `GET /v1/events` and webhooks.
 //! - [`metrics`]: Prometheus counters and gauges (`GET /metrics`).
+//! - [`console`]: the operators' web console (`/console`), static files compiled in.
 //! - [`http`]: routing, the device/operator/bridge endpoints, problem documents.
 //! - [`validate`]: pure per-dataset validators (JSONL, CSV, Parquet) for completed objects.
 //! - [`validation`]: the worker that reads completed objects back and records the verdict.
@@ -22,6 +23,7 @@
 pub mod cleanup;
 pub mod completion;
 pub mod config;
+pub mod console;
 pub mod digest;
 pub mod domain;
 pub mod egress;

@@ -278,6 +278,37 @@ impl Storage {
         Ok(Self::presigned(req))
     }
 
+    /// A GetObject URL for a whole stored object (the console's download link).
+    pub async fn presign_get(
+        &self,
+        obj: &Object<'_>,
+        file_name: &str,
+        ttl: Duration,
+    ) -> Result<Presigned, StorageError> {
+        // Saved under its own name, whatever the key looks like; quotes and control
+        // characters cannot break out of the header value.
+        let safe: String = file_name
+            .chars()
+            .map(|c| {
+                if c == '"' || c == '\\' || c.is_control() || !c.is_ascii() {
+                    '_'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        let req = self
+            .presigner
+            .get_object()
+            .bucket(obj.bucket)
+            .key(obj.key)
+            .response_content_disposition(format!("attachment; filename=\"{safe}\""))
+            .presigned(Self::presign_config(ttl)?)
+            .await
+            .map_err(|e| call_error("presign GetObject", e))?;
+        Ok(Self::presigned(req))
+    }
+
     /// Every part storage holds for an upload (all pages).
     pub async fn list_parts(
         &self,

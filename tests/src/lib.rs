@@ -16,12 +16,14 @@
 //! - [`device`]: acting as a device without the agent: the signed device HTTP API and an
 //!   MQTT client that publishes raw payloads.
 //! - [`files`]: random source files, SHA-256, and downloading objects from S3.
+//! - [`browser`]: headless Chromium driven over WebDriver (chromedriver), for the console.
 //! - [`bench`]: the tools `uplink-bench` compares the agent with (aws-cli, s5cmd, rclone).
 //!
 //! Every test gets its own database, device ids, ports and directories, so tests run in
 //! parallel. When a test panics, the logs of every process it started are printed.
 
 pub mod bench;
+pub mod browser;
 pub mod ctl;
 pub mod db;
 pub mod device;

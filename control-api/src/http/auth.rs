@@ -8,7 +8,9 @@ use axum::http::request::Parts;
 use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::Json;
 use rand::RngCore as _;
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use uplink_protocol::valid_request_id;
 
@@ -171,6 +173,37 @@ pub async fn authenticate(State(st): State<AppState>, mut req: Request, next: Ne
         response.headers_mut().insert("x-request-id", v);
     }
     response
+}
+
+/// `GET /v1/whoami`: who the bearer token is and what it may do.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct WhoAmI {
+    /// As in the audit log: `operator` (bootstrap token) or `key:{key_id}`.
+    pub name: String,
+    pub role: Role,
+    /// The one project the key may see; `null`: every project.
+    pub project_id: Option<String>,
+}
+
+/// The caller's identity, role and project scope (the console hides what it may not do;
+/// the API enforces it anyway).
+#[utoipa::path(
+    get,
+    path = "/v1/whoami",
+    tag = "keys",
+    responses(
+        (status = 200, description = "The caller", body = WhoAmI),
+        (status = 401, response = super::openapi::Unauthorized),
+        (status = 503, response = super::openapi::Unavailable),
+    ),
+    security(("operator" = []))
+)]
+pub async fn whoami(caller: Caller) -> Json<WhoAmI> {
+    Json(WhoAmI {
+        name: caller.principal.name,
+        role: caller.principal.role,
+        project_id: caller.principal.project,
+    })
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod bridge;
 pub mod device;
+pub mod download;
 pub mod error;
 pub mod events;
 pub mod idempotency;
@@ -205,6 +206,8 @@ fn operator_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(uploads::presign_parts))
         .routes(routes!(uploads::session_status))
         .routes(routes!(uploads::complete_upload))
+        .routes(routes!(auth::whoami))
+        .routes(routes!(download::download_link))
 }
 
 /// Bridge routes: bearer `bridge_token` (layer added by [`router`]).
@@ -250,6 +253,7 @@ pub fn router(state: AppState) -> Router {
         .merge(bridge)
         .split_for_parts();
     router
+        .merge(crate::console::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_PAYLOAD_BYTES))
