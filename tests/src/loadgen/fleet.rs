@@ -171,18 +171,7 @@ impl Fleet {
                 self.stats.error("mqtt.subscribe", "request queue full");
             }
         }
-        let online = status(dev, Presence::Online, began_ms);
-        if client
-            .try_publish(
-                topics::topic(&dev.id, Channel::Status),
-                QoS::AtLeastOnce,
-                true,
-                online,
-            )
-            .is_err()
-        {
-            self.stats.error("status", "request queue full");
-        }
+        self.publish_online(dev, client, began_ms);
         if !dev.connected.swap(true, Ordering::SeqCst) {
             let now = self.connected.fetch_add(1, Ordering::SeqCst) + 1;
             self.max_connected.fetch_max(now, Ordering::SeqCst);
@@ -193,18 +182,19 @@ impl Fleet {
     pub fn refresh_status(&self, idx: usize) {
         let dev = &self.devices[idx];
         if let Some(client) = dev.client() {
-            let payload = status(dev, Presence::Online, chrono::Utc::now().timestamp_millis());
-            if client
-                .try_publish(
-                    topics::topic(&dev.id, Channel::Status),
-                    QoS::AtLeastOnce,
-                    true,
-                    payload,
-                )
-                .is_err()
-            {
-                self.stats.error("status", "request queue full");
-            }
+            self.publish_online(dev, &client, chrono::Utc::now().timestamp_millis());
+        }
+    }
+
+    /// The retained, signed `online` status with `ts_ms`.
+    fn publish_online(&self, dev: &SimDevice, client: &AsyncClient, ts_ms: i64) {
+        let payload = status(dev, Presence::Online, ts_ms);
+        let topic = topics::topic(&dev.id, Channel::Status);
+        if client
+            .try_publish(topic, QoS::AtLeastOnce, true, payload)
+            .is_err()
+        {
+            self.stats.error("status", "request queue full");
         }
     }
 

@@ -112,56 +112,42 @@ impl Ledger {
     /// What was lost or duplicated, as seen by the devices and the operator.
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
-        let unanswered = self.requests.values().filter(|r| r.answers == 0).count();
-        if unanswered > 0 {
-            out.push(format!("{unanswered} request id(s) never answered"));
-        }
-        let extra = self
-            .requests
-            .values()
-            .filter(|r| r.answers > r.sends)
-            .count();
-        if extra > 0 {
-            out.push(format!(
-                "{extra} request id(s) answered more often than sent"
-            ));
-        }
-        let unknown_issue = self
-            .commands
-            .values()
-            .filter(|c| c.issued_at.is_none())
-            .count();
-        if unknown_issue > 0 {
-            out.push(format!(
-                "{unknown_issue} command(s) delivered that the operator never issued"
-            ));
-        }
-        let undelivered = self
-            .commands
-            .values()
-            .filter(|c| c.issued_at.is_some() && c.deliveries == 0)
-            .count();
-        if undelivered > 0 {
-            out.push(format!("{undelivered} command(s) never delivered"));
-        }
-        let unacked = self
-            .commands
-            .values()
-            .filter(|c| c.deliveries > 0 && !c.acked)
-            .count();
-        if unacked > 0 {
-            out.push(format!(
-                "{unacked} command(s) delivered but their ack never answered"
-            ));
-        }
-        let unfinished = self
-            .jobs
-            .values()
-            .filter(|j| j.final_state.is_none())
-            .count();
-        if unfinished > 0 {
-            out.push(format!("{unfinished} session flow(s) did not finish"));
-        }
+        let mut note = |n: usize, what: &str| {
+            if n > 0 {
+                out.push(format!("{n} {what}"));
+            }
+        };
+        let requests = || self.requests.values();
+        let commands = || self.commands.values();
+        note(
+            requests().filter(|r| r.answers == 0).count(),
+            "request id(s) never answered",
+        );
+        note(
+            requests().filter(|r| r.answers > r.sends).count(),
+            "request id(s) answered more often than sent",
+        );
+        note(
+            commands().filter(|c| c.issued_at.is_none()).count(),
+            "command(s) delivered that the operator never issued",
+        );
+        note(
+            commands()
+                .filter(|c| c.issued_at.is_some() && c.deliveries == 0)
+                .count(),
+            "command(s) never delivered",
+        );
+        note(
+            commands().filter(|c| c.deliveries > 0 && !c.acked).count(),
+            "command(s) delivered but their ack never answered",
+        );
+        note(
+            self.jobs
+                .values()
+                .filter(|j| j.final_state.is_none())
+                .count(),
+            "session flow(s) did not finish",
+        );
         out
     }
 }

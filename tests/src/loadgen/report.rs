@@ -41,6 +41,8 @@ impl Machine {
 #[derive(Debug, Clone, Serialize)]
 pub struct Devices {
     pub registered: usize,
+    /// Seconds to register them all (`POST /v1/devices`, `--register-concurrency` at once).
+    pub register_secs: f64,
     /// Most MQTT connections open at once (CONNACK received, not yet dropped).
     pub connected_max: usize,
     /// Seconds from the first CONNECT until every device was connected and `online` in
@@ -75,12 +77,14 @@ impl Report {
             self.date, self.devices.registered, self.load_secs, m.cores, m.mem_gib, m.kernel
         );
         println!(
-            "devices: {} connected at most, all online after {:.1} s; online in the API: {} at start, {} at end",
+            "devices: registered in {:.1} s, {} connected at most, all online after {:.1} s; online in the API: {} at start, {} at end",
+            self.devices.register_secs,
             self.devices.connected_max,
             self.devices.all_online_secs,
             self.devices.online_in_api_at_start,
             self.devices.online_in_api_at_end
         );
+        println!("(per s over the load window; device.register and mqtt.connect happen before it)");
         println!(
             "\n{:<18} {:>8} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8}  errors",
             "op", "ok", "per s", "units/s", "p50 ms", "p95 ms", "p99 ms", "max ms"

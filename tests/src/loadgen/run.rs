@@ -56,10 +56,12 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     );
 
     println!("registering {} devices ({prefix}*)", args.devices);
+    let register_started = Instant::now();
     operator
         .register(&fleet.devices, args.register_concurrency, &fleet.stats)
         .await
         .map_err(anyhow::Error::msg)?;
+    let register_secs = register_started.elapsed().as_secs_f64();
 
     println!("connecting at {}/s", args.connect_rate);
     let connect_started = Instant::now();
@@ -226,6 +228,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         load_secs: (load_secs * 10.0).round() / 10.0,
         devices: Devices {
             registered: fleet.devices.len(),
+            register_secs: (register_secs * 10.0).round() / 10.0,
             connected_max,
             all_online_secs: (all_online_secs * 10.0).round() / 10.0,
             online_in_api_at_start: online,
