@@ -89,6 +89,11 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
     )
     .await
     .context("could not connect to database_url (is PostgreSQL running and the URL right?)")?;
+    let locks = store::connect_locks(
+        config.database_url.expose(),
+        config.database_max_connections,
+    )
+    .context("database_url is not a PostgreSQL URL")?;
     store::MIGRATOR
         .run(&pool)
         .await
@@ -98,7 +103,7 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         tracing::warn!(error = %e, bucket = %config.s3.bucket, "Storage bucket not reachable yet");
     }
     Ok(AppState {
-        store: Store { pool },
+        store: Store { pool, locks },
         storage,
         config: Arc::new(config),
         command_key: Arc::new(command_key),

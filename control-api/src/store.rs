@@ -22,6 +22,22 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
         .await
 }
 
+/// Connections of [`Store::locks`] for a work pool of `max_connections`: half of it, so
+/// that every request holding an idempotency lock can still get the (at most two) work
+/// connections it needs at once.
+pub fn lock_pool_size(max_connections: u32) -> u32 {
+    (max_connections / 2).max(1)
+}
+
+/// The pool of idempotency locks ([`Store::locks`]); it opens its connections on demand.
+pub fn connect_locks(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(lock_pool_size(max_connections))
+        .min_connections(0)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect_lazy(url)
+}
+
 #[derive(Debug, Clone, FromRow, Serialize, utoipa::ToSchema)]
 pub struct Device {
     pub device_id: String,
@@ -240,6 +256,11 @@ pub struct SessionFilter<'a> {
 #[derive(Clone)]
 pub struct Store {
     pub pool: PgPool,
+    /// Only for the transactions that hold an idempotency lock (device requests, keyed
+    /// operator calls) while the request runs on [`Store::pool`]. From one pool, requests
+    /// as many as its size would each hold one connection and wait for a second that no
+    /// one frees: every request of the instance stalled for the 5 s acquire timeout.
+    pub locks: PgPool,
 }
 
 impl Store {

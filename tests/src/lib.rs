@@ -18,6 +18,7 @@
 //! - [`files`]: random source files, SHA-256, and downloading objects from S3.
 //! - [`browser`]: headless Chromium driven over WebDriver (chromedriver), for the console.
 //! - [`bench`]: the tools `uplink-bench` compares the agent with (aws-cli, s5cmd, rclone).
+//! - [`loadgen`]: `uplink-loadgen`, many simulated devices against a running fleet.
 //!
 //! Every test gets its own database, device ids, ports and directories, so tests run in
 //! parallel. When a test panics, the logs of every process it started are printed.
@@ -29,6 +30,7 @@ pub mod db;
 pub mod device;
 pub mod env;
 pub mod files;
+pub mod loadgen;
 pub mod process;
 pub mod proxy;
 pub mod stack;

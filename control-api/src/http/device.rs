@@ -358,7 +358,7 @@ async fn idempotent(st: &AppState, req: &Verified) -> Result<(u16, serde_json::V
     let digest = sha256_hex(req.body.as_bytes());
     // The transaction-scoped advisory lock serialises duplicates that arrive together; it is
     // released on commit or when the transaction is dropped.
-    let mut tx = st.store.pool.begin().await?;
+    let mut tx = st.store.locks.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))")
         .bind(&req.device.device_id)
         .bind(&req.request_id)

@@ -76,7 +76,7 @@ async fn replay_or_run(
     let path = parts.uri.path().to_string();
     let digest = sha256_hex(&body);
 
-    let mut tx = st.store.pool.begin().await?;
+    let mut tx = st.store.locks.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('operator'), hashtext($1))")
         .bind(&key)
         .execute(&mut *tx)
