@@ -62,12 +62,19 @@ pub struct HttpAnswer {
     pub signature: Option<String>,
 }
 
-/// One entry of `GET /v1/bridge/commands/due`.
+/// One entry of `POST /v1/bridge/commands/claim` (and `GET /v1/bridge/commands/due`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DueCommand {
     pub command_id: Uuid,
     pub device_id: String,
     pub envelope: CommandEnvelope,
+}
+
+#[derive(Serialize)]
+struct ClaimRequest<'a> {
+    bridge: &'a str,
+    limit: usize,
+    wait_ms: u64,
 }
 
 #[derive(Serialize)]
@@ -223,13 +230,24 @@ impl ApiClient {
         check("presence", res).await.map(drop)
     }
 
-    /// `GET /v1/bridge/commands/due?limit=N`.
-    pub async fn commands_due(&self, limit: usize) -> Result<Vec<DueCommand>, ApiError> {
-        const WHAT: &str = "commands/due";
-        let req = self.bridge_request(
-            reqwest::Method::GET,
-            &format!("/v1/bridge/commands/due?limit={limit}"),
-        );
+    /// `POST /v1/bridge/commands/claim`: at most `limit` due commands, leased to `bridge`;
+    /// when none is due the API holds the call up to `wait` for one.
+    pub async fn claim_commands(
+        &self,
+        bridge: &str,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<Vec<DueCommand>, ApiError> {
+        const WHAT: &str = "commands/claim";
+        let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        let req = self
+            .bridge_request(reqwest::Method::POST, "/v1/bridge/commands/claim")
+            .timeout(wait + REQUEST_TIMEOUT)
+            .json(&ClaimRequest {
+                bridge,
+                limit,
+                wait_ms,
+            });
         let res = self.send(req).await?;
         let res = check(WHAT, res).await?;
         res.json().await.map_err(|e| ApiError::Decode {

@@ -1,7 +1,13 @@
-//! API → device: the command pump. Every `poll_interval_ms`, when a device comes online and
-//! when the bridge (re)connects to the broker, it fetches due commands, publishes each
-//! envelope on the device's `cmd` topic (QoS 1) and marks it published. Anything that fails
-//! is left for the next pass: the API keeps re-offering commands until they are acked.
+//! API → device: the command pump. It long-polls the API for due commands
+//! (`POST /v1/bridge/commands/claim`): the API answers as soon as a command is due (stored,
+//! or its device came online), with the commands leased to this bridge, so that exactly
+//! one bridge publishes each even when several share the broker. Each is published on its
+//! device's `cmd` topic (QoS 1) and marked published, which ends the lease.
+//!
+//! A long-poll that ends empty after `poll_interval_ms` is the periodic sweep: the next one
+//! finds what came due by time (re-sends of unacknowledged commands, the leases of a bridge
+//! that died). Anything that fails is left for a later pass: the API keeps re-offering
+//! commands until they are acked.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +21,10 @@ use uplink_protocol::topics::{self, Channel};
 use crate::api::{ApiClient, DueCommand};
 use crate::metrics::Metrics;
 
-/// Most commands fetched per pass.
+/// Most commands claimed per pass.
 pub const BATCH: usize = 100;
+/// The longest one claim waits (the API refuses longer waits).
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PumpError {
@@ -34,64 +42,73 @@ pub fn publishable(due: &DueCommand) -> bool {
 pub struct Pump {
     pub api: ApiClient,
     pub mqtt: AsyncClient,
+    /// This bridge's name in its claims (its broker client id).
+    pub name: String,
     /// `true` while the bridge holds a broker connection.
     pub connected: watch::Receiver<bool>,
-    /// Wakes the pump before the next tick.
+    /// Ends the wait after a failed pass early.
     pub wake: Arc<Notify>,
+    /// The longest a claim waits for a command: the sweep period.
     pub interval: Duration,
     pub metrics: Arc<Metrics>,
 }
 
 impl Pump {
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let wait = self.interval.min(MAX_WAIT);
         let mut failing = false;
         loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-                () = self.wake.notified() => debug!("Command pump woken"),
-                changed = self.connected.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
+            // Claim only while connected: a claimed command could not be published.
+            if !*self.connected.borrow_and_update() {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    changed = self.connected.changed() => if changed.is_err() { return },
                 }
-            }
-            if !*self.connected.borrow() {
                 continue;
             }
-            // A full batch, all marked, means more may be waiting: go again at once.
-            loop {
-                match self.pass().await {
-                    Ok(n) => {
-                        if failing {
-                            info!("Command pump recovered");
-                            failing = false;
-                        }
-                        if n < BATCH || shutdown.is_cancelled() {
-                            break;
-                        }
+            let started = tokio::time::Instant::now();
+            let passed = tokio::select! {
+                () = shutdown.cancelled() => return,
+                passed = self.pass(wait) => passed,
+            };
+            let pause = match passed {
+                Ok(n) => {
+                    if failing {
+                        info!("Command pump recovered");
+                        failing = false;
                     }
-                    Err(e) => {
-                        // Say it once per outage, not once per tick.
-                        if failing {
-                            debug!(error = %e, "Command pass failed again");
-                        } else {
-                            warn!(error = %e, "Command pass failed; retrying every tick");
-                            failing = true;
-                        }
-                        break;
+                    // Commands, or a full wait: claim again at once. An empty answer
+                    // before the wait (the API is stopping) is not a reason to spin.
+                    if n > 0 || started.elapsed() >= wait {
+                        continue;
                     }
+                    wait.saturating_sub(started.elapsed())
                 }
+                Err(e) => {
+                    // Say it once per outage, not once per pass.
+                    if failing {
+                        debug!(error = %e, "Command pass failed again");
+                    } else {
+                        warn!(error = %e, "Command pass failed; retrying every poll_interval_ms");
+                        failing = true;
+                    }
+                    self.interval
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(pause) => {}
+                () = self.wake.notified() => debug!("Command pump woken"),
+                changed = self.connected.changed() => if changed.is_err() { return },
             }
         }
     }
 
-    /// One pass; returns how many commands were published and marked.
-    async fn pass(&self) -> Result<usize, PumpError> {
-        let due = self.api.commands_due(BATCH).await?;
-        let mut marked = 0;
+    /// One pass: claims (waiting up to `wait` for a command), publishes and marks what it
+    /// got; returns how many commands it claimed.
+    async fn pass(&self, wait: Duration) -> Result<usize, PumpError> {
+        let due = self.api.claim_commands(&self.name, BATCH, wait).await?;
+        let claimed = due.len();
         for cmd in due {
             if !publishable(&cmd) {
                 warn!(command_id = %cmd.command_id, device_id = %cmd.device_id, "Command for an invalid device id; skipped");
@@ -115,7 +132,6 @@ impl Pump {
             self.metrics.command_published();
             match self.api.mark_published(cmd.command_id).await {
                 Ok(()) => {
-                    marked += 1;
                     info!(command_id = %cmd.command_id, device_id = %cmd.device_id, "Command published")
                 }
                 Err(e) => {
@@ -123,7 +139,7 @@ impl Pump {
                 }
             }
         }
-        Ok(marked)
+        Ok(claimed)
     }
 }
 

@@ -23,7 +23,8 @@ pub struct Config {
     pub api_url: String,
     /// Bearer token for the control API's bridge endpoints.
     pub api_token: Secret,
-    /// How often due commands are fetched and published.
+    /// The longest one claim of due commands waits (at most 30 s are used): new commands
+    /// come at once, re-sends and a dead bridge's claims within this.
     #[serde(default = "default_poll_interval_ms")]
     pub poll_interval_ms: u64,
     /// Where to serve `/healthz`, `/readyz` and `/metrics` over HTTP; off when unset.
@@ -81,7 +82,7 @@ fn default_api_url() -> String {
 }
 
 fn default_poll_interval_ms() -> u64 {
-    1000
+    5000
 }
 
 impl Config {

@@ -6,13 +6,13 @@
 //! - [`broker`]: the embedded rumqttd broker and its auth handler (bridge client local,
 //!   devices checked by the control API).
 //! - [`api`]: reqwest client for the control API (device calls, mqtt-auth, presence,
-//!   due commands).
+//!   command claims).
 //! - [`mqtt`]: the bridge's rumqttc client: options, subscriptions, the event loop task and
 //!   per-message dispatch.
 //! - [`forward`]: device → API forwarding of `req`, `cmd/ack` and `progress`; payload
 //!   classification and answer mapping are pure functions.
 //! - [`presence`]: `status` → presence updates, newest per device.
-//! - [`commands`]: the pump that publishes due commands on `cmd`.
+//! - [`commands`]: the pump that claims due commands (a long-poll) and publishes them on `cmd`.
 //! - [`metrics`]: the shared counters and their Prometheus text rendering.
 //! - [`http`]: the optional `http_listen` server: `/healthz`, `/readyz`, `/metrics`.
 //!
@@ -170,6 +170,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Brid
         api,
         metrics,
         mqtt: client,
+        name: b.client_id.clone(),
         connected: connected_rx.clone(),
         wake: wake_pump,
         interval: Duration::from_millis(config.poll_interval_ms),

@@ -208,6 +208,15 @@ async fn bridge_with_embedded_broker() {
         m.published == vec![command.command_id] && m.due.is_empty()
     })
     .await;
+    // Every claim names this bridge (its broker client id), the holder of the lease.
+    let claimants = mock.lock().unwrap().claimants.clone();
+    assert!(!claimants.is_empty());
+    assert!(
+        claimants
+            .iter()
+            .all(|c| *c == BrokerConfig::default().client_id),
+        "{claimants:?}"
+    );
 
     assert_eq!(
         mock.lock().unwrap().bad_bearer,

@@ -2,7 +2,8 @@
 //! orphan multipart uploads that no live session knows (every upload under `s3.key_prefix`
 //! in `s3.bucket`; in the buckets storage policies name, the keys where an upload was being
 //! created, see `upload_intents`), and drops old request answers.
-//! Safe to run on every API instance at once: each step is idempotent.
+//! Safe to run on every API instance at once: one pass runs at a time across instances (an
+//! advisory lock, [`run_exclusive`]), and each step is idempotent besides.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -23,6 +24,9 @@ pub struct Report {
     pub dropped_requests: u64,
 }
 
+/// Advisory lock held by the instance whose cleanup pass runs.
+pub const CLEANUP_LOCK: i64 = 0x7570_6c69_6e6b_0002;
+
 pub async fn run(state: AppState, shutdown: CancellationToken) {
     let every = state.config.cleanup.interval_secs;
     if every == 0 {
@@ -35,12 +39,30 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        match run_once(&state).await {
-            Ok(r) if r != Report::default() => tracing::info!(?r, "Cleanup pass"),
-            Ok(_) => {}
+        match run_exclusive(&state).await {
+            Ok(Some(r)) if r != Report::default() => tracing::info!(?r, "Cleanup pass"),
+            Ok(Some(_)) => {}
+            Ok(None) => tracing::debug!("Another instance is cleaning up; pass skipped"),
             Err(e) => tracing::warn!(error = %e, "Cleanup pass failed; retrying next interval"),
         }
     }
+}
+
+/// [`run_once`], unless another API instance's pass is running (`None`). The lock is a
+/// transaction's: it goes with the transaction, or with the connection of an instance that
+/// died.
+pub async fn run_exclusive(st: &AppState) -> Result<Option<Report>, ApiError> {
+    let mut tx = st.store.pool.begin().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(CLEANUP_LOCK)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !locked {
+        return Ok(None);
+    }
+    let report = run_once(st).await;
+    tx.rollback().await?;
+    report.map(Some)
 }
 
 pub async fn run_once(st: &AppState) -> Result<Report, ApiError> {

@@ -37,6 +37,10 @@ pub struct Config {
     /// An unacknowledged command is re-published after this long.
     #[serde(default = "default_command_resend")]
     pub command_resend_secs: u64,
+    /// A bridge that claimed a command has this long to publish it before another bridge
+    /// may claim it.
+    #[serde(default = "default_command_lease")]
+    pub command_lease_secs: u64,
     pub s3: S3Config,
     #[serde(default)]
     pub cleanup: CleanupConfig,
@@ -169,6 +173,9 @@ fn default_command_ttl() -> u64 {
 fn default_command_resend() -> u64 {
     30
 }
+fn default_command_lease() -> u64 {
+    10
+}
 fn default_region() -> String {
     "us-east-1".into()
 }
@@ -267,6 +274,9 @@ impl Config {
                 "validation.retry_max_secs",
                 "must be at least validation.retry_initial_secs",
             );
+        }
+        if !(1..=600).contains(&self.command_lease_secs) {
+            invalid("command_lease_secs", "must be between 1 and 600");
         }
         if self.replay_window_secs == 0 {
             invalid("replay_window_secs", "must be positive");

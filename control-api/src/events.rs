@@ -11,7 +11,10 @@
 //!   leases a due webhook, POSTs its next events one at a time in `seq` order, signed with
 //!   HMAC-SHA256, and moves the cursor after each 2xx. A failure stops the webhook until
 //!   `next_attempt_at` (1 s, 2 s, 4 s … up to `webhook_max_backoff_secs`); it never skips an
-//!   event. Delivery is at least once: a receiver de-duplicates by `seq`.
+//!   event. The lease covers one POST (`webhook_timeout_secs`) plus [`LEASE_MARGIN`] and is
+//!   renewed with each cursor move, so a webhook whose instance died is taken over that
+//!   soon. Delivery is at least once: a receiver de-duplicates by `seq` (an instance that
+//!   dies between a receiver's 2xx and the cursor move has that event delivered again).
 
 use std::time::Duration;
 
@@ -33,8 +36,8 @@ const RELAY_LOCK: i64 = 0x7570_6c69_6e6b_0001;
 const RELAY_BATCH: i64 = 1000;
 /// Events one webhook lease delivers at most before other webhooks get their turn.
 const DELIVERY_BATCH: i64 = 50;
-/// How long a webhook lease lasts; a delivery pass stops well before.
-const LEASE: Duration = Duration::from_secs(120);
+/// A webhook lease lasts one POST's timeout plus this (renewed after each event).
+pub const LEASE_MARGIN: Duration = Duration::from_secs(10);
 /// How long one delivery pass may take before it lets go of its lease.
 const PASS_LIMIT: Duration = Duration::from_secs(30);
 
@@ -296,6 +299,8 @@ async fn deliver_webhook(
     shutdown: &CancellationToken,
 ) -> Result<(), sqlx::Error> {
     let pool = &st.store.pool;
+    let lease_secs =
+        (Duration::from_secs(st.config.events.webhook_timeout_secs) + LEASE_MARGIN).as_secs_f64();
     let lease: Option<Lease> = sqlx::query_as(
         "UPDATE webhooks SET lease_owner = $2, lease_until = now() + make_interval(secs => $3)
           WHERE webhook_id = $1 AND next_attempt_at <= now()
@@ -304,7 +309,7 @@ async fn deliver_webhook(
     )
     .bind(id)
     .bind(owner)
-    .bind(LEASE.as_secs_f64())
+    .bind(lease_secs)
     .fetch_optional(pool)
     .await?;
     let Some(w) = lease else {
@@ -327,12 +332,14 @@ async fn deliver_webhook(
             Ok(()) => {
                 let still_ours = sqlx::query(
                     "UPDATE webhooks SET cursor = $2, failures = 0, last_error = NULL,
-                            last_delivered_at = now()
+                            last_delivered_at = now(),
+                            lease_until = now() + make_interval(secs => $4)
                       WHERE webhook_id = $1 AND lease_owner = $3",
                 )
                 .bind(w.webhook_id)
                 .bind(event.seq)
                 .bind(owner)
+                .bind(lease_secs)
                 .execute(pool)
                 .await?
                 .rows_affected();

@@ -9,6 +9,7 @@
 //! - [`sessions`]: the session operations the device and operator APIs share.
 //! - [`completion`]: verified, crash-consistent completion of a session.
 //! - [`cleanup`]: the worker that expires idle sessions and aborts orphan uploads.
+//! - [`command_feed`]: commands pushed to the bridges: leased claims, LISTEN/NOTIFY wake-ups.
 //! - [`egress`]: which addresses the API's own requests (webhooks) may reach.
 //! - [`events`]: the outbox: the audit log sequenced for `GET /v1/events` and webhooks.
 //! - [`metrics`]: Prometheus counters and gauges (`GET /metrics`).
@@ -21,6 +22,7 @@
 //! - [`readback`]: what those two share: claims under a lease, backoff, exact-length reads.
 
 pub mod cleanup;
+pub mod command_feed;
 pub mod completion;
 pub mod config;
 pub mod console;
@@ -62,6 +64,8 @@ pub struct AppState {
     pub validation_wake: Arc<tokio::sync::Notify>,
     /// Wakes this instance's digest worker (a completion left a digest to check).
     pub digest_wake: Arc<tokio::sync::Notify>,
+    /// Ends the bridges' command long-polls on this instance when a command is due.
+    pub command_feed: command_feed::Feed,
 }
 
 pub fn load_command_key(path: &std::path::Path) -> anyhow::Result<PrivateKey> {
@@ -111,6 +115,7 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         events: events::Hub::default(),
         validation_wake: Arc::default(),
         digest_wake: Arc::default(),
+        command_feed: command_feed::Feed::default(),
     })
 }
 
@@ -141,12 +146,15 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let cleanup = tokio::spawn(cleanup::run(state.clone(), shutdown.clone()));
     let events = tokio::spawn(events::run(state.clone(), shutdown.clone()));
+    let commands = tokio::spawn(command_feed::run(state.clone(), shutdown.clone()));
     // Long-polls end at once at shutdown instead of holding the drain.
     let hub = state.events.clone();
+    let feed = state.command_feed.clone();
     let closing = shutdown.clone();
     tokio::spawn(async move {
         closing.cancelled().await;
         hub.close();
+        feed.close();
     });
     let validation = tokio::spawn(validation::run(state.clone(), shutdown.clone()));
     let digest = tokio::spawn(digest::run(state.clone(), shutdown.clone()));
@@ -173,6 +181,7 @@ pub async fn serve(
     for (task, handle) in [
         ("cleanup", cleanup),
         ("events", events),
+        ("command feed", commands),
         ("validation", validation),
         ("digest", digest),
     ] {

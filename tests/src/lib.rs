@@ -12,7 +12,10 @@
 //!   bytes the agent sends, slows, cuts, resets, black-holes, stalls or corrupts them; also
 //!   usable between the bridge and the API and between agents and the broker.
 //! - [`stack`]: one test's services: API, bridge, devices and their agents, and the
-//!   operator-API helpers (commands, sessions, waiting for final states).
+//!   operator-API helpers (commands, sessions, waiting for final states); optionally
+//!   several APIs and bridges (`StackOptions::apis`, `bridges`; `stack/instances.rs`).
+//! - [`balancer`]: a round-robin TCP balancer in front of several API instances.
+//! - [`receiver`]: a webhook receiver that records each delivery's event `seq`.
 //! - [`device`]: acting as a device without the agent: the signed device HTTP API and an
 //!   MQTT client that publishes raw payloads.
 //! - [`files`]: random source files, SHA-256, and downloading objects from S3.
@@ -23,6 +26,7 @@
 //! Every test gets its own database, device ids, ports and directories, so tests run in
 //! parallel. When a test panics, the logs of every process it started are printed.
 
+pub mod balancer;
 pub mod bench;
 pub mod browser;
 pub mod ctl;
@@ -33,6 +37,7 @@ pub mod files;
 pub mod loadgen;
 pub mod process;
 pub mod proxy;
+pub mod receiver;
 pub mod stack;
 
 pub use device::{Collected, ConnectFailure, DeviceHttp, MqttDevice, MqttLogin, Reply};

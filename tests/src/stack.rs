@@ -1,5 +1,7 @@
 //! One test's services: the control API, the bridge with its embedded broker, devices and
-//! their agents, all on free ports with their own database and directories.
+//! their agents, all on free ports with their own database and directories. Optionally
+//! several API instances behind a round-robin balancer and several bridges sharing
+//! Mosquitto ([`instances`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -10,12 +12,15 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use uplink_protocol::sign::{self, PrivateKey};
 
+use crate::balancer::Balancer;
 use crate::db::TestDatabase;
 use crate::device::{DeviceHttp, Reply};
 use crate::env::TestEnv;
 use crate::files::{s3_download, sha256_file, SourceFile};
 use crate::process::{log_tail, run_output, Process};
 use crate::proxy::CountingProxy;
+
+mod instances;
 
 /// How to configure the control API.
 #[derive(Debug, Clone)]
@@ -41,6 +46,14 @@ pub struct StackOptions {
     pub api_proxy: bool,
     /// Agents reach the broker through a fault proxy ([`Stack::mqtt_proxy`]).
     pub mqtt_proxy: bool,
+    /// Control API instances (at least one). With more, they share the database and the
+    /// command key, and a round-robin [`Balancer`] in front of them is the stack's
+    /// `api_url` (for the bridges, the operator helpers and `device_http`);
+    /// [`Stack::api_instance_urls`] reach each directly.
+    pub apis: usize,
+    /// Bridge instances (at least one). More need `external_broker` or `mosquitto_acl`:
+    /// they share Mosquitto with shared subscriptions, each with its own client id.
+    pub bridges: usize,
 }
 
 impl Default for StackOptions {
@@ -55,6 +68,8 @@ impl Default for StackOptions {
             service_env: Vec::new(),
             api_proxy: false,
             mqtt_proxy: false,
+            apis: 1,
+            bridges: 1,
         }
     }
 }
@@ -198,6 +213,14 @@ pub struct Stack {
     http: reqwest::Client,
     api: Mutex<Process>,
     bridge: Mutex<Process>,
+    /// Every API instance's own URL, in instance order ([`StackOptions::apis`]).
+    pub api_instance_urls: Vec<String>,
+    /// In front of the API instances when there are several.
+    pub balancer: Option<Balancer>,
+    /// API instances 1.. (instance 0 is `api`).
+    more_apis: Mutex<Vec<Process>>,
+    /// Bridge instances 1.. (instance 0 is `bridge`).
+    more_bridges: Mutex<Vec<Process>>,
     mosquitto: Mutex<Option<Process>>,
     /// Mosquitto's password file ([`StackOptions::mosquitto_acl`]).
     mosquitto_passwd: Option<PathBuf>,
@@ -246,10 +269,32 @@ impl Stack {
         let proxy = CountingProxy::start(&s3_hostport).await;
 
         // --- control API
-        let api_port = free_port();
-        let api_url = format!("http://127.0.0.1:{api_port}");
+        assert!(
+            opts.apis >= 1 && opts.bridges >= 1,
+            "a stack has at least one API and one bridge"
+        );
+        assert!(
+            opts.bridges == 1 || opts.external_broker || opts.mosquitto_acl,
+            "several bridges share an external broker: set external_broker or mosquitto_acl"
+        );
+        let api_ports: Vec<u16> = (0..opts.apis).map(|_| free_port()).collect();
+        let api_port = api_ports[0];
+        let api_instance_urls: Vec<String> = api_ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect();
+        let balancer = if opts.apis > 1 {
+            let backends = api_ports.iter().map(|p| format!("127.0.0.1:{p}"));
+            Some(Balancer::start(backends.collect()).await)
+        } else {
+            None
+        };
+        let api_url = balancer
+            .as_ref()
+            .map_or(api_instance_urls[0].clone(), Balancer::url);
         let api_proxy = if opts.api_proxy {
-            Some(CountingProxy::start(&format!("127.0.0.1:{api_port}")).await)
+            let upstream = api_url.trim_start_matches("http://");
+            Some(CountingProxy::start(upstream).await)
         } else {
             None
         };
@@ -321,6 +366,21 @@ impl Stack {
             api = api.env(k, v);
         }
         api.start();
+        let mut more_apis = Vec::new();
+        for (i, port) in api_ports.iter().enumerate().skip(1) {
+            let mut more = Process::new(
+                "uplink-api",
+                &env.bin("uplink-api"),
+                &["--config", path_str(&api_config), "run"],
+                dir.path().join(format!("api-{i}.log")),
+            )
+            .env("UPLINK_API_LISTEN", &format!("127.0.0.1:{port}"));
+            for (k, v) in &opts.service_env {
+                more = more.env(k, v);
+            }
+            more.start();
+            more_apis.push(more);
+        }
 
         // --- broker and bridge
         let mqtt_port = free_port();
@@ -384,10 +444,15 @@ impl Stack {
             &bridge_config,
             format!(
                 "api_url = {api}\napi_token = {tok}\npoll_interval_ms = 200\n\n\
-                 [broker]\n{broker_toml}client_id = {cid}\n",
+                 [broker]\n{broker_toml}client_id = {cid}\n{shared}",
                 api = toml_str(&api_proxy.as_ref().map_or(api_url.clone(), |p| p.url())),
                 tok = toml_str(&bridge_token),
                 cid = toml_str(&crate::unique("uplink-bridge")),
+                shared = if opts.bridges > 1 {
+                    "shared_subscriptions = true\n"
+                } else {
+                    ""
+                },
             ),
         )
         .expect("write bridge.toml");
@@ -399,6 +464,23 @@ impl Stack {
         );
         for (k, v) in &opts.service_env {
             bridge = bridge.env(k, v);
+        }
+        let mut more_bridges = Vec::new();
+        for i in 1..opts.bridges {
+            let mut more = Process::new(
+                "uplink-bridge",
+                &env.bin("uplink-bridge"),
+                &["--config", path_str(&bridge_config), "run"],
+                dir.path().join(format!("bridge-{i}.log")),
+            )
+            .env(
+                "UPLINK_BRIDGE_BROKER__CLIENT_ID",
+                &crate::unique("uplink-bridge"),
+            );
+            for (k, v) in &opts.service_env {
+                more = more.env(k, v);
+            }
+            more_bridges.push(more);
         }
 
         let stack = Stack {
@@ -420,12 +502,20 @@ impl Stack {
                 .expect("reqwest client"),
             api: Mutex::new(api),
             bridge: Mutex::new(bridge),
+            api_instance_urls,
+            balancer,
+            more_apis: Mutex::new(more_apis),
+            more_bridges: Mutex::new(more_bridges),
             mosquitto: Mutex::new(mosquitto),
             mosquitto_passwd,
             agents: Mutex::new(BTreeMap::new()),
             dir,
         };
-        stack.wait_api_healthy(Duration::from_secs(90)).await;
+        for i in 0..stack.opts.apis {
+            stack
+                .wait_instance_healthy(i, Duration::from_secs(90))
+                .await;
+        }
         let served = stack.get_json("/v1/command-key").await;
         assert_eq!(
             served.body["public_key"].as_str(),
@@ -433,6 +523,9 @@ impl Stack {
             "GET /v1/command-key must serve the command key's public half: {served}"
         );
         lock(&stack.bridge).start();
+        for more in lock(&stack.more_bridges).iter_mut() {
+            more.start();
+        }
         stack
             .wait_tcp("uplink-bridge", mqtt_port, Duration::from_secs(60))
             .await;
@@ -440,14 +533,19 @@ impl Stack {
     }
 
     async fn wait_api_healthy(&self, timeout: Duration) {
+        self.wait_instance_healthy(0, timeout).await;
+    }
+
+    /// Waits until API instance `i` answers `GET /healthz` with 200.
+    async fn wait_instance_healthy(&self, i: usize, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if let Some(status) = lock(&self.api).exited() {
-                panic!("uplink-api exited during start-up ({status})");
+            if let Some(status) = self.with_instance(Service::Api, i, |p| p.exited()) {
+                panic!("uplink-api instance {i} exited during start-up ({status})");
             }
             if let Ok(resp) = self
                 .http
-                .get(format!("{}/healthz", self.api_url))
+                .get(format!("{}/healthz", self.api_instance_urls[i]))
                 .timeout(Duration::from_secs(2))
                 .send()
                 .await
@@ -492,6 +590,16 @@ impl Stack {
         }
         if let Some(status) = lock(&self.mosquitto).as_mut().and_then(|m| m.exited()) {
             panic!("mosquitto exited unexpectedly ({status})");
+        }
+        for (which, more) in [
+            ("uplink-api", &self.more_apis),
+            ("uplink-bridge", &self.more_bridges),
+        ] {
+            for (i, p) in lock(more).iter_mut().enumerate() {
+                if let Some(status) = p.exited() {
+                    panic!("{which} instance {} exited unexpectedly ({status})", i + 1);
+                }
+            }
         }
         for (id, agent) in lock(&self.agents).iter_mut() {
             if let Some(status) = agent.exited() {
@@ -1166,6 +1274,14 @@ impl Stack {
             ("uplink-api".into(), lock(&self.api).log.clone()),
             ("uplink-bridge".into(), lock(&self.bridge).log.clone()),
         ];
+        for (which, more) in [
+            ("uplink-api", &self.more_apis),
+            ("uplink-bridge", &self.more_bridges),
+        ] {
+            for (i, p) in lock(more).iter().enumerate() {
+                logs.push((format!("{which} instance {}", i + 1), p.log.clone()));
+            }
+        }
         if let Some(m) = lock(&self.mosquitto).as_ref() {
             logs.push(("mosquitto".into(), m.log.clone()));
         }
@@ -1194,10 +1310,16 @@ impl Drop for Stack {
             agent.kill();
         }
         lock(&self.bridge).kill();
+        for p in lock(&self.more_bridges).iter_mut() {
+            p.kill();
+        }
         if let Some(m) = lock(&self.mosquitto).as_mut() {
             m.kill();
         }
         lock(&self.api).kill();
+        for p in lock(&self.more_apis).iter_mut() {
+            p.kill();
+        }
         if std::thread::panicking() {
             eprintln!("\n===== test failed: logs of its processes =====");
             self.dump_logs();

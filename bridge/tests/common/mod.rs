@@ -52,7 +52,10 @@ pub struct Mock {
     pub presence: Vec<(String, Status)>,
     pub due: Vec<serde_json::Value>,
     pub published: Vec<Uuid>,
+    /// Claims of due commands (`POST /v1/bridge/commands/claim`) so far.
     pub due_polls: usize,
+    /// The `bridge` each claim named.
+    pub claimants: Vec<String>,
     pub bad_bearer: usize,
 }
 
@@ -160,12 +163,19 @@ pub async fn presence(
     StatusCode::NO_CONTENT
 }
 
-pub async fn due(State(state): State<MockState>, headers: HeaderMap) -> Response {
+/// Answers at once (a long-poll that never waits) with every command not yet published.
+pub async fn claim(
+    State(state): State<MockState>,
+    headers: HeaderMap,
+    Json(body): Json<serde_json::Value>,
+) -> Response {
     if !bearer_ok(&state, &headers) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
     let mut m = state.mock.lock().unwrap();
     m.due_polls += 1;
+    m.claimants
+        .push(body["bridge"].as_str().unwrap_or_default().to_string());
     Json(serde_json::Value::Array(m.due.clone())).into_response()
 }
 
@@ -202,7 +212,7 @@ pub async fn start_stoppable_mock(
         .route("/v1/bridge/mqtt-auth", post(mqtt_auth))
         .route("/v1/device/{op}", post(device_op))
         .route("/v1/bridge/devices/{device}/presence", put(presence))
-        .route("/v1/bridge/commands/due", get(due))
+        .route("/v1/bridge/commands/claim", post(claim))
         .route("/v1/bridge/commands/{id}/published", post(published))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -173,7 +173,9 @@ pub async fn presence(
     .bind(status.clock_offset_secs)
     .execute(&mut *tx)
     .await?;
-    if online {
+    // A new connection (not a status update of the one already known: same `ts_ms`).
+    let connected = online && (!was_online || newest_ts != status.ts_ms);
+    if connected {
         // A device that (re)connects gets its unacknowledged commands again at once.
         sqlx::query("UPDATE commands SET published_at = NULL WHERE device_id = $1 AND state IN ('pending', 'published')")
             .bind(&device_id)
@@ -192,15 +194,11 @@ pub struct DueQuery {
     pub limit: Option<i64>,
 }
 
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct DueCommand {
-    pub command_id: Uuid,
-    pub device_id: String,
-    /// The signed command envelope to publish on the device's command topic.
-    #[schema(value_type = Object)]
-    pub envelope: serde_json::Value,
-}
+pub use crate::command_feed::DueCommand;
 
+/// Lists due commands without claiming them (commands leased to a bridge are left out).
+/// Kept for bridges older than `POST /v1/bridge/commands/claim`: two of those publish the
+/// same commands.
 #[utoipa::path(
     get,
     path = "/v1/bridge/commands/due",
@@ -219,25 +217,96 @@ pub async fn due_commands(
     ApiQuery(q): ApiQuery<DueQuery>,
 ) -> Result<Json<Vec<DueCommand>>, ApiError> {
     expire_commands(&st).await?;
-    let rows: Vec<(Uuid, String, serde_json::Value)> = sqlx::query_as(
+    let rows: Vec<DueCommand> = sqlx::query_as(
         "SELECT c.command_id, c.device_id, c.envelope FROM commands c JOIN devices d USING (device_id)
          WHERE c.state IN ('pending', 'published') AND c.expires_at > now() AND d.online AND d.enabled
            AND (c.published_at IS NULL OR c.published_at < now() - make_interval(secs => $1))
+           AND (c.lease_until IS NULL OR c.lease_until < now())
          ORDER BY c.created_at LIMIT $2",
     )
     .bind(st.config.command_resend_secs as f64)
     .bind(q.limit.unwrap_or(100).clamp(1, 1000))
     .fetch_all(&st.store.pool)
     .await?;
-    Ok(Json(
-        rows.into_iter()
-            .map(|(command_id, device_id, envelope)| DueCommand {
-                command_id,
-                device_id,
-                envelope,
-            })
-            .collect(),
-    ))
+    Ok(Json(rows))
+}
+
+/// The longest a claim may wait for a command.
+pub const MAX_CLAIM_WAIT_MS: u64 = 30_000;
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRequest {
+    /// Who claims: the bridge's name (its broker client id), 1-128 characters. Recorded
+    /// as the command's `claimed_by`.
+    pub bridge: String,
+    /// At most this many commands (1-1000, default 100).
+    pub limit: Option<i64>,
+    /// When none is due, wait this long for one (0-30000 ms, default 0).
+    pub wait_ms: Option<u64>,
+}
+
+/// Claims due commands for the calling bridge, waiting up to `wait_ms` for one. Each
+/// command returned is leased to the caller for `command_lease_secs`: no other bridge gets
+/// it until the caller reports it published or the lease runs out.
+#[utoipa::path(
+    post,
+    path = "/v1/bridge/commands/claim",
+    tag = "bridge",
+    request_body = ClaimRequest,
+    responses(
+        (status = 200, description = "Commands leased to the caller, oldest first; empty when none came due within wait_ms", body = Vec<DueCommand>),
+        (status = 400, response = openapi::BadRequest),
+        (status = 401, response = openapi::Unauthorized),
+        (status = 413, response = openapi::PayloadTooLarge),
+        (status = 422, response = openapi::Unprocessable),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("bridge" = []))
+)]
+pub async fn claim_commands(
+    State(st): State<AppState>,
+    ApiJson(req): ApiJson<ClaimRequest>,
+) -> Result<Json<Vec<DueCommand>>, ApiError> {
+    let limit = req.limit.unwrap_or(100);
+    let wait_ms = req.wait_ms.unwrap_or(0);
+    if req.bridge.is_empty()
+        || req.bridge.chars().count() > 128
+        || req.bridge.chars().any(char::is_control)
+        || !(1..=1000).contains(&limit)
+        || wait_ms > MAX_CLAIM_WAIT_MS
+    {
+        return Err(ApiError::BadRequest(
+            "invalid_claim",
+            format!(
+                "bridge must be 1-128 printable characters, limit 1-1000 and wait_ms 0-{MAX_CLAIM_WAIT_MS}"
+            ),
+        ));
+    }
+    expire_commands(&st).await?;
+    let feed = &st.command_feed;
+    // Before the first claim: a command stored after it wakes this wait.
+    let mut woken = feed.subscribe();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms);
+    let lease = std::time::Duration::from_secs(st.config.command_lease_secs);
+    let resend = std::time::Duration::from_secs(st.config.command_resend_secs);
+    loop {
+        let claimed =
+            crate::command_feed::claim(&st.store.pool, &req.bridge, limit, lease, resend).await?;
+        if !claimed.is_empty() {
+            tracing::debug!(bridge = %req.bridge, count = claimed.len(), "Commands claimed");
+            return Ok(Json(claimed));
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => return Ok(Json(Vec::new())),
+            () = feed.closing().cancelled() => return Ok(Json(Vec::new())),
+            changed = woken.changed() => {
+                if changed.is_err() {
+                    return Ok(Json(Vec::new()));
+                }
+            }
+        }
+    }
 }
 
 #[utoipa::path(
@@ -257,14 +326,7 @@ pub async fn command_published(
     State(st): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
-    sqlx::query(
-        "UPDATE commands SET state = CASE WHEN state = 'pending' THEN 'published' ELSE state END,
-                             published_at = now(), publish_count = publish_count + 1, updated_at = now()
-         WHERE command_id = $1",
-    )
-    .bind(id)
-    .execute(&st.store.pool)
-    .await?;
+    crate::command_feed::published(&st.store.pool, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

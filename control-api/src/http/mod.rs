@@ -216,6 +216,7 @@ fn bridge_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(bridge::mqtt_auth))
         .routes(routes!(bridge::presence))
         .routes(routes!(bridge::due_commands))
+        .routes(routes!(bridge::claim_commands))
         .routes(routes!(bridge::command_published))
 }
 

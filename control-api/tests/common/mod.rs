@@ -82,6 +82,7 @@ impl TestApp {
             replay_window_secs: 300,
             command_ttl_secs: 3600,
             command_resend_secs: 30,
+            command_lease_secs: 10,
             cleanup: CleanupConfig {
                 interval_secs: 0,
                 ..CleanupConfig::default()
@@ -117,6 +118,11 @@ impl TestApp {
         tokio::spawn(async move { axum_serve(listener, router).await });
         // The event relay and webhook deliverer, as `uplink_api::serve` runs them.
         tokio::spawn(uplink_api::events::run(
+            state.clone(),
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        // The LISTEN that ends the bridges' command long-polls, as `uplink_api::serve` runs it.
+        tokio::spawn(uplink_api::command_feed::run(
             state.clone(),
             tokio_util::sync::CancellationToken::new(),
         ));
