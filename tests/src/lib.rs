@@ -16,6 +16,8 @@
 //! - [`device`]: acting as a device without the agent: the signed device HTTP API and an
 //!   MQTT client that publishes raw payloads.
 //! - [`files`]: random source files, SHA-256, and downloading objects from S3.
+//! - [`tls`]: a throw-away test CA and certificates (rcgen), and an HTTPS relay in front of
+//!   a plain service (storage behind TLS).
 //! - [`bench`]: the tools `uplink-bench` compares the agent with (aws-cli, s5cmd, rclone).
 //!
 //! Every test gets its own database, device ids, ports and directories, so tests run in
@@ -30,6 +32,7 @@ pub mod files;
 pub mod process;
 pub mod proxy;
 pub mod stack;
+pub mod tls;
 
 pub use device::{Collected, ConnectFailure, DeviceHttp, MqttDevice, MqttLogin, Reply};
 pub use files::SourceFile;
