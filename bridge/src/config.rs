@@ -5,10 +5,11 @@
 //! environment variable); see [`uplink_service::config`].
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use uplink_service::config::{lenient_opt_string, lenient_string, Layers, Problem, Report};
+use uplink_service::tls::ClientFiles;
 
 /// Prefix of the environment overrides.
 pub const ENV_PREFIX: &str = "UPLINK_BRIDGE_";
@@ -60,6 +61,93 @@ pub struct BrokerConfig {
     pub client_id: String,
     /// External: subscribe with `$share/uplink-bridge/...` so instances split the load.
     pub shared_subscriptions: bool,
+    /// External: connect over TLS (system roots, or `ca_file`).
+    pub tls: bool,
+    /// External, TLS: trust only these CA certificates (PEM).
+    pub ca_file: Option<PathBuf>,
+    /// External, TLS: client certificate and key (PEM) for mutual TLS.
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    /// External, TLS: check the broker's certificate against this name instead of `host`.
+    pub server_name: Option<String>,
+    /// Embedded: also listen for MQTT over TLS here (see [`crate::tls_listener`]).
+    pub tls_listen: Option<SocketAddr>,
+    /// Embedded, `tls_listen`: the server certificate chain and its key (PEM), reloaded
+    /// when they change.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+}
+
+impl BrokerConfig {
+    /// The external connection's TLS files, or `None` for plain TCP.
+    pub fn client_tls(&self) -> Option<ClientFiles> {
+        self.tls.then(|| ClientFiles {
+            ca_file: self.ca_file.clone(),
+            cert_file: self.client_cert_file.clone(),
+            key_file: self.client_key_file.clone(),
+            server_name: self.server_name.clone(),
+        })
+    }
+
+    fn validate_tls(&self, problems: &mut Vec<Problem>) {
+        let embedded = self.mode == BrokerMode::Embedded;
+        let client_fields = [
+            ("broker.tls", self.tls),
+            ("broker.ca_file", self.ca_file.is_some()),
+            ("broker.client_cert_file", self.client_cert_file.is_some()),
+            ("broker.client_key_file", self.client_key_file.is_some()),
+            ("broker.server_name", self.server_name.is_some()),
+        ];
+        let listener_fields = [
+            ("broker.tls_listen", self.tls_listen.is_some()),
+            ("broker.tls_cert_file", self.tls_cert_file.is_some()),
+            ("broker.tls_key_file", self.tls_key_file.is_some()),
+        ];
+        let (wrong, why) = if embedded {
+            (
+                &client_fields[..],
+                "is for mode = \"external\" (the embedded broker's TLS is tls_listen)",
+            )
+        } else {
+            (&listener_fields[..], "is for mode = \"embedded\"")
+        };
+        for (field, _) in wrong.iter().filter(|(_, set)| *set) {
+            problems.push(Problem::new(*field, why));
+        }
+        if embedded {
+            match (&self.tls_listen, &self.tls_cert_file, &self.tls_key_file) {
+                (None, None, None) => {}
+                (Some(_), Some(cert), Some(key)) => {
+                    if let Err(e) = uplink_service::tls::server_config(cert, key) {
+                        problems.push(Problem::new("broker.tls_cert_file", e.to_string()));
+                    }
+                }
+                _ => problems.push(Problem::new(
+                    "broker.tls_listen",
+                    "set tls_listen, tls_cert_file and tls_key_file together",
+                )),
+            }
+            if self.tls_listen.is_some_and(|a| a.port() == 0) {
+                problems.push(Problem::new(
+                    "broker.tls_listen",
+                    "needs a fixed port, not 0",
+                ));
+            }
+        } else if !self.tls {
+            for (field, _) in client_fields[1..].iter().filter(|(_, set)| *set) {
+                problems.push(Problem::new(*field, "needs broker.tls = true"));
+            }
+        } else if self.client_cert_file.is_some() != self.client_key_file.is_some() {
+            problems.push(Problem::new(
+                "broker.client_key_file",
+                "set both client_cert_file and client_key_file, or neither",
+            ));
+        } else if let Some(files) = self.client_tls() {
+            if let Err(e) = uplink_service::tls::client_config(&files) {
+                problems.push(Problem::new("broker.tls", e.to_string()));
+            }
+        }
+    }
 }
 
 impl Default for BrokerConfig {
@@ -73,6 +161,14 @@ impl Default for BrokerConfig {
             password: None,
             client_id: "uplink-bridge-1".into(),
             shared_subscriptions: false,
+            tls: false,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            server_name: None,
+            tls_listen: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -148,6 +244,7 @@ impl Config {
                 }
             }
         }
+        b.validate_tls(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -213,7 +310,8 @@ mod tests {
                 .to_string(),
             "invalid configuration:\nbridge.toml:4:1: broker.mod: unknown field (expected \
              one of: mode, listen, host, port, username, password, client_id, \
-             shared_subscriptions)"
+             shared_subscriptions, tls, ca_file, client_cert_file, client_key_file, \
+             server_name, tls_listen, tls_cert_file, tls_key_file)"
         );
     }
 

@@ -5,6 +5,8 @@
 //! - [`config`]: TOML + `UPLINK_BRIDGE_*` environment configuration, secrets, validation.
 //! - [`broker`]: the embedded rumqttd broker and its auth handler (bridge client local,
 //!   devices checked by the control API).
+//! - [`tls_listener`]: the embedded broker's TLS listener (rustls, relayed to rumqttd),
+//!   with certificate reload.
 //! - [`api`]: reqwest client for the control API (device calls, mqtt-auth, presence,
 //!   command claims).
 //! - [`mqtt`]: the bridge's rumqttc client: options, subscriptions, the event loop task and
@@ -27,8 +29,10 @@ pub mod http;
 pub mod metrics;
 pub mod mqtt;
 pub mod presence;
+pub mod tls_listener;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,6 +59,10 @@ pub enum BridgeError {
     Api(#[from] ApiError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    #[error(transparent)]
+    TlsListen(#[from] tls_listener::TlsListenError),
+    #[error("broker TLS settings: {0}")]
+    Tls(#[from] uplink_service::tls::TlsError),
     #[error("embedded broker on {0} did not accept the bridge's connection in time")]
     BrokerNotReady(std::net::SocketAddr),
     #[error("could not listen on http_listen {addr}: {source}")]
@@ -98,6 +106,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Brid
                 username: Some(broker::INTERNAL_USERNAME.to_string()),
                 password: Some(embedded.internal_password.expose().to_string()),
                 shared_subscriptions: false,
+                tls: None,
             };
             (connection, Some(embedded))
         }
@@ -109,9 +118,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Brid
                 username: b.username.clone(),
                 password: b.password.as_ref().map(|p| p.expose().to_string()),
                 shared_subscriptions: b.shared_subscriptions,
+                tls: b.client_tls(),
             },
             None,
         ),
+    };
+    let tls_listener = match (&embedded, b.tls_listen, &b.tls_cert_file, &b.tls_key_file) {
+        (Some(_), Some(listen), Some(cert), Some(key)) => Some(
+            tls_listener::TlsListener::bind(tls_listener::Settings {
+                listen,
+                cert_file: cert.clone(),
+                key_file: key.clone(),
+                upstream: SocketAddr::new(
+                    connection.host.parse().unwrap_or(b.listen.ip()),
+                    b.listen.port(),
+                ),
+            })
+            .await?,
+        ),
+        _ => None,
     };
     info!(
         mode = ?b.mode,
@@ -123,7 +148,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Brid
     );
 
     let (client, eventloop) =
-        rumqttc::AsyncClient::new(mqtt::options(&connection), REQUEST_CHANNEL);
+        rumqttc::AsyncClient::new(mqtt::options(&connection)?, REQUEST_CHANNEL);
     let (connected_tx, mut connected_rx) = watch::channel(false);
     let presence_queue = Arc::new(presence::PresenceQueue::default());
     let wake_pump = Arc::new(Notify::new());
@@ -150,6 +175,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Brid
         tasks_stop.clone(),
     ));
     names.insert(handle.id(), "mqtt-event-loop");
+    if let Some(listener) = tls_listener {
+        let handle = tasks.spawn(listener.serve(tasks_stop.clone()));
+        names.insert(handle.id(), "tls-listener");
+    }
     let handle = tasks.spawn(presence::run_worker(
         presence_queue,
         api.clone(),

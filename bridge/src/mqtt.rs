@@ -51,9 +51,12 @@ pub struct Connection {
     pub username: Option<String>,
     pub password: Option<String>,
     pub shared_subscriptions: bool,
+    /// TLS with these files; `None` = plain TCP.
+    pub tls: Option<uplink_service::tls::ClientFiles>,
 }
 
-pub fn options(conn: &Connection) -> MqttOptions {
+/// Options of `conn`; fails only when its TLS files do not load.
+pub fn options(conn: &Connection) -> Result<MqttOptions, uplink_service::tls::TlsError> {
     let mut o = MqttOptions::new(conn.client_id.clone(), conn.host.clone(), conn.port);
     o.set_keep_alive(Duration::from_secs(30));
     o.set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET);
@@ -61,7 +64,13 @@ pub fn options(conn: &Connection) -> MqttOptions {
     if let Some(user) = &conn.username {
         o.set_credentials(user.clone(), conn.password.clone().unwrap_or_default());
     }
-    o
+    if let Some(files) = &conn.tls {
+        let config = uplink_service::tls::client_config(files)?;
+        o.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
+        ));
+    }
+    Ok(o)
 }
 
 /// The subscription filters (QoS 1) for all devices.
@@ -298,7 +307,9 @@ mod tests {
             username: Some("u".into()),
             password: None,
             shared_subscriptions: false,
-        });
+            tls: None,
+        })
+        .unwrap();
         assert!(o.max_packet_size() > MAX_PAYLOAD_BYTES);
         assert_eq!(o.max_packet_size(), MAX_INCOMING_PACKET);
         assert!(o.credentials().is_some());

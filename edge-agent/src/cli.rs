@@ -453,6 +453,14 @@ async fn check_mqtt(cfg: &Config, key: &sign::PrivateKey, password: Option<&Secr
         None => sign::mqtt_password(key, &cfg.device_id, unix_now()),
     };
     opts.set_credentials(user, password);
+    if let Some(files) = crate::tls::mqtt_files(&cfg.mqtt) {
+        match crate::tls::transport(&files) {
+            Ok(t) => {
+                opts.set_transport(t);
+            }
+            Err(e) => return Check::Fail(format!("TLS settings: {e}")),
+        }
+    }
     let (client, mut eventloop) = AsyncClient::new(opts, 4);
     let outcome = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
@@ -469,7 +477,13 @@ async fn check_mqtt(cfg: &Config, key: &sign::PrivateKey, password: Option<&Secr
         Ok(Err(ConnectionError::ConnectionRefused(code))) => {
             Check::Fail(format!("CONNECT refused: {code:?}"))
         }
-        Ok(Err(e)) => Check::Fail(format!("CONNECT failed: {e}")),
+        Ok(Err(e)) => match uplink_service::tls::explain(&e) {
+            Some(why) => Check::Fail(format!(
+                "TLS handshake with {}:{} failed: {why}",
+                cfg.mqtt.host, cfg.mqtt.port
+            )),
+            None => Check::Fail(format!("CONNECT failed: {e}")),
+        },
         Err(_) => Check::Fail("no CONNACK within 5 s".into()),
     };
     if matches!(check, Check::Ok(_)) {
@@ -487,20 +501,25 @@ async fn check_mqtt(cfg: &Config, key: &sign::PrivateKey, password: Option<&Secr
     check
 }
 
-async fn check_clock(api_url: Option<&str>) -> Check {
+async fn check_clock(api_url: Option<&str>, https_ca_file: Option<&Path>) -> Check {
     let Some(url) = api_url else {
         return Check::NotChecked("set api_url to compare with the API's clock".into());
     };
-    let client = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-    {
+    let builder = match crate::tls::https(reqwest::Client::builder(), https_ca_file) {
+        Ok(b) => b,
+        Err(e) => return Check::Fail(format!("https_ca_file: {e}")),
+    };
+    let client = match builder.timeout(Duration::from_secs(5)).build() {
         Ok(c) => c,
         Err(e) => return Check::Fail(format!("HTTP client: {e}")),
     };
     let response = match client.get(url).send().await {
         Ok(r) => r,
-        Err(e) => return Check::Fail(format!("cannot reach api_url: {}", e.without_url())),
+        Err(e) => {
+            let why = uplink_service::tls::explain(&e)
+                .map_or_else(|| e.without_url().to_string(), |w| format!("TLS: {w}"));
+            return Check::Fail(format!("cannot reach api_url: {why}"));
+        }
     };
     let Some(remote) = response
         .headers()
@@ -612,7 +631,10 @@ pub async fn doctor(file: Option<&Path>) -> u8 {
         (_, false, _) => Check::Fail("broker not reachable".into()),
     };
     report("mqtt connect", mqtt);
-    report("clock", check_clock(cfg.api_url.as_deref()).await);
+    report(
+        "clock",
+        check_clock(cfg.api_url.as_deref(), cfg.https_ca_file.as_deref()).await,
+    );
     if failed {
         EXIT_FAIL
     } else {

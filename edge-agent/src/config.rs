@@ -53,6 +53,10 @@ pub struct Config {
     /// The control API's base URL; only `uplink-agent doctor` uses it (clock skew check).
     #[serde(default)]
     pub api_url: Option<String>,
+    /// Extra CA certificates (PEM) trusted for HTTPS, besides the built-in roots: storage
+    /// PUTs and `api_url` (see [`crate::tls`]).
+    #[serde(default)]
+    pub https_ca_file: Option<PathBuf>,
     #[serde(default)]
     pub mqtt: MqttConfig,
     /// `[[watch]]` entries: directories whose new files are uploaded without a command.
@@ -79,6 +83,21 @@ pub struct MqttConfig {
     /// `password_file` (docs/security.md).
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// MQTT over TLS (usually port 8883); the fields below need it ([`crate::tls`]).
+    #[serde(default)]
+    pub tls: bool,
+    /// Trust only these CA certificates (PEM) for the broker; unset = the system roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; its CN must be the device id.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+    /// Check the broker's certificate against this name instead of `host`.
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 impl MqttConfig {
@@ -130,6 +149,11 @@ impl Default for MqttConfig {
             username: None,
             password: None,
             password_file: None,
+            tls: false,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            server_name: None,
         }
     }
 }
@@ -332,6 +356,9 @@ impl Config {
                 "must not be empty (leave it unset for the device id)".into(),
             );
         }
+        for (field, message) in crate::tls::validate(&self) {
+            bad(field, message);
+        }
         let (watches, watch_problems) = watch::validate(&self.watch, &roots);
         for message in watch_problems {
             bad("watch", message);
@@ -383,6 +410,7 @@ mod tests {
             upload_windows: vec![],
             metrics_listen: None,
             api_url: None,
+            https_ca_file: None,
             mqtt: MqttConfig::default(),
             watch: vec![],
         }

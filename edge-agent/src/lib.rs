@@ -18,6 +18,8 @@
 //!   file version, and delete them after a verified upload when asked.
 //! - [`clock`]: this device's clock offset from the API's (measured from signed answers,
 //!   reported in the status, logged when requests are refused as stale).
+//! - [`tls`]: MQTT over TLS (CA file or system roots, mutual TLS, server name) and the
+//!   extra HTTPS CAs, from the configuration.
 //! - [`metrics`]: counters and the optional Prometheus `/metrics` responder.
 //! - [`failpoint`]: named crash points for the fault tests (cargo feature `failpoints` only;
 //!   shared with the API, in `uplink-service`).
@@ -38,6 +40,7 @@ pub mod policy;
 pub mod rate;
 pub mod rpc;
 pub mod store;
+pub mod tls;
 pub mod uploader;
 pub mod watch;
 

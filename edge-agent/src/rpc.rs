@@ -133,6 +133,8 @@ pub struct LinkSettings {
     /// The control API's command key: answers on `res` must carry its signature.
     pub command_key: PublicKey,
     pub policy: RetryPolicy,
+    /// MQTT over TLS with these files (read again before each reconnect); `None` = TCP.
+    pub tls: Option<uplink_service::tls::ClientFiles>,
 }
 
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<ResponseEnvelope>>>>;
@@ -240,7 +242,36 @@ pub fn mqtt_options(settings: &LinkSettings, conn_ms: i64) -> MqttOptions {
         .set_last_will(last_will(settings, conn_ms));
     let (user, password) = credentials(settings);
     opts.set_credentials(user, password);
+    if let Some(files) = &settings.tls {
+        opts.set_transport(tls_transport(files));
+    }
     opts
+}
+
+/// The TLS transport of `files`; when they are unusable, one that fails every handshake
+/// (never plain TCP), so the agent connects again once they are fixed.
+fn tls_transport(files: &uplink_service::tls::ClientFiles) -> rumqttc::Transport {
+    crate::tls::transport(files).unwrap_or_else(|e| {
+        error!(error = %e, "MQTT TLS settings unusable; not connecting until they are fixed");
+        rumqttc::Transport::tls(Vec::new(), None, None)
+    })
+}
+
+/// Logs a failed connection attempt; a TLS handshake failure says why in plain words, as
+/// an error (an operator must act: certificates, CA, names).
+fn log_connection_error(e: &rumqttc::ConnectionError, settings: &LinkSettings, delay: Duration) {
+    match uplink_service::tls::explain(e) {
+        Some(why) => error!(
+            host = %settings.host,
+            port = settings.port,
+            error = %e,
+            retry_in_s = delay.as_secs(),
+            "MQTT TLS handshake failed: {why}"
+        ),
+        None => {
+            warn!(error = %e, retry_in_s = delay.as_secs(), "MQTT connection failed; reconnecting")
+        }
+    }
 }
 
 impl Link {
@@ -601,7 +632,7 @@ async fn event_loop(
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                info!(host = %settings.host, port = settings.port, code = ?ack.code, "Connected to broker");
+                info!(host = %settings.host, port = settings.port, tls = settings.tls.is_some(), code = ?ack.code, "Connected to broker");
                 delay = RECONNECT_MIN;
                 failures = 0;
                 crate::metrics::set_mqtt_connected(true);
@@ -654,7 +685,7 @@ async fn event_loop(
             Err(e) => {
                 crate::metrics::set_mqtt_connected(false);
                 failures += 1;
-                warn!(error = %e, retry_in_s = delay.as_secs(), "MQTT connection failed; reconnecting");
+                log_connection_error(&e, &settings, delay);
                 if let Some(hint) = reconnect_hint(failures, crate::clock::offset()) {
                     warn!("{hint}");
                 }
@@ -672,6 +703,13 @@ async fn event_loop(
                 eventloop
                     .mqtt_options
                     .set_last_will(last_will(&settings, conn_ms));
+                // Renewed certificates and CAs are taken at the next connection.
+                if let Some(files) = settings.tls.clone() {
+                    if let Ok(t) = tokio::task::spawn_blocking(move || tls_transport(&files)).await
+                    {
+                        eventloop.mqtt_options.set_transport(t);
+                    }
+                }
             }
         }
     }
@@ -741,6 +779,7 @@ mod tests {
             key: key.clone(),
             command_key: key.verifying_key(),
             policy: RetryPolicy::new(Duration::from_secs(10)),
+            tls: None,
         };
         let opts = mqtt_options(&settings, 1_700_000_000_000);
         assert_eq!(opts.client_id(), "robot-17");
@@ -786,6 +825,7 @@ mod tests {
                 key: sign::generate(),
                 command_key: api.verifying_key(),
                 policy: RetryPolicy::new(Duration::from_secs(10)),
+                tls: None,
             },
             shutdown.clone(),
         );

@@ -251,8 +251,18 @@ pub struct Uploader {
 impl Uploader {
     /// `limiter` caps every PUT of every job (see [`crate::flow::Flow::limiter`]).
     pub fn new(limiter: Arc<RateLimiter>) -> Result<Self, reqwest::Error> {
+        Self::with_roots(limiter, Vec::new())
+    }
+
+    /// Like [`Uploader::new`], trusting `roots` (`https_ca_file`) besides the built-in CAs.
+    pub fn with_roots(
+        limiter: Arc<RateLimiter>,
+        roots: Vec<reqwest::Certificate>,
+    ) -> Result<Self, reqwest::Error> {
         // Idle/read timeouts only: a slow link must be able to finish a large part.
-        let http = reqwest::Client::builder()
+        let http = roots
+            .into_iter()
+            .fold(reqwest::Client::builder(), |b, c| b.add_root_certificate(c))
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_keepalive(Duration::from_secs(30))
             .pool_idle_timeout(Duration::from_secs(30))

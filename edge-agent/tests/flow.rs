@@ -429,12 +429,11 @@ fn config(dir: &Path, port: u16, device_key: &PrivateKey, cmd_key: &PrivateKey) 
         upload_windows: vec![],
         metrics_listen: None,
         api_url: None,
+        https_ca_file: None,
         mqtt: MqttConfig {
             host: "127.0.0.1".into(),
             port,
-            username: None,
-            password: None,
-            password_file: None,
+            ..MqttConfig::default()
         },
         watch: vec![],
     }

@@ -7,10 +7,13 @@
 //! - [`json_logs`]: whether logs are JSON or text.
 //! - [`failpoint`]: named crash points for the fault tests (cargo feature `failpoints`).
 //! - [`otel`]: optional OpenTelemetry trace export and trace-context propagation.
+//! - [`tls`]: rustls client/server configurations from PEM files; handshake errors
+//!   explained.
 
 pub mod config;
 pub mod failpoint;
 pub mod otel;
+pub mod tls;
 
 /// systemd's service notification protocol (`sd_notify(3)`) without libsystemd: one datagram
 /// per message to the socket `NOTIFY_SOCKET` names. Every call is a no-op when the process

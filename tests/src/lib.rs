@@ -20,6 +20,8 @@
 //!   MQTT client that publishes raw payloads.
 //! - [`files`]: random source files, SHA-256, and downloading objects from S3.
 //! - [`browser`]: headless Chromium driven over WebDriver (chromedriver), for the console.
+//! - [`tls`]: a throw-away test CA and certificates (rcgen), and an HTTPS relay in front of
+//!   a plain service (storage behind TLS).
 //! - [`bench`]: the tools `uplink-bench` compares the agent with (aws-cli, s5cmd, rclone).
 //! - [`loadgen`]: `uplink-loadgen`, many simulated devices against a running fleet.
 //!
@@ -39,6 +41,7 @@ pub mod process;
 pub mod proxy;
 pub mod receiver;
 pub mod stack;
+pub mod tls;
 
 pub use device::{Collected, ConnectFailure, DeviceHttp, MqttDevice, MqttLogin, Reply};
 pub use files::SourceFile;

@@ -54,6 +54,21 @@ pub struct StackOptions {
     /// Bridge instances (at least one). More need `external_broker` or `mosquitto_acl`:
     /// they share Mosquitto with shared subscriptions, each with its own client id.
     pub bridges: usize,
+    /// TLS everywhere agents connect ([`Stack::tls`]): a throw-away CA; the broker (the
+    /// embedded one's `tls_listen`, or a Mosquitto `listener` with `cafile/certfile/
+    /// keyfile`) and storage (presigned URLs on an HTTPS relay) serve certificates it
+    /// signed; agents and the bridge trust it (`ca_file`, `https_ca_file`).
+    pub tls: bool,
+}
+
+/// The TLS side of a stack ([`StackOptions::tls`]).
+#[derive(Debug)]
+pub struct StackTls {
+    pub pki: crate::tls::Pki,
+    /// The broker's TLS port (the plain one stays on [`Stack::mqtt_port`]).
+    pub mqtt_port: u16,
+    /// HTTPS in front of the counting proxy: presigned URLs point here.
+    pub s3: crate::tls::TlsRelay,
 }
 
 impl Default for StackOptions {
@@ -70,6 +85,7 @@ impl Default for StackOptions {
             mqtt_proxy: false,
             apis: 1,
             bridges: 1,
+            tls: false,
         }
     }
 }
@@ -178,6 +194,44 @@ pub fn mosquitto_test_conf(port: u16, passwd: &Path, acl: &Path) -> String {
     conf
 }
 
+/// The Mosquitto TLS listener of docs/security.md ("TLS").
+pub const MOSQUITTO_TLS_CONF: &str = include_str!("../../configs/mosquitto/uplink-tls.conf");
+
+/// [`MOSQUITTO_TLS_CONF`] for a test: on `127.0.0.1`, the stack's port and certificates.
+/// Without `accounts` (anonymous Mosquitto) clients have no username to be their client
+/// id, so that option goes, as on the anonymous plain listener.
+fn mosquitto_tls_conf(t: &StackTls, accounts: bool) -> String {
+    let mut conf = MOSQUITTO_TLS_CONF.to_string();
+    if !accounts {
+        conf = conf.replace("\nuse_username_as_clientid true\n", "\n");
+    }
+    for (from, to) in [
+        (
+            "\nlistener 8883\n",
+            format!("\nlistener {} 127.0.0.1\n", t.mqtt_port),
+        ),
+        (
+            " /etc/mosquitto/certs/ca.pem\n",
+            format!(" {}\n", path_str(&t.pki.ca.cert_file)),
+        ),
+        (
+            " /etc/mosquitto/certs/broker.pem\n",
+            format!(" {}\n", path_str(&t.pki.server.cert)),
+        ),
+        (
+            " /etc/mosquitto/certs/broker.key\n",
+            format!(" {}\n", path_str(&t.pki.server.key)),
+        ),
+    ] {
+        assert!(
+            conf.contains(from),
+            "configs/mosquitto/uplink-tls.conf no longer holds {from:?}"
+        );
+        conf = conf.replace(from, &to);
+    }
+    conf
+}
+
 static PORTS: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
 
 /// A free TCP port on 127.0.0.1 (bound, then released), never the same twice in a run.
@@ -209,6 +263,8 @@ pub struct Stack {
     pub api_proxy: Option<CountingProxy>,
     /// Between agents and the broker ([`StackOptions::mqtt_proxy`]).
     pub mqtt_proxy: Option<CountingProxy>,
+    /// [`StackOptions::tls`].
+    pub tls: Option<StackTls>,
     pub device_http: DeviceHttp,
     http: reqwest::Client,
     api: Mutex<Process>,
@@ -267,6 +323,18 @@ impl Stack {
             .trim_end_matches('/')
             .to_string();
         let proxy = CountingProxy::start(&s3_hostport).await;
+        let tls = if opts.tls {
+            let pki = crate::tls::Pki::new(&dir.path().join("pki"));
+            let relay_to = std::net::SocketAddr::from(([127, 0, 0, 1], proxy.port));
+            let s3 = crate::tls::TlsRelay::start(relay_to, &pki.server).await;
+            Some(StackTls {
+                pki,
+                mqtt_port: free_port(),
+                s3,
+            })
+        } else {
+            None
+        };
 
         // --- control API
         assert!(
@@ -344,6 +412,8 @@ impl Stack {
                 endpoint = toml_str(&env.s3_endpoint),
                 public = toml_str(&if opts.direct_s3 {
                     env.s3_endpoint.clone()
+                } else if let Some(tls) = &tls {
+                    tls.s3.url()
                 } else {
                     proxy.url()
                 }),
@@ -423,6 +493,10 @@ impl Stack {
                      log_dest stderr\nlog_type all\n"
                 )
             };
+            let text = match &tls {
+                Some(t) => format!("{text}{}", mosquitto_tls_conf(t, opts.mosquitto_acl)),
+                None => text,
+            };
             std::fs::write(&conf, text).expect("write mosquitto.conf");
             let mut m = Process::new(
                 "mosquitto",
@@ -432,10 +506,28 @@ impl Stack {
             );
             m.start();
             mosquitto = Some(m);
-            format!("mode = \"external\"\nhost = \"127.0.0.1\"\nport = {mqtt_port}\n{bridge_login}")
+            match &tls {
+                Some(t) => format!(
+                    "mode = \"external\"\nhost = \"127.0.0.1\"\nport = {}\n{bridge_login}\
+                     tls = true\nca_file = {}\n",
+                    t.mqtt_port,
+                    toml_str(path_str(&t.pki.ca.cert_file))
+                ),
+                None => format!(
+                    "mode = \"external\"\nhost = \"127.0.0.1\"\nport = {mqtt_port}\n{bridge_login}"
+                ),
+            }
         } else {
+            let tls_listener = tls.as_ref().map_or(String::new(), |t| {
+                format!(
+                    "tls_listen = {}\ntls_cert_file = {}\ntls_key_file = {}\n",
+                    toml_str(&format!("127.0.0.1:{}", t.mqtt_port)),
+                    toml_str(path_str(&t.pki.server.cert)),
+                    toml_str(path_str(&t.pki.server.key)),
+                )
+            });
             format!(
-                "mode = \"embedded\"\nlisten = {}\n",
+                "mode = \"embedded\"\nlisten = {}\n{tls_listener}",
                 toml_str(&format!("127.0.0.1:{mqtt_port}"))
             )
         };
@@ -495,6 +587,7 @@ impl Stack {
             proxy,
             api_proxy,
             mqtt_proxy,
+            tls,
             device_http: DeviceHttp::new(&api_url),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
@@ -729,6 +822,17 @@ impl Stack {
             previous.kill();
         }
         let config = dev.dir.join("agent.toml");
+        // TLS: the broker's TLS port and the test CA, for MQTT and for the HTTPS storage.
+        let (https_ca, mqtt_tls) = match &self.tls {
+            Some(t) => {
+                let ca = toml_str(path_str(&t.pki.ca.cert_file));
+                (
+                    format!("https_ca_file = {ca}\n"),
+                    format!("tls = true\nca_file = {ca}\n"),
+                )
+            }
+            None => (String::new(), String::new()),
+        };
         // The static Mosquitto password, read from a file as docs/security.md advises.
         let mqtt_login = match &dev.mqtt_password {
             Some(password) => {
@@ -750,8 +854,8 @@ impl Stack {
                  part_size_mib = {part}\n\
                  hash_first_max_mib = {hash_first}\n\
                  request_timeout_secs = {rto}\n\
-                 {extra}\n\
-                 \n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\n{mqtt_login}",
+                 {https_ca}{extra}\n\
+                 \n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\n{mqtt_login}{mqtt_tls}",
                 id = toml_str(&dev.id),
                 key = toml_str(path_str(&dev.key_file)),
                 cmdkey = toml_str(&self.command_public_key),
@@ -762,7 +866,11 @@ impl Stack {
                 hash_first = opts.hash_first_max_mib,
                 rto = opts.request_timeout_secs,
                 extra = opts.extra_toml,
-                port = self.mqtt_proxy.as_ref().map_or(self.mqtt_port, |p| p.port),
+                port = match (&self.tls, &self.mqtt_proxy) {
+                    (Some(t), _) => t.mqtt_port,
+                    (None, Some(p)) => p.port,
+                    (None, None) => self.mqtt_port,
+                },
             ),
         )
         .expect("write agent.toml");

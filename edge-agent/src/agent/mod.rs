@@ -48,6 +48,8 @@ pub enum AgentError {
     Http(#[from] reqwest::Error),
     #[error("startup task failed: {0}")]
     Task(String),
+    #[error("https_ca_file: {0}")]
+    HttpsCa(String),
     #[error("cannot listen for metrics on {0}: {1} (check metrics_listen)")]
     Metrics(std::net::SocketAddr, std::io::Error),
 }
@@ -107,7 +109,11 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
         ),
         None => None,
     };
-    let uploader = Uploader::new(flow.limiter())?;
+    let https_roots = match &cfg.https_ca_file {
+        Some(file) => crate::tls::https_roots(file).map_err(AgentError::HttpsCa)?,
+        None => Vec::new(),
+    };
+    let uploader = Uploader::with_roots(flow.limiter(), https_roots)?;
     let link_parts = Link::start(
         LinkSettings {
             device_id: cfg.device_id.clone(),
@@ -118,6 +124,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
             key: loaded.key,
             command_key: loaded.command_key,
             policy: RetryPolicy::new(Duration::from_secs(cfg.request_timeout_secs)),
+            tls: crate::tls::mqtt_files(&cfg.mqtt),
         },
         shutdown.clone(),
     );
