@@ -16,12 +16,12 @@ use tracing::{debug, info, warn};
 use uplink_protocol::command::{AckState, Action, Command, CommandAck};
 use uplink_protocol::envelope::{CommandEnvelope, CommandError, MAX_PAYLOAD_BYTES};
 use uplink_protocol::flow::{self as flow_wire, FlowConfig, DEFAULT_PRIORITY};
+use uplink_protocol::keyring::CommandKeys;
 use uplink_protocol::ops::{
     parts_digest, CompleteSession, CreateSession, FileManifest, Op, SessionInfo, SessionRef,
     SessionState,
 };
 use uplink_protocol::plan::{self, MIB};
-use uplink_protocol::sign::PublicKey;
 use uplink_protocol::telemetry::{JobState, Progress};
 use uplink_protocol::topics::Channel;
 use uplink_protocol::unix_now;
@@ -118,7 +118,7 @@ fn readable_command_id(command_json: &str) -> Option<Uuid> {
 
 struct Agent {
     device_id: String,
-    command_key: PublicKey,
+    command_key: CommandKeys,
     roots: Vec<PathBuf>,
     part_size_hint: u64,
     store: Store,
@@ -167,7 +167,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
             username: cfg.mqtt.username.clone(),
             password: loaded.mqtt_password,
             key: loaded.key,
-            command_key: loaded.command_key,
+            command_key: loaded.command_key.clone(),
             policy: RetryPolicy::new(Duration::from_secs(cfg.request_timeout_secs)),
         },
         shutdown.clone(),
