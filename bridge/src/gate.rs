@@ -128,8 +128,9 @@ impl Gate {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let gate = self.clone();
-                    let stop = stop.clone();
-                    tokio::spawn(async move { gate.handle(stream, peer, stop).await });
+                    // Open connections are not closed at shutdown: they end with the
+                    // process, as rumqttd's own would (no Last Will is sent for them).
+                    tokio::spawn(async move { gate.handle(stream, peer).await });
                 }
                 Err(e) => {
                     warn!(error = %e, "MQTT accept failed");
@@ -163,7 +164,7 @@ impl Gate {
     }
 
     /// One device connection: CONNECT, auth, then filtered forwarding both ways.
-    pub async fn handle<S>(&self, stream: S, peer: SocketAddr, stop: CancellationToken)
+    pub async fn handle<S>(&self, stream: S, peer: SocketAddr)
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -220,7 +221,6 @@ impl Gate {
             () = inbound => {}
             _ = outbound => {}
             () = token.cancelled() => {}
-            () = stop.cancelled() => {}
         }
         self.unregister(&device_id, id);
         let _ = client_tx.shutdown().await;

@@ -55,6 +55,18 @@ async fn spy_once(port: u16, login: &MqttLogin, stop: &AtomicBool, out: &mut Spi
     ));
     let mut wire = BytesMut::new();
     connect.write(&mut wire).expect("encode CONNECT");
+    if tcp.write_all(&wire).await.is_err() {
+        return;
+    }
+    // SUBSCRIBE once the CONNACK says B is logged in.
+    let mut connack = [0u8; 4];
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut connack)).await;
+    if !matches!(read, Ok(Ok(_))) || connack != [0x20, 0x02, 0x00, 0x00] {
+        out.closed += 1;
+        return;
+    }
+    out.accepted += 1;
+    let mut wire = BytesMut::new();
     let mut sub = Subscribe::new("#", QoS::AtLeastOnce);
     sub.pkid = 1;
     sub.write(&mut wire).expect("encode SUBSCRIBE");
@@ -62,7 +74,6 @@ async fn spy_once(port: u16, login: &MqttLogin, stop: &AtomicBool, out: &mut Spi
         return;
     }
     let mut buf = vec![0u8; 16 * 1024];
-    let mut first = true;
     while !stop.load(Ordering::SeqCst) {
         match tokio::time::timeout(Duration::from_millis(300), tcp.read(&mut buf)).await {
             Err(_) => continue,
@@ -71,13 +82,7 @@ async fn spy_once(port: u16, login: &MqttLogin, stop: &AtomicBool, out: &mut Spi
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 return;
             }
-            Ok(Ok(n)) => {
-                if first && buf[..n].starts_with(&[0x20, 0x02, 0x00, 0x00]) {
-                    out.accepted += 1;
-                }
-                first = false;
-                out.bytes.extend_from_slice(&buf[..n]);
-            }
+            Ok(Ok(n)) => out.bytes.extend_from_slice(&buf[..n]),
         }
     }
 }
