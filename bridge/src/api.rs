@@ -14,6 +14,9 @@ use uuid::Uuid;
 
 use crate::config::Secret;
 
+mod devices;
+pub use devices::RegisteredDevice;
+
 /// Whole-request timeout for every call to the control API.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connect timeout for the control API.

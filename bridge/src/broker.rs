@@ -1,21 +1,21 @@
-//! The embedded broker: rumqttd on `broker.listen`, on its own OS thread (its `start`
-//! blocks and runs its own runtimes).
+//! The embedded broker: rumqttd on a loopback port chosen at start, on its own OS thread
+//! (its `start` blocks and runs its own runtimes), behind the gate ([`crate::gate`]) that
+//! devices connect to on `broker.listen`.
 //!
 //! Authentication: the bridge's own client (username [`INTERNAL_USERNAME`] and a random
-//! password made at start) is checked locally; every other client is checked by the control
-//! API (`POST /v1/bridge/mqtt-auth`). If the API cannot be asked, the client is refused.
-//! rumqttd's auth hook can only say yes or no: a refused client's connection is closed
-//! without a CONNACK (as are keep-alive 0 and anything but MQTT 3.1.1), which
-//! docs/protocol.md tells devices (`tests/embedded.rs` holds it).
+//! password made at start) is checked locally; a device is checked by the control API
+//! (`POST /v1/bridge/mqtt-auth`) in the gate, which then logs it in to rumqttd with a second
+//! random secret (the gate's). If the API cannot be asked, the client is refused. A refused
+//! client's connection is closed without a CONNACK (as are keep-alive 0 and anything but
+//! MQTT 3.1.1), which docs/protocol.md tells devices (`tests/embedded.rs` holds it).
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
-use tokio::runtime::Handle;
 use tracing::{info, warn};
 use uplink_protocol::envelope::MAX_PAYLOAD_BYTES;
 
@@ -32,8 +32,8 @@ pub const INTERNAL_USERNAME: &str = "uplink-bridge";
 /// the broker buffer). docs/protocol.md states the numbers; `tests/embedded.rs` holds them.
 pub const PACKET_HEADROOM: usize = 16 * 1024;
 
-/// How long an auth call to the control API may take before the client is refused.
-const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the gate asks the API which connected devices are still enabled.
+const RECHECK: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -43,6 +43,8 @@ pub enum BrokerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("embedded broker cannot get a loopback port: {0}")]
+    Loopback(#[source] std::io::Error),
     #[error("could not start the embedded broker thread: {0}")]
     Thread(#[source] std::io::Error),
 }
@@ -50,9 +52,15 @@ pub enum BrokerError {
 /// A running embedded broker.
 #[derive(Debug)]
 pub struct EmbeddedBroker {
+    /// Where devices connect (the gate).
     pub listen: SocketAddr,
+    /// rumqttd's loopback listener, for the bridge's own client.
+    pub internal: SocketAddr,
     /// Password of the bridge's own client.
     pub internal_password: Secret,
+    /// The gate in front of rumqttd, and its bound listener (served by the caller).
+    pub gate: Arc<crate::gate::Gate>,
+    pub gate_listener: Option<tokio::net::TcpListener>,
     stopped: Arc<AtomicBool>,
 }
 
@@ -114,36 +122,41 @@ pub fn rumqttd_config(listen: SocketAddr) -> Config {
     }
 }
 
-/// Starts rumqttd on `listen`. API auth calls run on `runtime` (the bridge's runtime).
-/// Returns once the listener thread is running; the caller waits for its own client to
-/// connect to know the port accepts connections.
-pub fn start(
-    listen: SocketAddr,
-    api: ApiClient,
-    runtime: Handle,
-) -> Result<EmbeddedBroker, BrokerError> {
-    // rumqttd only logs a failed bind; check first so the operator gets a clear error.
-    TcpListener::bind(listen)
-        .map(drop)
-        .map_err(|source| BrokerError::Listen {
-            addr: listen,
-            source,
-        })?;
+/// Binds the gate on `listen` and starts rumqttd on a free loopback port. Device
+/// credentials are checked by `api` (through the gate). Returns once the listener thread
+/// is running; the caller serves the gate and waits for its own client to connect to know
+/// rumqttd accepts connections.
+pub fn start(listen: SocketAddr, api: ApiClient) -> Result<EmbeddedBroker, BrokerError> {
+    let listen_error = |source| BrokerError::Listen {
+        addr: listen,
+        source,
+    };
+    let public = TcpListener::bind(listen).map_err(listen_error)?;
+    public.set_nonblocking(true).map_err(listen_error)?;
+    let listen = public.local_addr().map_err(listen_error)?;
+    let gate_listener = tokio::net::TcpListener::from_std(public).map_err(listen_error)?;
+    // rumqttd binds by address only: take a free loopback port and hand it over.
+    let internal = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map_err(BrokerError::Loopback)?;
 
     let internal_password = random_password();
-    let mut config = rumqttd_config(listen);
+    let gate_secret = random_password();
+    let mut config = rumqttd_config(internal);
     if let Some(server) = config.v4.as_mut().and_then(|v4| v4.get_mut("1")) {
         let internal = Arc::new(internal_password.clone());
+        let gate = Arc::new(gate_secret.clone());
         server.set_auth_handler(
-            move |client_id: String, username: String, password: String| {
+            move |_client_id: String, username: String, password: String| {
                 let internal = internal.clone();
-                let api = api.clone();
-                let runtime = runtime.clone();
+                let gate = gate.clone();
                 async move {
                     if username == INTERNAL_USERNAME {
-                        return same_secret(&password, &internal);
+                        same_secret(&password, &internal)
+                    } else {
+                        // A device the gate has checked with the control API.
+                        same_secret(&password, &gate)
                     }
-                    authorize_with_api(api, runtime, client_id, username, password).await
                 }
             },
         );
@@ -156,57 +169,21 @@ pub fn start(
         .spawn(move || {
             let mut broker = Broker::new(config);
             match broker.start() {
-                Ok(()) => warn!(%listen, "Embedded broker stopped"),
-                Err(e) => warn!(%listen, error = %e, "Embedded broker failed"),
+                Ok(()) => warn!(%internal, "Embedded broker stopped"),
+                Err(e) => warn!(%internal, error = %e, "Embedded broker failed"),
             }
             flag.store(true, Ordering::SeqCst);
         })
         .map_err(BrokerError::Thread)?;
-    info!(%listen, "Embedded broker starting");
+    info!(%listen, %internal, "Embedded broker starting");
     Ok(EmbeddedBroker {
         listen,
+        internal,
         internal_password: Secret::new(internal_password),
+        gate: Arc::new(crate::gate::Gate::new(internal, gate_secret, api, RECHECK)),
+        gate_listener: Some(gate_listener),
         stopped,
     })
-}
-
-/// Asks the control API whether a device may connect; any failure refuses it.
-async fn authorize_with_api(
-    api: ApiClient,
-    runtime: Handle,
-    client_id: String,
-    username: String,
-    password: String,
-) -> bool {
-    let call = runtime.spawn({
-        let client_id = client_id.clone();
-        let username = username.clone();
-        async move {
-            tokio::time::timeout(
-                AUTH_TIMEOUT,
-                api.mqtt_auth(&client_id, &username, &password),
-            )
-            .await
-        }
-    });
-    match call.await {
-        Ok(Ok(Ok(allow))) => {
-            info!(%client_id, %username, allow, "MQTT client checked");
-            allow
-        }
-        Ok(Ok(Err(e))) => {
-            warn!(%client_id, %username, error = %e, "MQTT auth failed; client refused");
-            false
-        }
-        Ok(Err(_)) => {
-            warn!(%client_id, %username, "MQTT auth timed out; client refused");
-            false
-        }
-        Err(e) => {
-            warn!(%client_id, %username, error = %e, "MQTT auth task failed; client refused");
-            false
-        }
-    }
 }
 
 #[cfg(test)]

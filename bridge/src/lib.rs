@@ -3,9 +3,10 @@
 //!
 //! # Layout
 //! - [`config`]: TOML + `UPLINK_BRIDGE_*` environment configuration, secrets, validation.
-//! - [`broker`]: the embedded rumqttd broker and its auth handler (bridge client local,
-//!   devices checked by the control API).
-//! - [`tls_listener`]: the embedded broker's TLS listener (rustls, relayed to rumqttd),
+//! - [`broker`]: the embedded rumqttd broker on a loopback port and its auth handler.
+//! - [`gate`]: what devices connect to in front of the embedded broker: checks them with the
+//!   control API, keeps each to its own topics ([`mqtt_rules`]), disconnects disabled ones.
+//! - [`tls_listener`]: the embedded broker's TLS listener (rustls, relayed to the gate),
 //!   with certificate reload.
 //! - [`api`]: reqwest client for the control API (device calls, mqtt-auth, presence,
 //!   command claims).
@@ -25,9 +26,11 @@ pub mod broker;
 pub mod commands;
 pub mod config;
 pub mod forward;
+pub mod gate;
 pub mod http;
 pub mod metrics;
 pub mod mqtt;
+pub mod mqtt_rules;
 pub mod presence;
 pub mod tls_listener;
 
@@ -91,17 +94,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Brid
     let metrics = Arc::new(metrics::Metrics::default());
     let b = &config.broker;
 
-    let (connection, embedded) = match b.mode {
+    let (connection, mut embedded) = match b.mode {
         BrokerMode::Embedded => {
-            let embedded = broker::start(b.listen, api.clone(), tokio::runtime::Handle::current())?;
-            let host = match b.listen.ip() {
-                ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_string(),
-                ip if ip.is_unspecified() => "::1".to_string(),
-                ip => ip.to_string(),
-            };
+            let embedded = broker::start(b.listen, api.clone())?;
             let connection = mqtt::Connection {
-                host,
-                port: b.listen.port(),
+                host: embedded.internal.ip().to_string(),
+                port: embedded.internal.port(),
                 client_id: b.client_id.clone(),
                 username: Some(broker::INTERNAL_USERNAME.to_string()),
                 password: Some(embedded.internal_password.expose().to_string()),
@@ -186,6 +184,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Brid
         tasks_stop.clone(),
     ));
     names.insert(handle.id(), "presence");
+    if let Some(embedded) = embedded.as_mut() {
+        if let Some(listener) = embedded.gate_listener.take() {
+            let handle = tasks.spawn(embedded.gate.clone().serve(listener, tasks_stop.clone()));
+            names.insert(handle.id(), "mqtt-gate");
+        }
+        let handle = tasks.spawn(embedded.gate.clone().run_recheck(tasks_stop.clone()));
+        names.insert(handle.id(), "mqtt-gate-recheck");
+    }
     if let Some(listener) = http_listener {
         let state = http::HttpState {
             metrics: metrics.clone(),

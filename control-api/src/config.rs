@@ -28,6 +28,11 @@ pub struct Config {
     pub bridge_token: Secret,
     /// File holding the base64 Ed25519 seed that signs commands.
     pub command_key_file: PathBuf,
+    /// The next command key (base64 Ed25519 seed), announced at `GET /v1/command-key` as
+    /// `next_public_key` so agents can pin it before it signs (docs/security.md, "Rotating
+    /// the command key"). Never used to sign.
+    #[serde(default)]
+    pub command_next_key_file: Option<PathBuf>,
     /// Device requests signed further than this from now are refused.
     #[serde(default = "default_replay_window")]
     pub replay_window_secs: u64,

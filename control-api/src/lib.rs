@@ -87,6 +87,9 @@ pub fn load_command_key(path: &std::path::Path) -> anyhow::Result<PrivateKey> {
 /// Connects, migrates and builds the state.
 pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
     let command_key = load_command_key(&config.command_key_file)?;
+    if let Some(next) = &config.command_next_key_file {
+        load_command_key(next).context("command_next_key_file")?;
+    }
     let pool = store::connect(
         config.database_url.expose(),
         config.database_max_connections,

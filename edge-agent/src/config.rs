@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use uplink_protocol::sign::{self, PrivateKey, PublicKey};
+use uplink_protocol::keyring::CommandKeys;
+use uplink_protocol::sign::{self, PrivateKey};
 use uplink_protocol::topics;
 use uplink_service::config::{Layers, Report};
 
@@ -23,6 +24,10 @@ pub struct Config {
     pub key_file: PathBuf,
     /// Base64 public key of the control API's command-signing key.
     pub command_public_key: String,
+    /// More command public keys pinned beside `command_public_key`: the API's next key
+    /// while its command key is rotated (docs/security.md, "Rotating the command key").
+    #[serde(default)]
+    pub command_public_keys: Vec<String>,
     /// Holds `agent.db`.
     pub state_dir: PathBuf,
     pub allowed_roots: Vec<PathBuf>,
@@ -200,7 +205,8 @@ fn list(problems: &[Problem]) -> String {
 pub struct Loaded {
     pub config: Config,
     pub key: PrivateKey,
-    pub command_key: PublicKey,
+    /// `command_public_key` first, then `command_public_keys`.
+    pub command_key: CommandKeys,
     /// `allowed_roots`, canonicalised.
     pub roots: Vec<PathBuf>,
     /// The `[[watch]]` entries, checked.
@@ -275,6 +281,15 @@ impl Config {
                 None
             }
         };
+        let mut more_keys = Vec::new();
+        for (i, text) in self.command_public_keys.iter().enumerate() {
+            match sign::decode_public(text) {
+                Ok(k) => more_keys.push(k),
+                Err(e) => bad("command_public_keys", format!("entry {}: {e}", i + 1)),
+            }
+        }
+        let command_key =
+            command_key.map(|first| CommandKeys::new(std::iter::once(first).chain(more_keys)));
         if self.state_dir.as_os_str().is_empty() {
             bad("state_dir", "must not be empty".into());
         } else if self.state_dir.exists() && !self.state_dir.is_dir() {
@@ -399,6 +414,7 @@ mod tests {
             device_id: "robot-17".into(),
             key_file,
             command_public_key: sign::encode_public(&sign::generate().verifying_key()),
+            command_public_keys: Vec::new(),
             state_dir: dir.join("state"),
             allowed_roots: vec![root],
             concurrency: 4,

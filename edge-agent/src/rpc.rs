@@ -21,8 +21,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use uplink_protocol::envelope::{RequestEnvelope, ResponseEnvelope, MAX_PAYLOAD_BYTES};
+use uplink_protocol::keyring::CommandKeys;
 use uplink_protocol::ops::Op;
-use uplink_protocol::sign::{self, PrivateKey, PublicKey, SignError};
+use uplink_protocol::sign::{self, PrivateKey, SignError};
 use uplink_protocol::telemetry::{Presence, Status};
 use uplink_protocol::topics::{self, Channel};
 use uplink_protocol::{unix_now, VERSION};
@@ -131,7 +132,7 @@ pub struct LinkSettings {
     pub password: Option<Secret>,
     pub key: PrivateKey,
     /// The control API's command key: answers on `res` must carry its signature.
-    pub command_key: PublicKey,
+    pub command_key: CommandKeys,
     pub policy: RetryPolicy,
     /// MQTT over TLS with these files (read again before each reconnect); `None` = TCP.
     pub tls: Option<uplink_service::tls::ClientFiles>,
@@ -144,7 +145,7 @@ pub struct Link {
     client: AsyncClient,
     device_id: String,
     key: PrivateKey,
-    command_key: PublicKey,
+    command_key: CommandKeys,
     policy: RetryPolicy,
     pending: Pending,
     queue_depth: Arc<AtomicU32>,
@@ -286,7 +287,7 @@ impl Link {
             client,
             device_id: settings.device_id.clone(),
             key: settings.key.clone(),
-            command_key: settings.command_key,
+            command_key: settings.command_key.clone(),
             policy: settings.policy,
             pending: Arc::new(Mutex::new(HashMap::new())),
             queue_depth: Arc::new(AtomicU32::new(0)),
@@ -777,7 +778,7 @@ mod tests {
             username: None,
             password: None,
             key: key.clone(),
-            command_key: key.verifying_key(),
+            command_key: key.verifying_key().into(),
             policy: RetryPolicy::new(Duration::from_secs(10)),
             tls: None,
         };
@@ -823,7 +824,7 @@ mod tests {
                 username: None,
                 password: None,
                 key: sign::generate(),
-                command_key: api.verifying_key(),
+                command_key: api.verifying_key().into(),
                 policy: RetryPolicy::new(Duration::from_secs(10)),
                 tls: None,
             },

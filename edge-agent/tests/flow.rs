@@ -418,6 +418,7 @@ fn config(dir: &Path, port: u16, device_key: &PrivateKey, cmd_key: &PrivateKey) 
         device_id: DEVICE.into(),
         key_file,
         command_public_key: sign::encode_public(&cmd_key.verifying_key()),
+        command_public_keys: Vec::new(),
         state_dir: dir.join("state"),
         allowed_roots: vec![dir.join("data")],
         concurrency: 2,

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::command::Command;
+use crate::keyring::KeyRing;
 use crate::problem::Problem;
 use crate::sign::{self, PrivateKey, PublicKey, RequestToSign, SignError};
 use crate::VERSION;
@@ -180,14 +181,11 @@ impl ResponseEnvelope {
         self
     }
 
-    /// Whether the control API signed this answer for `device_id`.
-    pub fn verify(&self, key: &PublicKey, device_id: &str) -> Result<(), SignError> {
+    /// Whether the control API signed this answer for `device_id` (with one of `keys`).
+    pub fn verify(&self, keys: &impl KeyRing, device_id: &str) -> Result<(), SignError> {
         let sig = self.sig.as_deref().ok_or(SignError::Missing)?;
-        crate::sign::verify_answer(
-            key,
-            &answer_canonical(device_id, &self.request_id, self.status, &self.answer()),
-            sig,
-        )
+        let canonical = answer_canonical(device_id, &self.request_id, self.status, &self.answer());
+        keys.verify_any(&|key| crate::sign::verify_answer(key, &canonical, sig))
     }
 }
 
@@ -228,11 +226,11 @@ impl CommandEnvelope {
     /// seen before is the receiver's to check.
     pub fn open(
         &self,
-        key: &PublicKey,
+        keys: &impl KeyRing,
         device_id: &str,
         now: i64,
     ) -> Result<Command, CommandError> {
-        sign::verify_command(key, &self.command, &self.sig)?;
+        keys.verify_any(&|key| sign::verify_command(key, &self.command, &self.sig))?;
         let command: Command = serde_json::from_str(&self.command)
             .map_err(|e| CommandError::Malformed(e.to_string()))?;
         if command.device_id != device_id {

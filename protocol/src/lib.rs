@@ -8,6 +8,7 @@
 //! - [`command`]: commands (upload, pause, resume, cancel, config) and their acks.
 //! - [`flow`]: flow control: upload windows, job priorities, the `config` command's body.
 //! - [`telemetry`]: progress and presence status messages.
+//! - [`keyring`]: the set of command keys a device pins (rotation with overlap).
 //! - [`sign`]: Ed25519 keys, the canonical strings that are signed, signing and verification.
 //! - [`problem`]: RFC 7807 problem documents with stable codes.
 //! - [`plan`]: part planning inside S3's multipart limits.
@@ -17,6 +18,7 @@
 pub mod command;
 pub mod envelope;
 pub mod flow;
+pub mod keyring;
 pub mod ops;
 pub mod plan;
 pub mod problem;

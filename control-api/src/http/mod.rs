@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod bridge;
+pub mod bridge_devices;
 pub mod device;
 pub mod download;
 pub mod error;
@@ -131,14 +132,26 @@ async fn readyz(State(st): State<AppState>) -> Result<Json<openapi::Health>, Api
 pub struct CommandKey {
     /// Base64 of the 32-byte Ed25519 public key.
     pub public_key: String,
+    /// The key that will sign next (`command_next_key_file`), when a rotation is under way:
+    /// pin it beside `public_key` before the API switches to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<String>,
 }
 
 /// The key that signs commands and device answers.
 #[utoipa::path(get, path = "/v1/command-key", tag = "public",
     responses((status = 200, description = "The command key", body = CommandKey)))]
 async fn command_key(State(st): State<AppState>) -> Json<CommandKey> {
+    // Checked at start; re-read so a file replaced since is announced as it is now.
+    let next_public_key = st
+        .config
+        .command_next_key_file
+        .as_deref()
+        .and_then(|path| crate::load_command_key(path).ok())
+        .map(|key| uplink_protocol::sign::encode_public(&key.verifying_key()));
     Json(CommandKey {
         public_key: uplink_protocol::sign::encode_public(&st.command_key.verifying_key()),
+        next_public_key,
     })
 }
 
@@ -214,6 +227,7 @@ fn operator_routes() -> OpenApiRouter<AppState> {
 fn bridge_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(bridge::mqtt_auth))
+        .routes(routes!(bridge_devices::devices))
         .routes(routes!(bridge::presence))
         .routes(routes!(bridge::due_commands))
         .routes(routes!(bridge::claim_commands))

@@ -79,6 +79,7 @@ impl TestApp {
             operator_token: Secret::new(OPERATOR),
             bridge_token: Secret::new(BRIDGE),
             command_key_file: key_file,
+            command_next_key_file: None,
             replay_window_secs: 300,
             command_ttl_secs: 3600,
             command_resend_secs: 30,

@@ -21,7 +21,7 @@ use uplink_protocol::envelope::{CommandEnvelope, CommandError, MAX_PAYLOAD_BYTES
 use uplink_protocol::flow::{self as flow_wire, FlowConfig, DEFAULT_PRIORITY};
 use uplink_protocol::ops::Op;
 use uplink_protocol::plan::MIB;
-use uplink_protocol::sign::PublicKey;
+use uplink_protocol::keyring::CommandKeys;
 use uplink_protocol::topics::Channel;
 use uplink_protocol::unix_now;
 use uuid::Uuid;
@@ -67,7 +67,7 @@ fn readable_command_id(command_json: &str) -> Option<Uuid> {
 
 struct Agent {
     device_id: String,
-    command_key: PublicKey,
+    command_key: CommandKeys,
     roots: Vec<PathBuf>,
     part_size_hint: u64,
     /// Files up to this size are hashed whole before their session (`hash_first_max_mib`).
@@ -122,7 +122,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
             username: cfg.mqtt.username.clone(),
             password: loaded.mqtt_password,
             key: loaded.key,
-            command_key: loaded.command_key,
+            command_key: loaded.command_key.clone(),
             policy: RetryPolicy::new(Duration::from_secs(cfg.request_timeout_secs)),
             tls: crate::tls::mqtt_files(&cfg.mqtt),
         },
