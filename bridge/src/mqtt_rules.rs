@@ -313,10 +313,10 @@ mod tests {
     }
 
     fn publish(topic: &str) -> Vec<u8> {
+        let mut p = Publish::new(topic, QoS::AtLeastOnce, "x");
+        p.pkid = 3;
         let mut buf = BytesMut::new();
-        Publish::new(topic, QoS::AtLeastOnce, "x")
-            .write(&mut buf)
-            .unwrap();
+        p.write(&mut buf).unwrap();
         buf.to_vec()
     }
 

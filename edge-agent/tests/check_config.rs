@@ -142,7 +142,8 @@ fn an_unknown_field_names_its_line() {
     assert_fails_with(
         &out,
         &[format!(
-            "{}:8:1: mqtt.hots: unknown field (expected one of: host, port, username, password, password_file)",
+            "{}:8:1: mqtt.hots: unknown field (expected one of: host, port, username, password, password_file, \
+             tls, ca_file, client_cert_file, client_key_file, server_name)",
             file.display()
         )],
     );
