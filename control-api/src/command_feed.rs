@@ -143,7 +143,7 @@ pub async fn published(pool: &PgPool, command_id: Uuid) -> Result<bool, sqlx::Er
 }
 
 async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
-    let mut listener = PgListener::connect_with(pool).await?;
+    let mut listener = crate::store::listener(pool).await?;
     listener.listen(CHANNEL).await?;
     Ok(listener)
 }

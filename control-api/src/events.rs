@@ -173,7 +173,7 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
 }
 
 async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
-    let mut listener = PgListener::connect_with(pool).await?;
+    let mut listener = crate::store::listener(pool).await?;
     listener
         .listen_all(["uplink_audit", "uplink_events"])
         .await?;

@@ -22,6 +22,17 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
         .await
 }
 
+/// A LISTEN connection of its own, outside `pool` (same database and options): a
+/// listener made from `pool` itself would keep one of its slots for good.
+pub async fn listener(pool: &PgPool) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
+    let own = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect_with((*pool.connect_options()).clone())
+        .await?;
+    sqlx::postgres::PgListener::connect_with(&own).await
+}
+
 /// Connections of [`Store::locks`] for a work pool of `max_connections`: half of it, so
 /// that every request holding an idempotency lock can still get the (at most two) work
 /// connections it needs at once.
