@@ -41,13 +41,11 @@ pub fn lock_pool_size(max_connections: u32) -> u32 {
 }
 
 /// The pool of idempotency locks ([`Store::locks`]); it opens its connections on demand.
-/// A request waits longer for a lock connection than for a work one: requests beyond the
-/// pool queue here, one lock's work at a time, and under load that line takes seconds.
 pub fn connect_locks(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
     PgPoolOptions::new()
         .max_connections(lock_pool_size(max_connections))
         .min_connections(0)
-        .acquire_timeout(std::time::Duration::from_secs(20))
+        .acquire_timeout(std::time::Duration::from_secs(5))
         .connect_lazy(url)
 }
 
