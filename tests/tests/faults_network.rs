@@ -75,17 +75,18 @@ async fn connection_resets_are_retried() {
     assert!(counts.resets >= 1, "no connection was reset: {counts:?}");
 }
 
-/// Seed of the black-hole test: among the first connections about one in five is
-/// black-holed, and one of the first two is (so the fault surely hits this upload).
-const BLACK_HOLE_SEED: u64 = 5;
+/// Seed of the black-hole test: the first connection is black-holed and none of the next
+/// nine, so the fault surely hits this upload however many connections the agent opens
+/// (hashing beside the upload may keep it to one), and is retried once.
+const BLACK_HOLE_SEED: u64 = 21;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn black_holed_connections_time_out_and_are_retried() {
     let preview = CountingProxy::black_hole_preview(BLACK_HOLE_SEED, 0.2, 10);
     eprintln!("black-hole seed {BLACK_HOLE_SEED}: first 10 connections {preview:?}");
     assert!(
-        preview[0] || preview[1],
-        "seed {BLACK_HOLE_SEED} must black-hole one of the first two connections: {preview:?}"
+        preview[0],
+        "seed {BLACK_HOLE_SEED} must black-hole the first connection: {preview:?}"
     );
     let stack = Stack::start(StackOptions::default()).await;
     let dev = stack.add_device(&agent(2, 5)).await;
