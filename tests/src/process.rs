@@ -2,6 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 
@@ -68,7 +69,10 @@ impl Process {
         )
         .ok();
         let err: File = log.try_clone().expect("clone log file");
+        // Its own process group, so that a wrapper's children (faketime forks the agent)
+        // are signalled and killed with it.
         let child = Command::new(&self.program)
+            .process_group(0)
             .args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -79,9 +83,10 @@ impl Process {
         self.child = Some(child);
     }
 
-    /// SIGKILL, then reap.
+    /// SIGKILL to its process group, then reap.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            signal_group("KILL", child.id());
             child.kill().ok();
             child.wait().ok();
             if let Ok(mut log) = OpenOptions::new().append(true).open(&self.log) {
@@ -105,11 +110,11 @@ impl Process {
         let pid = self
             .pid()
             .unwrap_or_else(|| panic!("{} is not running", self.name));
-        let sent = Command::new("kill")
-            .args([&format!("-{name}"), &pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -{name} {pid} ({})", self.name);
+        assert!(
+            signal_group(name, pid),
+            "kill -{name} -- -{pid} ({})",
+            self.name
+        );
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -131,6 +136,16 @@ impl Process {
     pub fn log_tail(&self, max_bytes: usize) -> String {
         log_tail(&self.log, max_bytes)
     }
+}
+
+/// Sends the signal `name` to the process group `pgid` (a [`Process`] leads its own).
+fn signal_group(name: &str, pgid: u32) -> bool {
+    Command::new("kill")
+        .args([&format!("-{name}"), "--", &format!("-{pgid}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 pub fn log_tail(path: &Path, max_bytes: usize) -> String {
