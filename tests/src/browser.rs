@@ -180,11 +180,19 @@ impl Browser {
     }
 
     pub async fn click(&self, css: &str) {
-        self.find(css)
-            .await
-            .click()
-            .await
-            .unwrap_or_else(|e| panic!("click {css}: {e}"));
+        let mut attempt = 0;
+        loop {
+            match self.find(css).await.click().await {
+                Ok(()) => return,
+                // Re-rendered between finding and clicking (a live update): as a person
+                // would, click the new one.
+                Err(e) if attempt < 5 && e.to_string().contains("stale element") => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("click {css}: {e}"),
+            }
+        }
     }
 
     /// Clears the input matching `css` and types `text` into it.
