@@ -62,8 +62,13 @@ pub struct Device {
     /// positive: ahead), as last reported in its presence status. Beyond the replay window
     /// (`replay_window_secs`, 300 s by default) its signed requests are refused.
     pub clock_offset_secs: Option<i64>,
+    /// Bytes free on the gateway (the fullest of its upload roots and state directory), as
+    /// last reported in its presence status.
+    pub free_disk_bytes: Option<i64>,
     pub last_seen_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+    /// Grows with every change of the row: the cursor of `GET /v1/live`.
+    pub changed_seq: i64,
 }
 
 #[derive(Debug, Clone, FromRow, Serialize, utoipa::ToSchema)]
@@ -118,6 +123,8 @@ pub struct Session {
     /// The storage policy in force at creation; completion checks that storage applied it.
     #[serde(skip)]
     pub policy: Option<serde_json::Value>,
+    /// Grows with every change of the row: the cursor of `GET /v1/live`.
+    pub changed_seq: i64,
 }
 
 impl Session {

@@ -30,6 +30,7 @@ pub mod agent;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod disk;
 pub use uplink_service::failpoint;
 pub mod flow;
 pub mod hasher;

@@ -7,7 +7,7 @@
 //! at once with the problem's detail.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -149,6 +149,8 @@ pub struct Link {
     policy: RetryPolicy,
     pending: Pending,
     queue_depth: Arc<AtomicU32>,
+    /// Free disk bytes as last sent in `status` ([`NO_FREE_DISK`]: unknown).
+    free_disk: AtomicU64,
     /// When the current MQTT connection began (unix ms): its `online` status and its Last
     /// Will carry it.
     conn_ms: AtomicI64,
@@ -177,21 +179,31 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// [`Link::free_disk`] before the agent measured it.
+const NO_FREE_DISK: u64 = u64::MAX;
+
+/// What an `online` status reports about the gateway.
+#[derive(Clone, Copy, Default)]
+struct Report {
+    queue_depth: Option<u32>,
+    free_disk_bytes: Option<u64>,
+}
+
 /// A `status` payload signed with the device key. `ts_ms`: when the connection began (for
 /// `online` and the Last Will), or now (for a goodbye).
 fn status_payload(
     key: &sign::PrivateKey,
     device_id: &str,
     state: Presence,
-    queue_depth: Option<u32>,
+    report: Report,
     ts_ms: i64,
 ) -> Vec<u8> {
     let status = Status {
         v: VERSION,
         state,
         agent_version: Some(agent_version()),
-        queue_depth,
-        free_disk_bytes: None,
+        queue_depth: report.queue_depth,
+        free_disk_bytes: report.free_disk_bytes,
         ts_ms: Some(ts_ms),
         // Known only from answers of an API that reads the field (see `crate::clock`).
         clock_offset_secs: crate::clock::offset(),
@@ -209,7 +221,7 @@ fn last_will(settings: &LinkSettings, conn_ms: i64) -> LastWill {
             &settings.key,
             &settings.device_id,
             Presence::Offline,
-            None,
+            Report::default(),
             conn_ms,
         ),
         QoS::AtLeastOnce,
@@ -291,6 +303,7 @@ impl Link {
             policy: settings.policy,
             pending: Arc::new(Mutex::new(HashMap::new())),
             queue_depth: Arc::new(AtomicU32::new(0)),
+            free_disk: AtomicU64::new(NO_FREE_DISK),
             conn_ms: AtomicI64::new(conn_ms),
             shutdown: shutdown.clone(),
         });
@@ -326,13 +339,34 @@ impl Link {
         }
     }
 
-    /// Republishes the `online` status (queue depth, clock offset) of this connection.
+    /// Sets the free disk space reported in the `status` message and republishes it when
+    /// it moved enough to matter ([`crate::disk::worth_sending`]).
+    pub fn set_free_disk(&self, free: Option<u64>) {
+        let sent = Some(self.free_disk.load(Ordering::Relaxed)).filter(|b| *b != NO_FREE_DISK);
+        if crate::disk::worth_sending(sent, free) {
+            self.free_disk
+                .store(free.unwrap_or(NO_FREE_DISK), Ordering::Relaxed);
+            self.publish_status();
+        }
+    }
+
+    /// What the next `online` status reports.
+    fn report(&self) -> Report {
+        Report {
+            queue_depth: Some(self.queue_depth.load(Ordering::Relaxed)),
+            free_disk_bytes: Some(self.free_disk.load(Ordering::Relaxed))
+                .filter(|b| *b != NO_FREE_DISK),
+        }
+    }
+
+    /// Republishes the `online` status (queue depth, free disk, clock offset) of this
+    /// connection.
     fn publish_status(&self) {
         let payload = status_payload(
             &self.key,
             &self.device_id,
             Presence::Online,
-            Some(self.queue_depth.load(Ordering::Relaxed)),
+            self.report(),
             self.conn_ms.load(Ordering::Relaxed),
         );
         let topic = topics::topic(&self.device_id, Channel::Status);
@@ -638,7 +672,6 @@ async fn event_loop(
                 failures = 0;
                 crate::metrics::set_mqtt_connected(true);
                 // Subscribe and announce presence before anything else queued.
-                let depth = link.queue_depth.load(Ordering::Relaxed);
                 let mut status = Publish::new(
                     topics::topic(&device, Channel::Status),
                     QoS::AtLeastOnce,
@@ -648,7 +681,7 @@ async fn event_loop(
                         &link.key,
                         &device,
                         Presence::Online,
-                        Some(depth),
+                        link.report(),
                         link.conn_ms.load(Ordering::Relaxed),
                     ),
                 );
@@ -743,7 +776,13 @@ async fn goodbye(eventloop: &mut EventLoop, link: &Link, device: &str) {
         topics::topic(device, Channel::Status),
         QoS::AtLeastOnce,
         true,
-        status_payload(&link.key, device, Presence::Offline, None, now_ms()),
+        status_payload(
+            &link.key,
+            device,
+            Presence::Offline,
+            Report::default(),
+            now_ms(),
+        ),
     );
     let _ = link.client.try_disconnect();
     let drain = async {

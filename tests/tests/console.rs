@@ -136,13 +136,20 @@ async fn operator_steers_uploads_and_a_viewer_cannot() {
         .as_str()
         .contains("operator-"));
 
-    // A device goes online.
-    let dev = stack.add_device(&AgentOptions::default()).await;
+    // A device goes online, and reports its free disk space; the page shows both without a
+    // reload (it re-reads nothing on a timer: the live feed brings the change).
     b.goto_hash("#/fleet").await;
+    let dev = stack.add_device(&AgentOptions::default()).await;
     b.wait_text(
         &format!("tr[data-device='{}'] td.presence", dev.id),
         SLOW,
         |t| t.contains("online"),
+    )
+    .await;
+    b.wait_text(
+        &format!("tr[data-device='{}'] td.free-disk", dev.id),
+        SLOW,
+        |t| t.ends_with('B'),
     )
     .await;
     b.snapshot("console-fleet").await;

@@ -2,7 +2,7 @@
 // #/projects, #/upload), and what the signed-in key may do.
 
 import { get, token, ApiError } from './api.js';
-import { Feed } from './feed.js';
+import { Feed, Live } from './feed.js';
 import { say } from './ui.js';
 import * as fleet from './fleet.js';
 import * as uploads from './uploads.js';
@@ -35,13 +35,17 @@ async function signIn(t) {
   $('signout').hidden = false;
   const feed = new Feed();
   feed.start().catch(() => {});
-  ctx = { me, may, feed };
+  const live = new Live();
+  await live.init();
+  live.start().catch(() => {});
+  ctx = { me, may, feed, live };
   route();
 }
 
 function signOut() {
   token.clear();
   ctx?.feed.stop();
+  ctx?.live.stop();
   ctx = null;
   cleanup?.();
   cleanup = null;

@@ -1,8 +1,9 @@
-// Fleet: devices with presence, agent version, queue depth, last seen; register, disable,
-// enable, rotate key. Presence is not in the event feed, so the list is re-read every 3 s.
+// Fleet: devices with presence, agent version, queue depth, free disk, last seen;
+// register, disable, enable, rotate key. Changes arrive on the live feed (GET /v1/live).
 
 import { get, post, patch, q } from './api.js';
-import { el, field, pill, say, table, when, bytes } from './ui.js';
+import { merge } from './feed.js';
+import { replaceKeepingFocus, el, field, pill, say, table, when, bytes } from './ui.js';
 
 export function render(root, ctx) {
   let project = ctx.me.project_id || '';
@@ -50,37 +51,50 @@ export function render(root, ctx) {
   }
 
   let editing = false;
+  let devices = [];
+
+  function show() {
+    const rows = devices.map((d) => {
+      const actions = el('td', { class: 'actions' },
+        d.enabled
+          ? el('button', { type: 'button', class: 'secondary', 'data-need': 'operate', onclick: () => setEnabled(d, false) }, 'Disable')
+          : el('button', { type: 'button', class: 'secondary', 'data-need': 'operate', onclick: () => setEnabled(d, true) }, 'Enable'),
+        el('button', { type: 'button', class: 'secondary', 'data-need': 'operate', onclick: () => { editing = true; rotateForm(d, actions); } }, 'Rotate key'));
+      return el('tr', { dataset: { device: d.device_id } },
+        el('th', { scope: 'row', class: 'mono' }, d.device_id),
+        el('td', {}, d.project_id),
+        el('td', { class: 'presence' }, pill(d.online ? 'online' : 'offline'), d.enabled ? '' : el('span', {}, ' ', pill('disabled', 'error'))),
+        el('td', {}, d.agent_version || '—'),
+        el('td', { class: 'num' }, d.queue_depth ?? '—'),
+        el('td', { class: 'num free-disk' }, bytes(d.free_disk_bytes)),
+        el('td', {}, when(d.last_seen_at)),
+        el('td', { class: 'num hide-narrow' }, d.clock_offset_secs ?? '—'),
+        actions);
+    });
+    replaceKeepingFocus(list, rows.length
+      ? table(['Device', 'Project', 'Presence', 'Agent', 'Queue', 'Free disk', 'Last seen', 'Clock offset (s)', 'Actions'], rows)
+      : el('p', { class: 'muted' }, 'No devices yet.'));
+  }
+
   async function refresh() {
     editing = false;
     try {
-      const devices = await get(`/v1/devices${q({ project_id: project })}`);
-      const rows = devices.map((d) => {
-        const actions = el('td', { class: 'actions' },
-          d.enabled
-            ? el('button', { type: 'button', class: 'secondary', 'data-need': 'operate', onclick: () => setEnabled(d, false) }, 'Disable')
-            : el('button', { type: 'button', class: 'secondary', 'data-need': 'operate', onclick: () => setEnabled(d, true) }, 'Enable'),
-          el('button', { type: 'button', class: 'secondary', 'data-need': 'operate', onclick: () => { editing = true; rotateForm(d, actions); } }, 'Rotate key'));
-        return el('tr', { dataset: { device: d.device_id } },
-          el('th', { scope: 'row', class: 'mono' }, d.device_id),
-          el('td', {}, d.project_id),
-          el('td', { class: 'presence' }, pill(d.online ? 'online' : 'offline'), d.enabled ? '' : el('span', {}, ' ', pill('disabled', 'error'))),
-          el('td', {}, d.agent_version || '—'),
-          el('td', { class: 'num' }, d.queue_depth ?? '—'),
-          el('td', { class: 'num' }, bytes(d.free_disk_bytes)),
-          el('td', {}, when(d.last_seen_at)),
-          el('td', { class: 'num hide-narrow' }, d.clock_offset_secs ?? '—'),
-          actions);
-      });
-      list.replaceChildren(rows.length
-        ? table(['Device', 'Project', 'Presence', 'Agent', 'Queue', 'Free disk', 'Last seen', 'Clock offset (s)', 'Actions'], rows)
-        : el('p', { class: 'muted' }, 'No devices yet.'));
+      devices = await get(`/v1/devices${q({ project_id: project })}`);
+      show();
     } catch (e) { list.replaceChildren(el('p', { class: 'error' }, `Could not list devices: ${e.message}`)); }
   }
 
   projectInput.addEventListener('change', () => { project = projectInput.value.trim(); refresh(); });
   root.append(el('h1', {}, 'Fleet'), el('div', { class: 'row' }, projectField), list, register);
   refresh();
-  const timer = setInterval(() => { if (!editing) refresh(); }, 3000);
+  // Presence, queue depth and free disk arrive on the live feed and are merged in place
+  // (not while a key is being rotated: the form would be lost).
+  const unlive = ctx.live.subscribe((page) => {
+    const mine = page.devices.filter((d) => !project || d.project_id === project);
+    if (!mine.length) return;
+    devices = merge(devices, mine, 'device_id').sort((a, b) => (a.device_id < b.device_id ? -1 : 1));
+    if (!editing) show();
+  });
   const unsub = ctx.feed.subscribe((e) => { if (e.action.startsWith('device.') && !editing) refresh(); });
-  return () => { clearInterval(timer); unsub(); };
+  return () => { unlive(); unsub(); };
 }

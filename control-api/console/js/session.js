@@ -3,6 +3,7 @@
 // and a short-lived download link (a presigned GET: the bytes come from storage).
 
 import { get } from './api.js';
+import { debounce } from './feed.js';
 import { ACTIVE, steerButtons } from './uploads.js';
 import { el, bytes, pill, progressBar, rate, say, table, when } from './ui.js';
 
@@ -12,7 +13,6 @@ function kv(pairs) {
 
 export function render(root, ctx, id) {
   let stopped = false;
-  let timer = null;
   // The download link, kept across re-renders (asking for it is itself an audited event).
   let link = null;
   const body = el('div', {});
@@ -32,7 +32,6 @@ export function render(root, ctx, id) {
 
   async function refresh() {
     if (stopped) return;
-    clearTimeout(timer);
     let s;
     try { s = await get(`/v1/sessions/${id}`); } catch (e) {
       body.replaceChildren(el('p', { class: 'error' }, `No such session: ${e.message}`));
@@ -100,10 +99,12 @@ export function render(root, ctx, id) {
       manifest,
       el('section', { class: 'card' }, el('h2', {}, 'History (audit log)'),
         table(['When', 'Action', 'Transition', 'Actor', 'Error'], transitions)));
-    if (live) timer = setTimeout(refresh, 1500);
   }
 
   refresh();
-  const unsub = ctx.feed.subscribe((e) => { if (e.subject === id) refresh(); });
-  return () => { stopped = true; clearTimeout(timer); unsub(); };
+  // Progress and state changes arrive on the live feed, audited steps on the event feed.
+  const soon = debounce(refresh);
+  const unlive = ctx.live.subscribe((page) => { if (page.sessions.some((s) => s.session_id === id)) soon(); });
+  const unsub = ctx.feed.subscribe((e) => { if (e.subject === id) soon(); });
+  return () => { stopped = true; unlive(); unsub(); };
 }

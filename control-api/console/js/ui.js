@@ -79,6 +79,21 @@ export function table(headers, rows, caption) {
       el('tbody', {}, rows)));
 }
 
+// Replaces `container`'s content with `node`, keeping keyboard focus on the same button
+// of the same row (rows carry a data-session or data-device) when it is still there.
+export function replaceKeepingFocus(container, node) {
+  const f = document.activeElement;
+  const row = f && container.contains(f) ? f.closest('tr') : null;
+  const key = row && (row.dataset.session || row.dataset.device);
+  const label = f?.textContent;
+  container.replaceChildren(node);
+  if (!key) return;
+  for (const b of container.querySelectorAll('tr button')) {
+    const r = b.closest('tr');
+    if ((r.dataset.session || r.dataset.device) === key && b.textContent === label) { b.focus(); return; }
+  }
+}
+
 let statusTimer;
 export function say(text, sticky = false) {
   const s = document.getElementById('status');

@@ -1,11 +1,10 @@
 // Uploads now: sessions with progress, rate and ETA; pause, resume, abort; and a form to
-// send an upload command to a device. Transitions arrive on the event feed; progress is
-// not an event (it is not audited), so while a session is active the list is re-read
-// every 1.5 s.
+// send an upload command to a device. Every change of a session (progress, rate, state)
+// arrives on the live feed (GET /v1/live) and is merged in place: no reload, no polling.
 
 import { get, post, q } from './api.js';
-import { debounce } from './feed.js';
-import { el, field, pill, progressBar, rate, eta, say, table, when, select } from './ui.js';
+import { debounce, merge } from './feed.js';
+import { replaceKeepingFocus, el, field, pill, progressBar, rate, eta, say, table, when, select } from './ui.js';
 
 export const ACTIVE = ['created', 'uploading', 'paused', 'completing'];
 
@@ -50,41 +49,77 @@ function commandForm(ctx, after) {
   return form;
 }
 
+// Newest first, at most 50 (as GET /v1/sessions?limit=50 answers).
+const SHOWN = 50;
+const newestFirst = (a, b) => (a.created_at < b.created_at ? 1 : a.created_at > b.created_at ? -1 : 0);
+
 export function render(root, ctx) {
   const list = el('div', { id: 'sessions' });
-  let timer = null;
-  let stopped = false;
+  let sessions = [];
+
+  // One row per session, kept across updates: a change rewrites its cells in place (the
+  // link and, unless the state changed, the buttons stay the same elements, so a click or
+  // keyboard focus is never lost to a progress report).
+  const rows = new Map();
+
+  function row(s) {
+    let r = rows.get(s.session_id);
+    if (!r) {
+      const cell = (cls) => el('td', cls ? { class: cls } : {});
+      r = { state: null, cells: {
+        state: cell(), progress: cell(), rate: cell('num'), eta: cell('num'),
+        updated: cell('hide-narrow'), error: cell('error'), actions: cell('actions'),
+      } };
+      const c = r.cells;
+      r.tr = el('tr', { dataset: { session: s.session_id } },
+        el('th', { scope: 'row' }, el('a', { href: `#/session/${s.session_id}` }, s.file_name),
+          el('div', { class: 'muted mono' }, s.device_id || s.owner || '')),
+        c.state, c.progress, c.rate, c.eta, c.updated, c.error, c.actions);
+      rows.set(s.session_id, r);
+    }
+    const live = ACTIVE.includes(s.state);
+    const c = r.cells;
+    r.tr.dataset.state = s.state;
+    c.state.replaceChildren(pill(s.state), s.digest_check ? el('div', {}, pill(s.digest_check)) : '');
+    c.progress.replaceChildren(progressBar(s.bytes_done, s.size, `Progress of ${s.file_name}`));
+    c.rate.textContent = live ? rate(s.rate_bps) : '—';
+    c.eta.textContent = live ? eta(s.size - s.bytes_done, s.rate_bps) : '—';
+    c.updated.textContent = when(s.updated_at);
+    c.error.textContent = s.error || '';
+    if (r.state !== s.state) c.actions.replaceChildren(...steerButtons(s, refresh));
+    r.state = s.state;
+    return r.tr;
+  }
+
+  function show() {
+    const trs = sessions.map(row);
+    const ids = new Set(sessions.map((s) => s.session_id));
+    for (const id of rows.keys()) if (!ids.has(id)) rows.delete(id);
+    const body = list.querySelector('tbody');
+    const same = body && body.children.length === trs.length && trs.every((tr, i) => body.children[i] === tr);
+    if (same) return;
+    replaceKeepingFocus(list, trs.length
+      ? table(['File', 'State', 'Progress', 'Rate', 'ETA', 'Updated', 'Error', 'Actions'], trs)
+      : el('p', { class: 'muted' }, 'No sessions yet.'));
+  }
 
   async function refresh() {
-    if (stopped) return;
-    clearTimeout(timer);
-    let active = false;
     try {
-      const sessions = await get(`/v1/sessions${q({ limit: 50, project_id: ctx.me.project_id })}`);
-      const rows = sessions.map((s) => {
-        const live = ACTIVE.includes(s.state);
-        active ||= live;
-        return el('tr', { dataset: { session: s.session_id, state: s.state } },
-          el('th', { scope: 'row' }, el('a', { href: `#/session/${s.session_id}` }, s.file_name),
-            el('div', { class: 'muted mono' }, s.device_id || s.owner || '')),
-          el('td', {}, pill(s.state), s.digest_check ? el('div', {}, pill(s.digest_check)) : null),
-          el('td', {}, progressBar(s.bytes_done, s.size, `Progress of ${s.file_name}`)),
-          el('td', { class: 'num' }, live ? rate(s.rate_bps) : '—'),
-          el('td', { class: 'num' }, live ? eta(s.size - s.bytes_done, s.rate_bps) : '—'),
-          el('td', { class: 'hide-narrow' }, when(s.updated_at)),
-          el('td', { class: 'error' }, s.error || ''),
-          el('td', { class: 'actions' }, steerButtons(s, refresh)));
-      });
-      list.replaceChildren(rows.length
-        ? table(['File', 'State', 'Progress', 'Rate', 'ETA', 'Updated', 'Error', 'Actions'], rows)
-        : el('p', { class: 'muted' }, 'No sessions yet.'));
+      sessions = await get(`/v1/sessions${q({ limit: SHOWN, project_id: ctx.me.project_id })}`);
+      show();
     } catch (e) { list.replaceChildren(el('p', { class: 'error' }, `Could not list sessions: ${e.message}`)); }
-    if (!stopped) timer = setTimeout(refresh, active ? 1500 : 5000);
   }
 
   root.append(el('h1', {}, 'Uploads'), list, commandForm(ctx, refresh));
   refresh();
+  // Progress, rate and new sessions arrive on the live feed; a command's refusal on the
+  // event feed.
+  const unlive = ctx.live.subscribe((page) => {
+    if (!page.sessions.length) return;
+    sessions = merge(sessions, page.sessions, 'session_id').sort(newestFirst).slice(0, SHOWN);
+    show();
+  });
   const soon = debounce(refresh);
-  const unsub = ctx.feed.subscribe((e) => { if (e.action.startsWith('session.') || e.action.startsWith('command.')) soon(); });
-  return () => { stopped = true; clearTimeout(timer); unsub(); };
+  const unsub = ctx.feed.subscribe((e) => { if (e.action.startsWith('command.')) soon(); });
+  return () => { unlive(); unsub(); };
 }

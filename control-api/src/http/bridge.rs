@@ -163,7 +163,8 @@ pub async fn presence(
     sqlx::query(
         "UPDATE devices SET online = $2, last_seen_at = now(), agent_version = COALESCE($3, agent_version),
                             queue_depth = COALESCE($4, queue_depth), presence_ts_ms = $5,
-                            clock_offset_secs = COALESCE($6, clock_offset_secs) WHERE device_id = $1",
+                            clock_offset_secs = COALESCE($6, clock_offset_secs),
+                            free_disk_bytes = COALESCE($7, free_disk_bytes) WHERE device_id = $1",
     )
     .bind(&device_id)
     .bind(online)
@@ -171,6 +172,7 @@ pub async fn presence(
     .bind(status.queue_depth.map(|q| q as i32))
     .bind(status.ts_ms)
     .bind(status.clock_offset_secs)
+    .bind(status.free_disk_bytes.map(|b| b.min(i64::MAX as u64) as i64))
     .execute(&mut *tx)
     .await?;
     // A new connection (not a status update of the one already known: same `ts_ms`).

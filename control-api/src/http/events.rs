@@ -57,11 +57,7 @@ pub struct EventPage {
     params(EventQuery),
     responses(
         (status = 200, description = "Events after `after`, oldest first, and the `next` to pass", body = EventPage),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 404, response = openapi::NotFound),
-        (status = 422, response = openapi::Unprocessable),
-        (status = 503, response = openapi::Unavailable),
+        openapi::QueryProblems,
     ),
     security(("operator" = []))
 )]

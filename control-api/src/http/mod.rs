@@ -10,6 +10,7 @@ pub mod error;
 pub mod events;
 pub mod idempotency;
 pub mod keys;
+pub mod live;
 pub mod openapi;
 pub mod operator;
 pub mod projects;
@@ -205,6 +206,7 @@ fn operator_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(operator::get_device, operator::patch_device))
         .routes(routes!(operator::list_audit))
         .routes(routes!(events::list_events))
+        .routes(routes!(live::live))
         .routes(routes!(events::create_webhook, events::list_webhooks))
         .routes(routes!(events::get_webhook, events::delete_webhook))
         .routes(routes!(operator::create_command))

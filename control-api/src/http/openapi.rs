@@ -155,6 +155,12 @@ problem_set!(
 );
 
 problem_set!(
+    /// A read with checked query values (a long-poll's `after` and `wait`).
+    QueryProblems: 400 => BadRequest, 401 => Unauthorized, 404 => NotFound,
+    422 => Unprocessable, 503 => Unavailable
+);
+
+problem_set!(
     /// A change: a read's problems, plus a role that may not, an oversized body and a
     /// refused one.
     WriteProblems: 400 => BadRequest, 401 => Unauthorized, 403 => Forbidden, 404 => NotFound,

@@ -147,6 +147,9 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
     info!(device_id = %cfg.device_id, host = %cfg.mqtt.host, port = cfg.mqtt.port, version = env!("CARGO_PKG_VERSION"), "Agent starting");
 
     agent.refresh_queue_depth().await;
+    let mut disk_paths = agent.roots.clone();
+    disk_paths.push(cfg.state_dir.clone());
+    let disk = tokio::spawn(disk_loop(agent.link.clone(), disk_paths, shutdown.clone()));
     let commands = tokio::spawn(agent.clone().command_loop(link_parts.commands));
     let connections = tokio::spawn(agent.clone().connection_loop(link_parts.connected));
     let local_jobs = tokio::spawn(agent.clone().local_job_loop());
@@ -180,6 +183,7 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
         ("connections", connections),
         ("local jobs", local_jobs),
         ("flow clock", clock),
+        ("free disk", disk),
         ("mqtt", link_parts.task),
     ];
     if let Some(t) = metrics_task {
@@ -197,6 +201,23 @@ pub async fn run(loaded: Loaded, shutdown: CancellationToken) -> Result<(), Agen
     }
     info!("Agent stopped");
     Ok(())
+}
+
+/// Measures free disk space now and every [`crate::disk::CHECK_EVERY`] for the `status`.
+async fn disk_loop(link: Arc<Link>, paths: Vec<PathBuf>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(crate::disk::CHECK_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let paths = paths.clone();
+        // statvfs can hang on a dead network mount: off the async threads.
+        match tokio::task::spawn_blocking(move || crate::disk::free_bytes(&paths)).await {
+            Ok(free) => link.set_free_disk(free),
+            Err(e) => debug!(error = %e, "Free disk not measured"),
+        }
+    }
 }
 
 impl Agent {
