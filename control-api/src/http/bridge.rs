@@ -34,11 +34,7 @@ pub struct Allow {
     request_body = MqttAuth,
     responses(
         (status = 200, description = "Whether the broker lets the client in", body = Allow),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 413, response = openapi::PayloadTooLarge),
-        (status = 422, response = openapi::Unprocessable),
-        (status = 503, response = openapi::Unavailable),
+        openapi::BridgeBodyProblems,
     ),
     security(("bridge" = []))
 )]
@@ -258,11 +254,7 @@ pub struct ClaimRequest {
     request_body = ClaimRequest,
     responses(
         (status = 200, description = "Commands leased to the caller, oldest first; empty when none came due within wait_ms", body = Vec<DueCommand>),
-        (status = 400, response = openapi::BadRequest),
-        (status = 401, response = openapi::Unauthorized),
-        (status = 413, response = openapi::PayloadTooLarge),
-        (status = 422, response = openapi::Unprocessable),
-        (status = 503, response = openapi::Unavailable),
+        openapi::BridgeBodyProblems,
     ),
     security(("bridge" = []))
 )]

@@ -155,6 +155,12 @@ problem_set!(
 );
 
 problem_set!(
+    /// A bridge call with a JSON body: no role to lack, nothing to find.
+    BridgeBodyProblems: 400 => BadRequest, 401 => Unauthorized, 413 => PayloadTooLarge,
+    422 => Unprocessable, 503 => Unavailable
+);
+
+problem_set!(
     /// A read with checked query values (a long-poll's `after` and `wait`).
     QueryProblems: 400 => BadRequest, 401 => Unauthorized, 404 => NotFound,
     422 => Unprocessable, 503 => Unavailable
