@@ -1,5 +1,3 @@
-//! NOT YET PASSING, not compiled (outside tests/tests/): move back to tests/tests/ once it
-//! passes. See the report of the `push` branch.
 //! Several instances, proven: two control APIs behind a round-robin balancer and two
 //! bridges on Mosquitto with shared subscriptions (`StackOptions::apis`, `bridges`).
 //! Exactly-once outcomes are asserted, never timings:
