@@ -538,6 +538,13 @@ async fn deduplicate(
     Ok((201, info(&session, vec![])))
 }
 
+fn part_digest_mismatch(number: u32) -> ApiError {
+    ApiError::Conflict(
+        "part_digest_mismatch",
+        format!("part {number} was planned with a different MD5"),
+    )
+}
+
 /// Presigns parts of `session` (loaded, and checked to be the caller's).
 pub async fn presign(
     st: &AppState,
@@ -581,26 +588,39 @@ pub async fn presign(
             ));
         }
     }
-    // Record each part's MD5 once; a different MD5 for a part already planned is refused.
-    let mut tx = st.store.pool.begin().await?;
+    // Record each part's MD5 once, in one statement; a different MD5 for a part already
+    // planned (or asked twice in this batch) is refused.
+    let mut planned: std::collections::BTreeMap<u32, &str> = std::collections::BTreeMap::new();
     for p in &req.parts {
-        let (_, len) = plan.part(p.number).unwrap_or((0, 0));
-        let stored: (String,) = sqlx::query_as(
-            "INSERT INTO session_parts (session_id, number, md5, size) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (session_id, number) DO UPDATE SET number = EXCLUDED.number RETURNING md5",
-        )
-        .bind(session.session_id)
-        .bind(p.number as i32)
-        .bind(&p.md5)
-        .bind(len as i64)
-        .fetch_one(&mut *tx)
-        .await?;
-        if stored.0 != p.md5 {
-            return Err(ApiError::Conflict(
-                "part_digest_mismatch",
-                format!("part {} was planned with a different MD5", p.number),
-            ));
+        if *planned.entry(p.number).or_insert(&p.md5) != p.md5 {
+            return Err(part_digest_mismatch(p.number));
         }
+    }
+    let numbers: Vec<i32> = planned.keys().map(|n| *n as i32).collect();
+    let md5s: Vec<&str> = planned.values().copied().collect();
+    let sizes: Vec<i64> = planned
+        .keys()
+        .map(|n| plan.part(*n).map_or(0, |(_, len)| len as i64))
+        .collect();
+    let mut tx = st.store.pool.begin().await?;
+    let stored: Vec<(i32, String)> = sqlx::query_as(
+        "INSERT INTO session_parts (session_id, number, md5, size)
+         SELECT $1, n, m, s FROM UNNEST($2::int4[], $3::text[], $4::int8[]) AS t (n, m, s)
+         ON CONFLICT (session_id, number) DO UPDATE SET number = EXCLUDED.number
+         RETURNING number, md5",
+    )
+    .bind(session.session_id)
+    .bind(&numbers)
+    .bind(&md5s)
+    .bind(&sizes)
+    .fetch_all(&mut *tx)
+    .await?;
+    if let Some((n, _)) = stored
+        .iter()
+        .find(|(n, md5)| planned.get(&(*n as u32)) != Some(&md5.as_str()))
+    {
+        // Dropping the transaction records none of the batch.
+        return Err(part_digest_mismatch(*n as u32));
     }
     tx.commit().await?;
     if session.state() == SessionState::Created {

@@ -189,6 +189,63 @@ async fn completion_refuses_missing_parts_and_storage_refuses_other_bytes() {
     );
 }
 
+/// A presign batch is recorded whole or not at all: a batch with one refused part records
+/// none of its parts, and one number asked twice with two MD5s is refused.
+#[tokio::test]
+async fn a_refused_presign_batch_records_none_of_its_parts() {
+    let app = TestApp::spawn().await;
+    let key = app.register("robot-b").await;
+    let data = file(10 * MIB + 10, 4);
+    let (_, created) = app
+        .device(
+            &key,
+            "robot-b",
+            "session.create",
+            &rid(),
+            &create_body(Uuid::new_v4(), &data, 5 * MIB),
+        )
+        .await;
+    let sid = created["session_id"].as_str().expect("id");
+    let presign = |parts: Value| {
+        let app = &app;
+        let key = &key;
+        async move {
+            let body = json!({"session_id": sid, "parts": parts});
+            app.device(key, "robot-b", "parts.presign", &rid(), &body)
+                .await
+        }
+    };
+    let (status, _) = presign(json!([{"number": 1, "md5": md5_b64(b"one")}])).await;
+    assert_eq!(status, 200);
+    // Part 2 is new, part 1 conflicts: 409, and part 2 stays unplanned.
+    let (status, problem) = presign(json!([
+        {"number": 2, "md5": md5_b64(b"not two")}, {"number": 1, "md5": md5_b64(b"other")}]))
+    .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (409, Some("part_digest_mismatch")),
+        "{problem}"
+    );
+    let (status, problem) = presign(json!([{"number": 2, "md5": md5_b64(b"two")}])).await;
+    assert_eq!(
+        status, 200,
+        "part 2 was not planned by the refused batch: {problem}"
+    );
+    let (status, problem) = presign(json!([
+        {"number": 3, "md5": md5_b64(b"y")}, {"number": 3, "md5": md5_b64(b"z")}]))
+    .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (409, Some("part_digest_mismatch")),
+        "{problem}"
+    );
+    // The same number twice with one MD5 is one part, presigned.
+    let (status, answer) = presign(json!([
+        {"number": 3, "md5": md5_b64(b"three")}, {"number": 3, "md5": md5_b64(b"three")}]))
+    .await;
+    assert_eq!(status, 200, "{answer}");
+}
+
 #[tokio::test]
 async fn duplicate_requests_give_one_session() {
     let app = TestApp::spawn().await;
