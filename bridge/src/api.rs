@@ -259,12 +259,11 @@ impl ApiClient {
         })
     }
 
-    /// `POST /v1/bridge/commands/{command_id}/published`.
-    pub async fn mark_published(&self, command_id: Uuid) -> Result<(), ApiError> {
-        let req = self.bridge_request(
-            reqwest::Method::POST,
-            &format!("/v1/bridge/commands/{command_id}/published"),
-        );
+    /// `POST /v1/bridge/commands/published`: the commands of one pass, published.
+    pub async fn mark_published(&self, command_ids: &[Uuid]) -> Result<(), ApiError> {
+        let req = self
+            .bridge_request(reqwest::Method::POST, "/v1/bridge/commands/published")
+            .json(&serde_json::json!({ "command_ids": command_ids }));
         let res = self.send(req).await?;
         check("commands/published", res).await.map(drop)
     }

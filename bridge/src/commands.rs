@@ -104,11 +104,12 @@ impl Pump {
         }
     }
 
-    /// One pass: claims (waiting up to `wait` for a command), publishes and marks what it
-    /// got; returns how many commands it claimed.
+    /// One pass: claims (waiting up to `wait` for a command), publishes what it got and
+    /// reports it published in one call; returns how many commands it claimed.
     async fn pass(&self, wait: Duration) -> Result<usize, PumpError> {
         let due = self.api.claim_commands(&self.name, BATCH, wait).await?;
         let claimed = due.len();
+        let mut published = Vec::with_capacity(claimed);
         for cmd in due {
             if !publishable(&cmd) {
                 warn!(command_id = %cmd.command_id, device_id = %cmd.device_id, "Command for an invalid device id; skipped");
@@ -130,13 +131,14 @@ impl Pump {
                 )
                 .await?;
             self.metrics.command_published();
-            match self.api.mark_published(cmd.command_id).await {
-                Ok(()) => {
-                    info!(command_id = %cmd.command_id, device_id = %cmd.device_id, "Command published")
-                }
-                Err(e) => {
-                    warn!(command_id = %cmd.command_id, error = %e, "Could not mark a command published")
-                }
+            info!(command_id = %cmd.command_id, device_id = %cmd.device_id, "Command published");
+            published.push(cmd.command_id);
+        }
+        if !published.is_empty() {
+            // Not recorded: the lease runs out and the command is published again (the
+            // device answers a repeat with its earlier ack).
+            if let Err(e) = self.api.mark_published(&published).await {
+                warn!(count = published.len(), error = %e, "Could not mark commands published");
             }
         }
         Ok(claimed)

@@ -126,20 +126,20 @@ pub async fn claim(
     Ok(rows.into_iter().map(|(c, _)| c).collect())
 }
 
-/// Records that the command was published: the resend clock starts and the lease ends.
-/// Returns whether the command exists.
-pub async fn published(pool: &PgPool, command_id: Uuid) -> Result<bool, sqlx::Error> {
+/// Records that the commands were published: the resend clock starts and the lease ends.
+/// Returns how many of them exist.
+pub async fn published(pool: &PgPool, command_ids: &[Uuid]) -> Result<u64, sqlx::Error> {
     let n = sqlx::query(
         "UPDATE commands SET state = CASE WHEN state = 'pending' THEN 'published' ELSE state END,
                              published_at = now(), publish_count = publish_count + 1,
                              claimed_by = NULL, lease_until = NULL, updated_at = now()
-         WHERE command_id = $1",
+         WHERE command_id = ANY($1)",
     )
-    .bind(command_id)
+    .bind(command_ids)
     .execute(pool)
     .await?
     .rows_affected();
-    Ok(n == 1)
+    Ok(n)
 }
 
 async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {

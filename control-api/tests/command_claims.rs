@@ -155,9 +155,22 @@ async fn each_command_is_leased_to_exactly_one_bridge() {
         .await;
     assert_eq!(due, json!([]));
 
-    // Published: the lease ends, and the command waits command_resend_secs for a re-send.
-    for id in &ids {
+    // Published (twenty reported in one batch, ten one by one): the lease ends, and the
+    // command waits command_resend_secs for a re-send.
+    let ordered: Vec<&String> = ids.iter().collect();
+    let (batch, single) = ordered.split_at(20);
+    let (status, body) = app
+        .bridge(
+            reqwest::Method::POST,
+            "/v1/bridge/commands/published",
+            Some(json!({ "command_ids": batch })),
+        )
+        .await;
+    assert_eq!(status, 204, "{body}");
+    for id in single {
         published(&app, id).await;
+    }
+    for id in &ids {
         assert_eq!(claimed_by(&app, id).await, None);
     }
     assert!(claim(&app, "bridge-d", 100, 0).await.is_empty());
@@ -226,4 +239,44 @@ async fn bad_claims_are_refused() {
         )
         .await;
     assert_eq!(status, 401, "the operator token must not claim commands");
+    // Published reports: 1 to 1000 ids, nothing else.
+    let many: Vec<String> = (0..1001)
+        .map(|_| uuid::Uuid::new_v4().to_string())
+        .collect();
+    for body in [json!({"command_ids": []}), json!({ "command_ids": many })] {
+        let (status, p) = app
+            .bridge(
+                reqwest::Method::POST,
+                "/v1/bridge/commands/published",
+                Some(body),
+            )
+            .await;
+        assert_eq!(
+            (status, p["code"].as_str()),
+            (400, Some("invalid_batch")),
+            "{p}"
+        );
+    }
+    for body in [json!({"command_ids": ["not-a-uuid"]}), json!({"ids": []})] {
+        let (status, p) = app
+            .bridge(
+                reqwest::Method::POST,
+                "/v1/bridge/commands/published",
+                Some(body),
+            )
+            .await;
+        assert!(matches!(status, 400 | 422), "{status}: {p}");
+    }
+    let (status, _) = app
+        .call(
+            reqwest::Method::POST,
+            "/v1/bridge/commands/published",
+            Some(json!({"command_ids": [uuid::Uuid::new_v4()]})),
+            OPERATOR,
+        )
+        .await;
+    assert_eq!(
+        status, 401,
+        "the operator token must not report commands published"
+    );
 }

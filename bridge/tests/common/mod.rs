@@ -35,6 +35,8 @@ pub const TOKEN: &str = "test-bridge-token";
 pub const DEVICE: &str = "robot-17";
 pub const DEVICE_PASSWORD: &str = "good-pass";
 pub const WAIT: Duration = Duration::from_secs(10);
+/// Devices `FLEET_PREFIX0`, `FLEET_PREFIX1`, … are known too (with `DEVICE_PASSWORD`).
+pub const FLEET_PREFIX: &str = "fleet-";
 
 // ---------- mock control API ----------
 
@@ -91,7 +93,9 @@ pub async fn mqtt_auth(
         .unwrap()
         .auth_calls
         .push((client_id.clone(), username.clone()));
-    let allow = client_id == DEVICE && username == DEVICE && password == DEVICE_PASSWORD;
+    // The device, and the fleet of `FLEET_PREFIX…` devices some tests connect.
+    let known = client_id == DEVICE || client_id.starts_with(FLEET_PREFIX);
+    let allow = known && username == client_id && password == DEVICE_PASSWORD;
     Json(serde_json::json!({ "allow": allow })).into_response()
 }
 
@@ -181,15 +185,20 @@ pub async fn claim(
 
 pub async fn published(
     State(state): State<MockState>,
-    Path(id): Path<Uuid>,
     headers: HeaderMap,
+    Json(body): Json<serde_json::Value>,
 ) -> StatusCode {
     if !bearer_ok(&state, &headers) {
         return StatusCode::UNAUTHORIZED;
     }
+    let Ok(ids) = serde_json::from_value::<Vec<Uuid>>(body["command_ids"].clone()) else {
+        return StatusCode::BAD_REQUEST;
+    };
     let mut m = state.mock.lock().unwrap();
-    m.published.push(id);
-    m.due.retain(|d| d["command_id"] != serde_json::json!(id));
+    for id in ids {
+        m.published.push(id);
+        m.due.retain(|d| d["command_id"] != serde_json::json!(id));
+    }
     StatusCode::NO_CONTENT
 }
 
@@ -213,7 +222,7 @@ pub async fn start_stoppable_mock(
         .route("/v1/device/{op}", post(device_op))
         .route("/v1/bridge/devices/{device}/presence", put(presence))
         .route("/v1/bridge/commands/claim", post(claim))
-        .route("/v1/bridge/commands/{id}/published", post(published))
+        .route("/v1/bridge/commands/published", post(published))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -385,4 +394,26 @@ pub async fn ask_until_answered(
             ),
         }
     }
+}
+
+/// An MQTT CONNECT packet (clean session, user name = client id, a password).
+pub fn connect_packet(level: u8, keep_alive: u16, client_id: &str, password: &str) -> Vec<u8> {
+    let string = |s: &str| {
+        let mut b = (s.len() as u16).to_be_bytes().to_vec();
+        b.extend_from_slice(s.as_bytes());
+        b
+    };
+    let mut rest = string("MQTT");
+    rest.extend([level, 0xC2]);
+    rest.extend(keep_alive.to_be_bytes());
+    if level == 5 {
+        rest.push(0); // no properties
+    }
+    for field in [client_id, client_id, password] {
+        rest.extend(string(field));
+    }
+    assert!(rest.len() < 128);
+    let mut packet = vec![0x10, rest.len() as u8];
+    packet.extend(rest);
+    packet
 }

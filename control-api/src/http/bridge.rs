@@ -320,7 +320,44 @@ pub async fn command_published(
     State(st): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
-    crate::command_feed::published(&st.store.pool, id).await?;
+    crate::command_feed::published(&st.store.pool, &[id]).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The most command ids one `published` report may carry.
+pub const MAX_PUBLISHED_BATCH: usize = 1000;
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PublishedReport {
+    /// The commands the bridge published (1-1000).
+    pub command_ids: Vec<Uuid>,
+}
+
+/// Reports several commands published at once (a claim's batch): for each, the lease ends
+/// and the `command_resend_secs` clock starts. Unknown ids are ignored.
+#[utoipa::path(
+    post,
+    path = "/v1/bridge/commands/published",
+    tag = "bridge",
+    request_body = PublishedReport,
+    responses(
+        (status = 204, description = "Recorded"),
+        openapi::BridgeBodyProblems,
+    ),
+    security(("bridge" = []))
+)]
+pub async fn commands_published(
+    State(st): State<AppState>,
+    ApiJson(report): ApiJson<PublishedReport>,
+) -> Result<StatusCode, ApiError> {
+    if !(1..=MAX_PUBLISHED_BATCH).contains(&report.command_ids.len()) {
+        return Err(ApiError::BadRequest(
+            "invalid_batch",
+            format!("command_ids must hold 1 to {MAX_PUBLISHED_BATCH} ids"),
+        ));
+    }
+    crate::command_feed::published(&st.store.pool, &report.command_ids).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

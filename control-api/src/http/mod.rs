@@ -234,6 +234,7 @@ fn bridge_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(bridge::due_commands))
         .routes(routes!(bridge::claim_commands))
         .routes(routes!(bridge::command_published))
+        .routes(routes!(bridge::commands_published))
 }
 
 /// The OpenAPI document of every route [`router`] serves: built from the same route lists.
