@@ -89,6 +89,26 @@ fn same_secret(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// Most device connections the embedded broker holds at once.
+pub const MAX_DEVICE_CONNECTIONS: usize = 10_000;
+/// Descriptors a device connection takes in the bridge: the device's socket at the gate,
+/// the gate's to rumqttd, and rumqttd's side of that one.
+const FILES_PER_DEVICE: u64 = 3;
+/// Descriptors kept for everything else (HTTP to the API, logs, the listeners).
+const FILES_RESERVED: u64 = 256;
+
+/// How many device connections fit in `open_files` descriptors (at most
+/// [`MAX_DEVICE_CONNECTIONS`]). Past it the gate refuses new connections: a process out of
+/// descriptors cannot accept, and rumqttd then spins on its accept loop.
+pub fn device_connection_cap(open_files: Option<u64>) -> usize {
+    let fit = open_files.map_or(u64::MAX, |n| {
+        n.saturating_sub(FILES_RESERVED) / FILES_PER_DEVICE
+    });
+    usize::try_from(fit).map_or(MAX_DEVICE_CONNECTIONS, |n| {
+        n.clamp(1, MAX_DEVICE_CONNECTIONS)
+    })
+}
+
 /// The rumqttd configuration: one v4 server on `listen`.
 pub fn rumqttd_config(listen: SocketAddr) -> Config {
     let connections = ConnectionSettings {
@@ -111,7 +131,8 @@ pub fn rumqttd_config(listen: SocketAddr) -> Config {
     Config {
         id: 0,
         router: RouterConfig {
-            max_connections: 10_010,
+            // The devices, the bridge's own client and a few spare.
+            max_connections: MAX_DEVICE_CONNECTIONS + 10,
             max_outgoing_packet_count: 200,
             max_segment_size: 4 * 1024 * 1024,
             max_segment_count: 8,
@@ -175,12 +196,20 @@ pub fn start(listen: SocketAddr, api: ApiClient) -> Result<EmbeddedBroker, Broke
             flag.store(true, Ordering::SeqCst);
         })
         .map_err(BrokerError::Thread)?;
-    info!(%listen, %internal, "Embedded broker starting");
+    let open_files = uplink_service::open_files::raise();
+    let cap = device_connection_cap(open_files);
+    info!(%listen, %internal, open_files_limit = ?open_files, max_device_connections = cap, "Embedded broker starting");
     Ok(EmbeddedBroker {
         listen,
         internal,
         internal_password: Secret::new(internal_password),
-        gate: Arc::new(crate::gate::Gate::new(internal, gate_secret, api, RECHECK)),
+        gate: Arc::new(crate::gate::Gate::new(
+            internal,
+            gate_secret,
+            api,
+            RECHECK,
+            cap,
+        )),
         gate_listener: Some(gate_listener),
         stopped,
     })
@@ -188,6 +217,15 @@ pub fn start(listen: SocketAddr, api: ApiClient) -> Result<EmbeddedBroker, Broke
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn device_connections_fit_the_open_files_limit() {
+        use super::{device_connection_cap as cap, MAX_DEVICE_CONNECTIONS};
+        assert_eq!(cap(Some(1024)), 256);
+        assert_eq!(cap(Some(20_000)), 6581);
+        assert_eq!(cap(Some(524_288)), MAX_DEVICE_CONNECTIONS);
+        assert_eq!(cap(None), MAX_DEVICE_CONNECTIONS);
+        assert_eq!(cap(Some(100)), 1);
+    }
     use super::*;
 
     #[test]

@@ -15,12 +15,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -33,6 +35,8 @@ use uplink_protocol::envelope::MAX_PAYLOAD_BYTES;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an auth call to the control API may take before the client is refused.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// The shortest time between two warnings about refused connections.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(10);
 /// Largest remaining length of a packet, as rumqttd's `max_payload_size`.
 const MAX_REMAINING: usize = MAX_PAYLOAD_BYTES + PACKET_HEADROOM;
 
@@ -52,6 +56,11 @@ pub struct Gate {
     /// How often enabled devices are re-checked.
     pub recheck: Duration,
     open: Mutex<Connections>,
+    /// One permit per device connection the bridge can hold
+    /// ([`crate::broker::device_connection_cap`]).
+    slots: Arc<Semaphore>,
+    /// Connections closed at once because every slot was taken.
+    refused_full: AtomicU64,
 }
 
 fn lock(m: &Mutex<Connections>) -> std::sync::MutexGuard<'_, Connections> {
@@ -68,14 +77,27 @@ impl std::fmt::Debug for Gate {
 }
 
 impl Gate {
-    pub fn new(upstream: SocketAddr, secret: String, api: ApiClient, recheck: Duration) -> Self {
+    pub fn new(
+        upstream: SocketAddr,
+        secret: String,
+        api: ApiClient,
+        recheck: Duration,
+        max_connections: usize,
+    ) -> Self {
         Gate {
             upstream,
             secret,
             api,
             recheck,
             open: Mutex::new(Connections::default()),
+            slots: Arc::new(Semaphore::new(max_connections)),
+            refused_full: AtomicU64::new(0),
         }
+    }
+
+    /// Connections refused so far because the gate was full.
+    pub fn refused_full(&self) -> u64 {
+        self.refused_full.load(Ordering::Relaxed)
     }
 
     fn register(&self, device_id: &str) -> (u64, CancellationToken) {
@@ -118,7 +140,10 @@ impl Gate {
     }
 
     /// Accepts device connections on `listener` until `stop`.
+    /// A connection past the cap is closed at once (the device retries later), and said
+    /// in a warning at most every [`FULL_WARNING_EVERY`].
     pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+        let mut warned_full: Option<tokio::time::Instant> = None;
         loop {
             let accepted = tokio::select! {
                 () = stop.cancelled() => return,
@@ -126,11 +151,23 @@ impl Gate {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                        drop(stream);
+                        let refused = self.refused_full.fetch_add(1, Ordering::Relaxed) + 1;
+                        if warned_full.is_none_or(|t| t.elapsed() >= FULL_WARNING_EVERY) {
+                            warned_full = Some(tokio::time::Instant::now());
+                            warn!(%peer, refused, "Device connection refused: the bridge holds as many as its open-files limit allows (raise LimitNOFILE)");
+                        }
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
                     let gate = self.clone();
                     // Open connections are not closed at shutdown: they end with the
                     // process, as rumqttd's own would (no Last Will is sent for them).
-                    tokio::spawn(async move { gate.handle(stream, peer).await });
+                    tokio::spawn(async move {
+                        gate.handle(stream, peer).await;
+                        drop(slot);
+                    });
                 }
                 Err(e) => {
                     warn!(error = %e, "MQTT accept failed");

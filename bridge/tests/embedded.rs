@@ -350,27 +350,6 @@ async fn embedded_broker_payload_limits() {
 
 /// A raw MQTT CONNECT: protocol `level` (4 = 3.1.1, 5 = MQTT 5), clean session, username
 /// and password.
-fn connect_packet(level: u8, keep_alive: u16, client_id: &str, password: &str) -> Vec<u8> {
-    let string = |s: &str| {
-        let mut b = (s.len() as u16).to_be_bytes().to_vec();
-        b.extend_from_slice(s.as_bytes());
-        b
-    };
-    let mut rest = string("MQTT");
-    rest.extend([level, 0xC2]);
-    rest.extend(keep_alive.to_be_bytes());
-    if level == 5 {
-        rest.push(0); // no properties
-    }
-    for field in [client_id, client_id, password] {
-        rest.extend(string(field));
-    }
-    assert!(rest.len() < 128);
-    let mut packet = vec![0x10, rest.len() as u8];
-    packet.extend(rest);
-    packet
-}
-
 /// Everything the broker sends after `packet` until it closes the connection.
 async fn broker_answer(port: u16, packet: &[u8]) -> Vec<u8> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

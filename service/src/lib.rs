@@ -9,11 +9,45 @@
 //! - [`otel`]: optional OpenTelemetry trace export and trace-context propagation.
 //! - [`tls`]: rustls client/server configurations from PEM files; handshake errors
 //!   explained.
+//! - [`open_files`]: the open-files limit, raised to its hard limit at start.
 
 pub mod config;
 pub mod failpoint;
 pub mod otel;
 pub mod tls;
+
+/// The open-files limit (`RLIMIT_NOFILE`). A service that holds a socket per device needs
+/// more than the usual soft limit of 1024; the hard limit (systemd's default is 524288)
+/// is what the administrator allows, so a service raises its soft limit to it at start.
+pub mod open_files {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+
+    /// Raises the soft limit to the hard one; returns the soft limit now in force
+    /// (`None`: unlimited).
+    pub fn raise() -> Option<u64> {
+        let limit = getrlimit(Resource::Nofile);
+        if limit.current != limit.maximum {
+            let raised = Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            };
+            if let Err(e) = setrlimit(Resource::Nofile, raised) {
+                tracing::warn!(error = %e, "Could not raise the open-files limit");
+                return limit.current;
+            }
+        }
+        getrlimit(Resource::Nofile).current
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn raise_reaches_the_hard_limit() {
+            let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+            assert_eq!(super::raise(), hard);
+        }
+    }
+}
 
 /// systemd's service notification protocol (`sd_notify(3)`) without libsystemd: one datagram
 /// per message to the socket `NOTIFY_SOCKET` names. Every call is a no-op when the process
