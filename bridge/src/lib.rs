@@ -151,8 +151,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Brid
         "Bridge starting"
     );
 
-    let (client, eventloop) =
+    let (client, mut eventloop) =
         rumqttc::AsyncClient::new(mqtt::options(&connection)?, REQUEST_CHANNEL);
+    // Answers go out as soon as they are written, not after the broker's delayed ACK of
+    // the previous packet (Nagle's algorithm, up to 40 ms per answer).
+    eventloop.network_options.set_tcp_nodelay(true);
     let (connected_tx, mut connected_rx) = watch::channel(false);
     let presence_queue = Arc::new(presence::PresenceQueue::default());
     let wake_pump = Arc::new(Notify::new());

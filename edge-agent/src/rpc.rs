@@ -291,8 +291,11 @@ impl Link {
     /// Starts the event loop task. It runs until `shutdown` fires.
     pub fn start(settings: LinkSettings, shutdown: CancellationToken) -> LinkParts {
         let conn_ms = now_ms();
-        let (client, eventloop) =
+        let (client, mut eventloop) =
             AsyncClient::new(mqtt_options(&settings, conn_ms), CHANNEL_CAPACITY);
+        // Requests and acks are small packets: without this, Nagle's algorithm holds one
+        // back until the broker's delayed ACK of the previous (up to 40 ms a round trip).
+        eventloop.network_options.set_tcp_nodelay(true);
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         let (conn_tx, conn_rx) = watch::channel(0u64);
         let link = Arc::new(Link {

@@ -210,6 +210,7 @@ impl MqttDevice {
         opts.set_clean_session(true);
         opts.set_max_packet_size(256 * 1024, 256 * 1024);
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        eventloop.network_options.set_tcp_nodelay(true);
         let (tx, events) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
             loop {
