@@ -95,11 +95,6 @@ impl Gate {
         }
     }
 
-    /// Connections refused so far because the gate was full.
-    pub fn refused_full(&self) -> u64 {
-        self.refused_full.load(Ordering::Relaxed)
-    }
-
     fn register(&self, device_id: &str) -> (u64, CancellationToken) {
         let mut open = lock(&self.open);
         open.next += 1;
