@@ -225,12 +225,7 @@ async fn bridge_with_embedded_broker() {
     );
 
     // Clean shutdown.
-    shutdown.cancel();
-    let ended = tokio::time::timeout(Duration::from_secs(15), bridge)
-        .await
-        .expect("bridge did not stop after shutdown")
-        .unwrap();
-    assert!(ended.is_ok(), "{ended:?}");
+    stop_bridge(shutdown, bridge).await;
 }
 
 /// The embedded broker takes a PUBLISH whose remaining length (topic, packet id and
@@ -243,17 +238,7 @@ async fn embedded_broker_payload_limits() {
     let device_key = sign::generate();
     let (api_addr, _mock) = start_mock(device_key.verifying_key()).await;
     let port = free_port();
-    let config = Config {
-        api_url: format!("http://{api_addr}"),
-        api_token: Secret::new(TOKEN),
-        poll_interval_ms: 60_000,
-        http_listen: None,
-        broker: BrokerConfig {
-            mode: BrokerMode::Embedded,
-            listen: SocketAddr::from(([127, 0, 0, 1], port)),
-            ..BrokerConfig::default()
-        },
-    };
+    let config = embedded_config(api_addr, port);
     let shutdown = CancellationToken::new();
     let bridge = tokio::spawn(uplink_bridge::run(config, shutdown.clone()));
 
@@ -340,12 +325,7 @@ async fn embedded_broker_payload_limits() {
         200
     );
 
-    shutdown.cancel();
-    let ended = tokio::time::timeout(Duration::from_secs(15), bridge)
-        .await
-        .expect("bridge did not stop after shutdown")
-        .unwrap();
-    assert!(ended.is_ok(), "{ended:?}");
+    stop_bridge(shutdown, bridge).await;
 }
 
 /// A raw MQTT CONNECT: protocol `level` (4 = 3.1.1, 5 = MQTT 5), clean session, username
@@ -386,17 +366,7 @@ async fn embedded_broker_refuses_without_connack() {
     let device_key = sign::generate();
     let (api_addr, _mock) = start_mock(device_key.verifying_key()).await;
     let port = free_port();
-    let config = Config {
-        api_url: format!("http://{api_addr}"),
-        api_token: Secret::new(TOKEN),
-        poll_interval_ms: 60_000,
-        http_listen: None,
-        broker: BrokerConfig {
-            mode: BrokerMode::Embedded,
-            listen: SocketAddr::from(([127, 0, 0, 1], port)),
-            ..BrokerConfig::default()
-        },
-    };
+    let config = embedded_config(api_addr, port);
     let shutdown = CancellationToken::new();
     let bridge = tokio::spawn(uplink_bridge::run(config, shutdown.clone()));
     drop(connect_when_up(port).await);
@@ -415,10 +385,5 @@ async fn embedded_broker_refuses_without_connack() {
         assert!(got.is_empty(), "{what}: the broker sent {got:02x?}");
     }
 
-    shutdown.cancel();
-    let ended = tokio::time::timeout(Duration::from_secs(15), bridge)
-        .await
-        .expect("bridge did not stop after shutdown")
-        .unwrap();
-    assert!(ended.is_ok(), "{ended:?}");
+    stop_bridge(shutdown, bridge).await;
 }

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
@@ -17,7 +16,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use uplink_bridge::broker::device_connection_cap;
-use uplink_bridge::config::{BrokerConfig, BrokerMode, Config, Secret};
 use uplink_protocol::sign;
 
 const OPEN_FILES: u64 = 400;
@@ -69,17 +67,7 @@ async fn a_full_gate_refuses_new_devices_and_keeps_the_others() {
     let device_key = sign::generate();
     let (api_addr, _mock) = start_mock(device_key.verifying_key()).await;
     let port = free_port();
-    let config = Config {
-        api_url: format!("http://{api_addr}"),
-        api_token: Secret::new(TOKEN),
-        poll_interval_ms: 60_000,
-        http_listen: None,
-        broker: BrokerConfig {
-            mode: BrokerMode::Embedded,
-            listen: SocketAddr::from(([127, 0, 0, 1], port)),
-            ..BrokerConfig::default()
-        },
-    };
+    let config = embedded_config(api_addr, port);
     let shutdown = CancellationToken::new();
     let bridge = tokio::spawn(uplink_bridge::run(config, shutdown.clone()));
     // The first device (a rumqttc client) takes one slot, these the others.
@@ -124,10 +112,5 @@ async fn a_full_gate_refuses_new_devices_and_keeps_the_others() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    shutdown.cancel();
-    let ended = tokio::time::timeout(Duration::from_secs(15), bridge)
-        .await
-        .expect("bridge did not stop after shutdown")
-        .unwrap();
-    assert!(ended.is_ok(), "{ended:?}");
+    stop_bridge(shutdown, bridge).await;
 }

@@ -130,12 +130,7 @@ async fn bridge_with_external_broker_and_shared_subscriptions() {
     .await;
     wait_until("periodic command polls", &mock, |m| m.due_polls >= 2).await;
 
-    shutdown.cancel();
-    let ended = tokio::time::timeout(Duration::from_secs(15), bridge)
-        .await
-        .expect("bridge did not stop after shutdown")
-        .unwrap();
-    assert!(ended.is_ok(), "{ended:?}");
+    stop_bridge(shutdown, bridge).await;
 }
 
 /// On an external broker nothing limits what a device publishes to the broker's own limit
@@ -205,10 +200,5 @@ async fn oversized_payloads_do_not_disconnect_the_bridge() {
     let res = next_response(&mut inbox).await;
     assert_eq!((res.request_id.as_str(), res.status), ("after", 200));
 
-    shutdown.cancel();
-    let ended = tokio::time::timeout(Duration::from_secs(15), bridge)
-        .await
-        .expect("bridge did not stop after shutdown")
-        .unwrap();
-    assert!(ended.is_ok(), "{ended:?}");
+    stop_bridge(shutdown, bridge).await;
 }

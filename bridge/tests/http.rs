@@ -183,12 +183,7 @@ async fn health_readiness_and_metrics() {
     );
 
     // The HTTP server stops with the bridge.
-    shutdown.cancel();
-    let ended = tokio::time::timeout(Duration::from_secs(15), bridge)
-        .await
-        .expect("bridge did not stop after shutdown")
-        .unwrap();
-    assert!(ended.is_ok(), "{ended:?}");
+    stop_bridge(shutdown, bridge).await;
     assert!(
         tokio::net::TcpStream::connect(http_addr).await.is_err(),
         "the HTTP server still accepts connections after shutdown"

@@ -417,3 +417,34 @@ pub fn connect_packet(level: u8, keep_alive: u16, client_id: &str, password: &st
     packet.extend(rest);
     packet
 }
+
+/// A bridge with its embedded broker listening on 127.0.0.1:`port`, against the mock API
+/// at `api_addr`; its command pump waits long, so only start-up, connections and presence
+/// wake it.
+pub fn embedded_config(api_addr: SocketAddr, port: u16) -> uplink_bridge::config::Config {
+    use uplink_bridge::config::{BrokerConfig, BrokerMode, Config, Secret};
+    Config {
+        api_url: format!("http://{api_addr}"),
+        api_token: Secret::new(TOKEN),
+        poll_interval_ms: 60_000,
+        http_listen: None,
+        broker: BrokerConfig {
+            mode: BrokerMode::Embedded,
+            listen: SocketAddr::from(([127, 0, 0, 1], port)),
+            ..BrokerConfig::default()
+        },
+    }
+}
+
+/// Cancels `shutdown` and waits (at most 15 s) for `bridge` to stop without an error.
+pub async fn stop_bridge(
+    shutdown: CancellationToken,
+    bridge: tokio::task::JoinHandle<Result<(), uplink_bridge::BridgeError>>,
+) {
+    shutdown.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(15), bridge)
+        .await
+        .expect("bridge did not stop after shutdown")
+        .unwrap();
+    assert!(ended.is_ok(), "{ended:?}");
+}
