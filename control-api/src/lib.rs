@@ -7,6 +7,7 @@
 //! - [`store`]: PostgreSQL rows, version-checked transitions, the audit log.
 //! - [`storage`]: the S3 adapter (create, presign, list parts, complete, abort, head).
 //! - [`sessions`]: the session operations the device and operator APIs share.
+//! - [`presign`]: presigning a session's parts (re-exported by [`sessions`]).
 //! - [`completion`]: verified, crash-consistent completion of a session.
 //! - [`cleanup`]: the worker that expires idle sessions and aborts orphan uploads.
 //! - [`command_feed`]: commands pushed to the bridges: leased claims, LISTEN/NOTIFY wake-ups.
@@ -33,6 +34,7 @@ pub mod events;
 pub mod guarantees;
 pub mod http;
 pub mod metrics;
+pub mod presign;
 pub mod readback;
 pub mod sessions;
 pub mod storage;
