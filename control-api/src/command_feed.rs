@@ -7,7 +7,9 @@
 //!   offered to nobody else until the bridge reports it published (which clears the lease
 //!   and starts the `command_resend_secs` clock) or the lease runs out (the bridge died
 //!   between claim and publish): exactly one bridge publishes each command, and none is
-//!   lost with a bridge.
+//!   lost with a bridge. An `accepted` command is offered again every
+//!   `command_recheck_secs` until its final ack comes (or it expires): the device answers
+//!   a repeat with its latest ack, so a final ack lost with a bridge or an API is repaired.
 //! - **Wake-up.** A trigger `NOTIFY`s `uplink_commands` when a command becomes due at once
 //!   (stored, or its device came online). Each API instance LISTENs ([`run`]) and bumps its
 //!   [`Feed`], which ends the long-polls waiting on it. Commands due by time (a re-send, a
@@ -81,25 +83,40 @@ impl Feed {
     }
 }
 
-/// Leases to `bridge` for `lease` at most `limit` commands that are due: unacknowledged,
-/// unexpired, for an online and enabled device, never published or published at least
-/// `resend` ago, and not leased to anyone (or their lease ran out). Oldest first.
+/// Leases to `bridge` for `lease` at most `limit` commands that are due, oldest first:
+/// unexpired, for an online and enabled device, not leased to anyone (or their lease ran
+/// out), and either unacknowledged and never published or published at least `resend`
+/// ago, or `accepted` without a final ack for `recheck` (re-published so that the device
+/// answers with its latest ack, which repairs a final ack lost on the way).
 pub async fn claim(
     pool: &PgPool,
     bridge: &str,
     limit: i64,
     lease: Duration,
     resend: Duration,
+    recheck: Duration,
 ) -> Result<Vec<DueCommand>, sqlx::Error> {
+    // Two scans, each on its own partial index (commands_open, commands_accepted).
     let mut rows: Vec<(DueCommand, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
-        "WITH due AS (
-             SELECT c.command_id FROM commands c JOIN devices d USING (device_id)
+        "WITH open AS (
+             SELECT c.command_id, c.created_at FROM commands c JOIN devices d USING (device_id)
               WHERE c.state IN ('pending', 'published') AND c.expires_at > now()
                 AND d.online AND d.enabled
                 AND (c.published_at IS NULL OR c.published_at < now() - make_interval(secs => $3))
                 AND (c.lease_until IS NULL OR c.lease_until < now())
               ORDER BY c.created_at LIMIT $4
-              FOR UPDATE OF c SKIP LOCKED)
+              FOR UPDATE OF c SKIP LOCKED),
+         rechecked AS (
+             SELECT c.command_id, c.created_at FROM commands c JOIN devices d USING (device_id)
+              WHERE c.state = 'accepted' AND c.expires_at > now()
+                AND d.online AND d.enabled
+                AND c.updated_at < now() - make_interval(secs => $5)
+                AND (c.lease_until IS NULL OR c.lease_until < now())
+              ORDER BY c.updated_at LIMIT $4
+              FOR UPDATE OF c SKIP LOCKED),
+         due AS (
+             SELECT command_id FROM (SELECT * FROM open UNION ALL SELECT * FROM rechecked) u
+              ORDER BY created_at LIMIT $4)
          UPDATE commands c SET claimed_by = $1, lease_until = now() + make_interval(secs => $2)
            FROM due WHERE c.command_id = due.command_id
          RETURNING c.command_id, c.device_id, c.envelope, c.created_at",
@@ -108,6 +125,7 @@ pub async fn claim(
     .bind(lease.as_secs_f64())
     .bind(resend.as_secs_f64())
     .bind(limit)
+    .bind(recheck.as_secs_f64())
     .fetch_all(pool)
     .await?
     .into_iter()

@@ -42,6 +42,11 @@ pub struct Config {
     /// An unacknowledged command is re-published after this long.
     #[serde(default = "default_command_resend")]
     pub command_resend_secs: u64,
+    /// An accepted command without a final ack is re-published after this long (until it
+    /// expires), so that its device answers with its latest ack: a lost final ack is
+    /// repaired.
+    #[serde(default = "default_command_recheck")]
+    pub command_recheck_secs: u64,
     /// A bridge that claimed a command has this long to publish it before another bridge
     /// may claim it.
     #[serde(default = "default_command_lease")]
@@ -177,6 +182,9 @@ fn default_command_ttl() -> u64 {
 }
 fn default_command_resend() -> u64 {
     30
+}
+fn default_command_recheck() -> u64 {
+    300
 }
 fn default_command_lease() -> u64 {
     10

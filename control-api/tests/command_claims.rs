@@ -280,3 +280,48 @@ async fn bad_claims_are_refused() {
         "the operator token must not report commands published"
     );
 }
+
+#[tokio::test]
+async fn an_accepted_command_is_offered_again_until_its_final_ack() {
+    let app = TestApp::spawn_config(|c| c.command_recheck_secs = 1).await;
+    let key = online_device(&app, "robot-recheck").await;
+    let id = command(&app, "robot-recheck").await;
+    let ack = |state: &'static str| {
+        let (app, key, id) = (&app, &key, &id);
+        async move {
+            let (status, body) = app
+                .device(
+                    key,
+                    "robot-recheck",
+                    "command.ack",
+                    &uuid::Uuid::new_v4().to_string(),
+                    &json!({"command_id": id, "state": state}),
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+        }
+    };
+    assert_eq!(claim(&app, "bridge-a", 100, 0).await, vec![id.clone()]);
+    published(&app, &id).await;
+    ack("accepted").await;
+    // Accepted: not offered while command_recheck_secs run...
+    assert!(claim(&app, "bridge-a", 100, 0).await.is_empty());
+    // ...then offered once (its final ack may have been lost), and the clock starts again
+    // when it is published.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(claim(&app, "bridge-b", 100, 0).await, vec![id.clone()]);
+    assert!(claim(&app, "bridge-a", 100, 0).await.is_empty(), "leased");
+    published(&app, &id).await;
+    assert!(claim(&app, "bridge-a", 100, 0).await.is_empty());
+    // The device answers the repeat with its latest ack: done. Never offered again.
+    ack("done").await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert!(claim(&app, "bridge-a", 100, 0).await.is_empty());
+    let (n,): (i32,) =
+        sqlx::query_as("SELECT publish_count FROM commands WHERE command_id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&app.state.store.pool)
+            .await
+            .expect("command row");
+    assert_eq!(n, 2);
+}

@@ -59,6 +59,10 @@ pub struct StackOptions {
     /// keyfile`) and storage (presigned URLs on an HTTPS relay) serve certificates it
     /// signed; agents and the bridge trust it (`ca_file`, `https_ca_file`).
     pub tls: bool,
+    /// The API's `s3.key_prefix`: object keys and the orphan sweep's reach start with it
+    /// (a test that shortens `cleanup.orphan_grace_secs` needs one of its own, or its
+    /// sweep aborts other tests' uploads in the shared bucket).
+    pub key_prefix: String,
 }
 
 /// The TLS side of a stack ([`StackOptions::tls`]).
@@ -86,6 +90,7 @@ impl Default for StackOptions {
             apis: 1,
             bridges: 1,
             tls: false,
+            key_prefix: String::new(),
         }
     }
 }
@@ -402,6 +407,7 @@ impl Stack {
                  access_key_id = {ak}\n\
                  secret_access_key = {sk}\n\
                  presign_ttl_secs = {ttl}\n\
+                 key_prefix = {prefix}\n\
                  {extra}\n",
                 listen = toml_str(&format!("127.0.0.1:{api_port}")),
                 db = toml_str(&db.url),
@@ -422,6 +428,7 @@ impl Stack {
                 ak = toml_str(&env.s3_access_key),
                 sk = toml_str(&env.s3_secret_key),
                 ttl = opts.presign_ttl_secs,
+                prefix = toml_str(&opts.key_prefix),
                 extra = opts.api_extra_toml,
             ),
         )
@@ -1239,8 +1246,11 @@ impl Stack {
         let device_id = cmd["device_id"].as_str().unwrap_or("");
         assert_eq!(
             key,
-            format!("default/default/{device_id}/{session_id}/{file_name}"),
-            "object key layout ({{project}}/{{dataset}}/{{device}}/{{session}}/{{filename}})"
+            format!(
+                "{}default/default/{device_id}/{session_id}/{file_name}",
+                self.opts.key_prefix
+            ),
+            "object key layout ({{key_prefix}}{{project}}/{{dataset}}/{{device}}/{{session}}/{{filename}})"
         );
         let dest = self.dir.path().join(format!("download-{session_id}"));
         let code = s3_download(&self.env, bucket, key, &dest).await;
@@ -1307,16 +1317,16 @@ impl Stack {
         rows.join("\n")
     }
 
-    /// Keys of the multipart uploads still open in the bucket under `prefix`
-    /// (S3 ListMultipartUploads, SigV4-signed with curl).
     /// Keys of the multipart uploads open for `dev`'s objects (default key layout).
     pub async fn open_uploads_of(&self, dev: &Device) -> Vec<String> {
         let needle = format!("/{}/", dev.id);
-        let mut open = self.s3_open_uploads("").await;
+        let mut open = self.s3_open_uploads(&self.opts.key_prefix).await;
         open.retain(|k| k.contains(&needle));
         open
     }
 
+    /// Keys of the multipart uploads still open in the bucket under `prefix`
+    /// (S3 ListMultipartUploads, SigV4-signed with curl).
     pub async fn s3_open_uploads(&self, prefix: &str) -> Vec<String> {
         // Sorted, encoded and with `uploads=`: curl signs the query as written.
         let url = format!(

@@ -284,9 +284,11 @@ pub async fn claim_commands(
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms);
     let lease = std::time::Duration::from_secs(st.config.command_lease_secs);
     let resend = std::time::Duration::from_secs(st.config.command_resend_secs);
+    let recheck = std::time::Duration::from_secs(st.config.command_recheck_secs);
     loop {
         let claimed =
-            crate::command_feed::claim(&st.store.pool, &req.bridge, limit, lease, resend).await?;
+            crate::command_feed::claim(&st.store.pool, &req.bridge, limit, lease, resend, recheck)
+                .await?;
         if !claimed.is_empty() {
             tracing::debug!(bridge = %req.bridge, count = claimed.len(), "Commands claimed");
             return Ok(Json(claimed));

@@ -479,8 +479,11 @@ async fn command_ack(
     ack: CommandAck,
 ) -> Result<(), ApiError> {
     let device_id = device.device_id.as_str();
+    // A device refuses a command before it takes it on: once `accepted`, only `done` or
+    // `failed` end it (a device that answers a re-published command with `rejected`, say
+    // because it has expired, does not undo the job it is carrying).
     let allowed_from: &[&str] = match ack.state {
-        AckState::Accepted => &["pending", "published"],
+        AckState::Accepted | AckState::Rejected => &["pending", "published"],
         _ => &["pending", "published", "accepted"],
     };
     let mut tx = st.store.pool.begin().await?;

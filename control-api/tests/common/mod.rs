@@ -83,6 +83,7 @@ impl TestApp {
             replay_window_secs: 300,
             command_ttl_secs: 3600,
             command_resend_secs: 30,
+            command_recheck_secs: 300,
             command_lease_secs: 10,
             cleanup: CleanupConfig {
                 interval_secs: 0,
