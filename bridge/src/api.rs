@@ -80,11 +80,36 @@ struct ClaimRequest<'a> {
     wait_ms: u64,
 }
 
+/// How an MQTT client proves it is the device it connects as.
+#[derive(Debug)]
+pub enum Login<'a> {
+    /// The key-derived password of its CONNECT (checked by the API).
+    Password {
+        username: &'a str,
+        password: &'a str,
+    },
+    /// A client certificate naming the device, verified by the bridge's TLS listener.
+    Certificate,
+}
+
+impl Login<'_> {
+    /// For logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Login::Password { .. } => "password",
+            Login::Certificate => "certificate",
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct MqttAuthRequest<'a> {
     client_id: &'a str,
     username: &'a str,
-    password: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    password: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    client_certificate: bool,
 }
 
 #[derive(Deserialize)]
@@ -198,20 +223,25 @@ impl ApiClient {
     }
 
     /// `POST /v1/bridge/mqtt-auth`: whether the broker may accept this client.
-    pub async fn mqtt_auth(
-        &self,
-        client_id: &str,
-        username: &str,
-        password: &str,
-    ) -> Result<bool, ApiError> {
+    pub async fn mqtt_auth(&self, client_id: &str, login: &Login<'_>) -> Result<bool, ApiError> {
         const WHAT: &str = "mqtt-auth";
-        let req = self
-            .bridge_request(reqwest::Method::POST, "/v1/bridge/mqtt-auth")
-            .json(&MqttAuthRequest {
+        let body = match login {
+            Login::Password { username, password } => MqttAuthRequest {
                 client_id,
                 username,
-                password,
-            });
+                password: Some(password),
+                client_certificate: false,
+            },
+            Login::Certificate => MqttAuthRequest {
+                client_id,
+                username: client_id,
+                password: None,
+                client_certificate: true,
+            },
+        };
+        let req = self
+            .bridge_request(reqwest::Method::POST, "/v1/bridge/mqtt-auth")
+            .json(&body);
         let res = self.send(req).await?;
         let res = check(WHAT, res).await?;
         let answer: MqttAuthAnswer = res.json().await.map_err(|e| ApiError::Decode {

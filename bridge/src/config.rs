@@ -76,6 +76,10 @@ pub struct BrokerConfig {
     /// when they change.
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    /// Embedded, `tls_listen`: mutual TLS. Every client there must present a certificate
+    /// chained to one of these CA certificates (PEM), whose common name is the device id
+    /// it connects as; it needs no password. Reloaded with the server certificate.
+    pub tls_client_ca_file: Option<PathBuf>,
 }
 
 impl BrokerConfig {
@@ -102,6 +106,10 @@ impl BrokerConfig {
             ("broker.tls_listen", self.tls_listen.is_some()),
             ("broker.tls_cert_file", self.tls_cert_file.is_some()),
             ("broker.tls_key_file", self.tls_key_file.is_some()),
+            (
+                "broker.tls_client_ca_file",
+                self.tls_client_ca_file.is_some(),
+            ),
         ];
         let (wrong, why) = if embedded {
             (
@@ -116,9 +124,13 @@ impl BrokerConfig {
         }
         if embedded {
             match (&self.tls_listen, &self.tls_cert_file, &self.tls_key_file) {
+                (None, None, None) if self.tls_client_ca_file.is_some() => problems.push(
+                    Problem::new("broker.tls_client_ca_file", "needs broker.tls_listen"),
+                ),
                 (None, None, None) => {}
                 (Some(_), Some(cert), Some(key)) => {
-                    if let Err(e) = uplink_service::tls::server_config(cert, key) {
+                    let clients = self.tls_client_ca_file.as_deref();
+                    if let Err(e) = uplink_service::tls::server_config(cert, key, clients) {
                         problems.push(Problem::new("broker.tls_cert_file", e.to_string()));
                     }
                 }
@@ -167,6 +179,7 @@ impl Default for BrokerConfig {
             client_key_file: None,
             server_name: None,
             tls_listen: None,
+            tls_client_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
         }
@@ -311,7 +324,7 @@ mod tests {
             "invalid configuration:\nbridge.toml:4:1: broker.mod: unknown field (expected \
              one of: mode, listen, host, port, username, password, client_id, \
              shared_subscriptions, tls, ca_file, client_cert_file, client_key_file, \
-             server_name, tls_listen, tls_cert_file, tls_key_file)"
+             server_name, tls_listen, tls_cert_file, tls_key_file, tls_client_ca_file)"
         );
     }
 

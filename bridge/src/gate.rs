@@ -22,11 +22,11 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::api::ApiClient;
+use crate::api::{ApiClient, Login};
 use crate::broker::{INTERNAL_USERNAME, PACKET_HEADROOM};
 use crate::mqtt_rules::{self, PacketError};
 use uplink_protocol::envelope::MAX_PAYLOAD_BYTES;
@@ -61,6 +61,8 @@ pub struct Gate {
     slots: Arc<Semaphore>,
     /// Connections closed at once because every slot was taken.
     refused_full: AtomicU64,
+    /// When that was last said in a warning.
+    warned_full: Mutex<Option<tokio::time::Instant>>,
 }
 
 fn lock(m: &Mutex<Connections>) -> std::sync::MutexGuard<'_, Connections> {
@@ -92,6 +94,7 @@ impl Gate {
             open: Mutex::new(Connections::default()),
             slots: Arc::new(Semaphore::new(max_connections)),
             refused_full: AtomicU64::new(0),
+            warned_full: Mutex::new(None),
         }
     }
 
@@ -134,11 +137,24 @@ impl Gate {
         !lock(&self.open).by_device.is_empty()
     }
 
+    /// A slot for one more device connection, or `None` when the bridge holds as many as
+    /// it can (said in a warning at most every [`FULL_WARNING_EVERY`]): the caller closes
+    /// the connection at once and the device retries later.
+    pub fn slot(&self, peer: SocketAddr) -> Option<OwnedSemaphorePermit> {
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            return Some(slot);
+        }
+        let refused = self.refused_full.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut warned = self.warned_full.lock().unwrap_or_else(|e| e.into_inner());
+        if warned.is_none_or(|t| t.elapsed() >= FULL_WARNING_EVERY) {
+            *warned = Some(tokio::time::Instant::now());
+            warn!(%peer, refused, "Device connection refused: the bridge holds as many as its open-files limit allows (raise LimitNOFILE)");
+        }
+        None
+    }
+
     /// Accepts device connections on `listener` until `stop`.
-    /// A connection past the cap is closed at once (the device retries later), and said
-    /// in a warning at most every [`FULL_WARNING_EVERY`].
     pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
-        let mut warned_full: Option<tokio::time::Instant> = None;
         loop {
             let accepted = tokio::select! {
                 () = stop.cancelled() => return,
@@ -146,13 +162,7 @@ impl Gate {
             };
             match accepted {
                 Ok((stream, peer)) => {
-                    let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-                        drop(stream);
-                        let refused = self.refused_full.fetch_add(1, Ordering::Relaxed) + 1;
-                        if warned_full.is_none_or(|t| t.elapsed() >= FULL_WARNING_EVERY) {
-                            warned_full = Some(tokio::time::Instant::now());
-                            warn!(%peer, refused, "Device connection refused: the bridge holds as many as its open-files limit allows (raise LimitNOFILE)");
-                        }
+                    let Some(slot) = self.slot(peer) else {
                         continue;
                     };
                     let _ = stream.set_nodelay(true);
@@ -160,7 +170,7 @@ impl Gate {
                     // Open connections are not closed at shutdown: they end with the
                     // process, as rumqttd's own would (no Last Will is sent for them).
                     tokio::spawn(async move {
-                        gate.handle(stream, peer).await;
+                        gate.handle(stream, peer, None).await;
                         drop(slot);
                     });
                 }
@@ -196,7 +206,9 @@ impl Gate {
     }
 
     /// One device connection: CONNECT, auth, then filtered forwarding both ways.
-    pub async fn handle<S>(&self, stream: S, peer: SocketAddr)
+    /// `certified`: the device id of a client certificate the TLS listener verified
+    /// (mutual TLS); the device then connects as that id without a password.
+    pub async fn handle<S>(&self, stream: S, peer: SocketAddr, certified: Option<String>)
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -215,7 +227,8 @@ impl Gate {
                 return;
             }
         };
-        let Some((device_id, connect)) = self.admit(&frame, peer).await else {
+        let Some((device_id, connect)) = self.admit(&frame, peer, certified.as_deref()).await
+        else {
             return;
         };
         let Ok(mut upstream) = TcpStream::connect(self.upstream).await else {
@@ -259,8 +272,16 @@ impl Gate {
     }
 
     /// Checks a CONNECT; returns the device id and the CONNECT to forward, or `None` to
-    /// close the connection (no CONNACK, as rumqttd does for a refused client).
-    async fn admit(&self, frame: &[u8], peer: SocketAddr) -> Option<(String, Vec<u8>)> {
+    /// close the connection (no CONNACK, as rumqttd does for a refused client). With a
+    /// `certified` device id the client must connect as that device (client id, and
+    /// username if it gives one) and the API checks only that the device is registered
+    /// and enabled; otherwise it checks the key-derived password.
+    async fn admit(
+        &self,
+        frame: &[u8],
+        peer: SocketAddr,
+        certified: Option<&str>,
+    ) -> Option<(String, Vec<u8>)> {
         let connect = match mqtt_rules::parse_connect(frame) {
             Ok(c) => c,
             Err(e) => {
@@ -269,42 +290,55 @@ impl Gate {
             }
         };
         let client_id = connect.client_id.clone();
-        let (Some(username), Some(password)) = (&connect.username, &connect.password) else {
-            info!(%client_id, "MQTT client without username or password refused");
-            return None;
+        let login = match (certified, &connect.username, &connect.password) {
+            (Some(cn), username, _) => {
+                if client_id != cn || username.as_ref().is_some_and(|u| u != cn) {
+                    warn!(%client_id, certificate = cn, ?username, "MQTT client not connecting as the device its certificate names; refused");
+                    return None;
+                }
+                Login::Certificate
+            }
+            (None, Some(username), Some(password)) => Login::Password { username, password },
+            (None, _, _) => {
+                info!(%client_id, "MQTT client without username or password refused");
+                return None;
+            }
         };
-        if username == INTERNAL_USERNAME {
+        // Never checked by the API: the bridge's own login (rumqttd sees the client id as
+        // the username).
+        let username = match &login {
+            Login::Password { username, .. } => username,
+            Login::Certificate => client_id.as_str(),
+        };
+        if username == INTERNAL_USERNAME || client_id == INTERNAL_USERNAME {
             warn!(%client_id, "MQTT client using the bridge's username refused");
             return None;
         }
-        let allowed = tokio::time::timeout(
-            AUTH_TIMEOUT,
-            self.api.mqtt_auth(&client_id, username, password),
-        )
-        .await;
+        let allowed =
+            tokio::time::timeout(AUTH_TIMEOUT, self.api.mqtt_auth(&client_id, &login)).await;
+        let how = login.kind();
         match allowed {
-            Ok(Ok(true)) => info!(%client_id, %username, allow = true, "MQTT client checked"),
+            Ok(Ok(true)) => info!(%client_id, how, allow = true, "MQTT client checked"),
             Ok(Ok(false)) => {
-                info!(%client_id, %username, allow = false, "MQTT client checked");
+                info!(%client_id, how, allow = false, "MQTT client checked");
                 return None;
             }
             Ok(Err(e)) => {
-                warn!(%client_id, %username, error = %e, "MQTT auth failed; client refused");
+                warn!(%client_id, error = %e, "MQTT auth failed; client refused");
                 return None;
             }
             Err(_) => {
-                warn!(%client_id, %username, "MQTT auth timed out; client refused");
+                warn!(%client_id, "MQTT auth timed out; client refused");
                 return None;
             }
         }
-        // The API allows username = client id only.
         if let Some(will) = &connect.will_topic {
             if !mqtt_rules::may_publish(&client_id, will) {
                 warn!(%client_id, %will, "Last Will outside the device's topics; connection closed");
                 return None;
             }
         }
-        let forward = mqtt_rules::replace_password(frame, &connect, &self.secret)?;
+        let forward = mqtt_rules::with_login(frame, &connect, &client_id, &self.secret)?;
         Some((client_id, forward))
     }
 }

@@ -35,7 +35,6 @@ pub mod presence;
 pub mod tls_listener;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -122,24 +121,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Brid
         ),
     };
     let tls_listener = match (&embedded, b.tls_listen, &b.tls_cert_file, &b.tls_key_file) {
-        (Some(embedded), Some(listen), Some(cert), Some(key)) => {
-            // TLS connections go through the gate, as plain ones do (its bound address:
-            // `listen` may have asked for port 0 or every interface).
-            let gate = embedded.listen;
-            let ip = match gate.ip() {
-                ip if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
-                ip => ip,
-            };
-            Some(
-                tls_listener::TlsListener::bind(tls_listener::Settings {
+        (Some(embedded), Some(listen), Some(cert), Some(key)) => Some(
+            tls_listener::TlsListener::bind(
+                tls_listener::Settings {
                     listen,
                     cert_file: cert.clone(),
                     key_file: key.clone(),
-                    upstream: SocketAddr::new(ip, gate.port()),
-                })
-                .await?,
+                    client_ca_file: b.tls_client_ca_file.clone(),
+                },
+                embedded.gate.clone(),
             )
-        }
+            .await?,
+        ),
         _ => None,
     };
     info!(

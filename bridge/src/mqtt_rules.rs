@@ -101,8 +101,9 @@ pub struct Connect {
     pub username: Option<String>,
     pub password: Option<String>,
     pub will_topic: Option<String>,
-    /// Offset in the body where the password field starts (it is the last field).
-    password_at: Option<usize>,
+    /// Offset in the body where the login (username, then password: the last fields)
+    /// starts.
+    login_at: usize,
 }
 
 /// Parses an MQTT 3.1.1 CONNECT frame.
@@ -127,35 +128,43 @@ pub fn parse_connect(frame: &[u8]) -> Result<Connect, PacketError> {
     } else {
         None
     };
+    let login_at = r.at;
     let username = if flags & 0x80 != 0 {
         Some(r.string()?.to_string())
     } else {
         None
     };
-    let (password, password_at) = if flags & 0x40 != 0 {
-        let at = r.at;
-        let bytes = r.binary()?;
-        (Some(String::from_utf8_lossy(bytes).into_owned()), Some(at))
+    let password = if flags & 0x40 != 0 {
+        Some(String::from_utf8_lossy(r.binary()?).into_owned())
     } else {
-        (None, None)
+        None
     };
     Ok(Connect {
         client_id,
         username,
         password,
         will_topic,
-        password_at,
+        login_at,
     })
 }
 
-/// `frame` (a CONNECT with a password) with the password replaced by `password`.
-pub fn replace_password(frame: &[u8], connect: &Connect, password: &str) -> Option<Vec<u8>> {
-    let at = connect.password_at?;
-    let head = body(frame).get(..at)?;
-    let mut rest = head.to_vec();
-    let len = u16::try_from(password.len()).ok()?;
-    rest.extend_from_slice(&len.to_be_bytes());
-    rest.extend_from_slice(password.as_bytes());
+/// `frame` (a CONNECT) with its login replaced by `username` and `password`, whether it
+/// carried one or not; `None` when they are longer than MQTT strings can be.
+pub fn with_login(
+    frame: &[u8],
+    connect: &Connect,
+    username: &str,
+    password: &str,
+) -> Option<Vec<u8>> {
+    /// The connect flags' offset in the body: after the protocol name and level.
+    const FLAGS_AT: usize = 7;
+    let mut rest = body(frame).get(..connect.login_at)?.to_vec();
+    *rest.get_mut(FLAGS_AT)? |= 0x80 | 0x40;
+    for field in [username, password] {
+        let len = u16::try_from(field.len()).ok()?;
+        rest.extend_from_slice(&len.to_be_bytes());
+        rest.extend_from_slice(field.as_bytes());
+    }
     let mut out = vec![frame[0]];
     let mut n = rest.len();
     loop {
@@ -295,16 +304,28 @@ mod tests {
         );
         // A longer password crosses the one-byte remaining-length boundary.
         let long = "x".repeat(200);
-        let rewritten = replace_password(&frame, &c, &long).unwrap();
+        let rewritten = with_login(&frame, &c, "robot-17", &long).unwrap();
         assert_eq!(frame_len(&rewritten, 1000), Ok(Some(rewritten.len())));
         let back = parse_connect(&rewritten).unwrap();
         assert_eq!(back.password.as_deref(), Some(long.as_str()));
         assert_eq!(
-            (back.client_id, back.username, back.will_topic),
-            (c.client_id, c.username, c.will_topic)
+            (&back.client_id, &back.username, &back.will_topic),
+            (&c.client_id, &c.username, &c.will_topic)
         );
-        let no_password = parse_connect(&connect_frame(None, None)).unwrap();
-        assert_eq!(replace_password(&frame, &no_password, "x"), None);
+        // A CONNECT without a login (a client with a certificate) gets one, its will kept.
+        for will in [None, Some("uplink/v1/devices/robot-17/status")] {
+            let bare = connect_frame(will, None);
+            let parsed = parse_connect(&bare).unwrap();
+            assert_eq!((&parsed.username, &parsed.password), (&None, &None));
+            let logged_in = with_login(&bare, &parsed, "robot-17", "secret").unwrap();
+            assert_eq!(frame_len(&logged_in, 1000), Ok(Some(logged_in.len())));
+            let back = parse_connect(&logged_in).unwrap();
+            assert_eq!(back.username.as_deref(), Some("robot-17"));
+            assert_eq!(back.password.as_deref(), Some("secret"));
+            assert_eq!(back.will_topic.as_deref(), will);
+            assert_eq!(back.client_id, "robot-17");
+        }
+        assert_eq!(with_login(&frame, &c, &long.repeat(400), "x"), None);
         assert_eq!(parse_connect(&[0x30, 0x00]), Err(PacketError::NotConnect));
         assert_eq!(
             parse_connect(&frame[..frame.len() - 3]),

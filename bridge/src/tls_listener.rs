@@ -1,14 +1,16 @@
 //! The embedded broker's TLS listener (`broker.tls_listen`): rustls terminates TLS here and
-//! each connection is relayed, as plain MQTT, to rumqttd's listener on `broker.listen`
-//! (keep that one on loopback for TLS-only service). Devices authenticate exactly as on
-//! plain TCP (the auth handler of [`crate::broker`]).
+//! each connection goes through the gate ([`crate::gate`]) as plain connections on
+//! `broker.listen` do (keep that one on loopback for TLS-only service). Devices log in as
+//! on plain TCP (key-derived password, checked by the API) or, with
+//! `broker.tls_client_ca_file`, with a client certificate: the handshake requires one
+//! chained to that CA, and its common name is the only device id the client may connect as.
 //!
 //! Why not rumqttd's own TLS listener: it does the handshake inside its accept loop, so a
 //! client that never finishes one would hold every later connection; here each handshake
 //! runs in its own task with a time limit.
 //!
 //! Certificate reload: before each handshake the listener looks at the modification times
-//! of `tls_cert_file` and `tls_key_file`; when either changed it builds a new server
+//! of `tls_cert_file`, `tls_key_file` and `tls_client_ca_file`; when one changed it builds a new server
 //! configuration from them and uses it for this and later connections. Connections already
 //! open keep their session (nothing is dropped, no restart, no signal). Files that do not
 //! load (half written, key not matching the certificate) are logged as an error and the
@@ -20,16 +22,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use uplink_service::tls::{self, TlsError};
 
+use crate::gate::Gate;
+
 /// A handshake must end within this long (as rumqttd's wait for a CONNECT).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections relayed at once (rumqttd's own limit is a little above).
-const MAX_CONNECTIONS: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsListenError {
@@ -43,33 +44,40 @@ pub enum TlsListenError {
     },
 }
 
-/// Where the TLS listener listens, what it presents, and where it relays to.
+/// Where the TLS listener listens and what it presents and asks for.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
-    /// rumqttd's plain listener.
-    pub upstream: SocketAddr,
+    /// Mutual TLS: the CA certificates client certificates must chain to.
+    pub client_ca_file: Option<PathBuf>,
 }
+
+/// Modification times of the files a configuration was made from.
+type Stamp = [Option<SystemTime>; 3];
 
 /// The server configuration in use and the file times it was made from.
 struct Current {
     acceptor: TlsAcceptor,
-    stamp: (Option<SystemTime>, Option<SystemTime>),
+    stamp: Stamp,
 }
 
 fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-fn stamp(s: &Settings) -> (Option<SystemTime>, Option<SystemTime>) {
-    (modified(&s.cert_file), modified(&s.key_file))
+fn stamp(s: &Settings) -> Stamp {
+    [
+        modified(&s.cert_file),
+        modified(&s.key_file),
+        s.client_ca_file.as_deref().and_then(modified),
+    ]
 }
 
 fn load(s: &Settings) -> Result<Current, TlsError> {
     let stamp = stamp(s);
-    let config = tls::server_config(&s.cert_file, &s.key_file)?;
+    let config = tls::server_config(&s.cert_file, &s.key_file, s.client_ca_file.as_deref())?;
     Ok(Current {
         acceptor: TlsAcceptor::from(Arc::new(config)),
         stamp,
@@ -100,11 +108,13 @@ pub struct TlsListener {
     listener: TcpListener,
     settings: Settings,
     current: Current,
+    gate: Arc<Gate>,
 }
 
 impl TlsListener {
-    /// Loads the certificate and key (errors say which file and why) and binds.
-    pub async fn bind(settings: Settings) -> Result<Self, TlsListenError> {
+    /// Loads the certificate and key (errors say which file and why) and binds; each
+    /// connection then goes through `gate`.
+    pub async fn bind(settings: Settings, gate: Arc<Gate>) -> Result<Self, TlsListenError> {
         let current = load(&settings)?;
         let listener =
             TcpListener::bind(settings.listen)
@@ -117,6 +127,7 @@ impl TlsListener {
             listener,
             settings,
             current,
+            gate,
         })
     }
 
@@ -126,8 +137,8 @@ impl TlsListener {
 
     /// Accepts until `shutdown` fires.
     pub async fn serve(mut self, shutdown: CancellationToken) {
-        info!(listen = %self.settings.listen, upstream = %self.settings.upstream, "Embedded broker TLS listener");
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let mutual = self.settings.client_ca_file.is_some();
+        info!(listen = %self.settings.listen, client_certificates = mutual, "Embedded broker TLS listener");
         loop {
             let accepted = tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -141,24 +152,31 @@ impl TlsListener {
                     continue;
                 }
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                warn!(%peer, "Too many TLS connections; refused");
+            let Some(slot) = self.gate.slot(peer) else {
                 continue;
             };
+            let _ = tcp.set_nodelay(true);
             refresh(&self.settings, &mut self.current);
             let acceptor = self.current.acceptor.clone();
-            let upstream = self.settings.upstream;
+            let gate = self.gate.clone();
             tokio::spawn(async move {
-                relay(acceptor, tcp, peer, upstream).await;
+                serve_one(acceptor, tcp, peer, gate, mutual).await;
                 drop(slot);
             });
         }
     }
 }
 
-/// One connection: handshake (time-limited), then bytes both ways until either side ends.
-async fn relay(acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAddr, upstream: SocketAddr) {
-    let mut stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+/// One connection: handshake (time-limited), then the gate. With client certificates the
+/// device id is the verified certificate's common name.
+async fn serve_one(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    gate: Arc<Gate>,
+    mutual: bool,
+) {
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             info!(%peer, error = %e, "TLS handshake failed");
@@ -169,16 +187,23 @@ async fn relay(acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAddr, upstream
             return;
         }
     };
-    let mut broker = match TcpStream::connect(upstream).await {
-        Ok(b) => b,
-        Err(e) => {
-            error!(%upstream, error = %e, "Cannot reach the embedded broker's listener");
-            return;
+    let certified = if mutual {
+        let cn = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(tls::common_name);
+        match cn {
+            Some(cn) => Some(cn),
+            None => {
+                warn!(%peer, "Client certificate without a common name; closed");
+                return;
+            }
         }
+    } else {
+        None
     };
-    let _ = broker.set_nodelay(true);
-    match tokio::io::copy_bidirectional(&mut stream, &mut broker).await {
-        Ok((up, down)) => debug!(%peer, up, down, "TLS connection closed"),
-        Err(e) => debug!(%peer, error = %e, "TLS connection ended"),
-    }
+    debug!(%peer, ?certified, "TLS connection");
+    gate.handle(stream, peer, certified).await;
 }

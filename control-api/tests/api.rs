@@ -684,6 +684,40 @@ async fn mqtt_auth_and_device_registration() {
             .await;
         assert_eq!(a["allow"], false, "{user} {client}");
     }
+    // A client certificate the bridge verified stands for the password: the device must
+    // still be itself, registered and enabled.
+    app.register("robot-qd").await;
+    let (status, _) = app
+        .operator(
+            reqwest::Method::PATCH,
+            "/v1/devices/robot-qd",
+            Some(json!({"enabled": false})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let cert = |user: &str, client: &str| json!({"client_id": client, "username": user, "client_certificate": true});
+    let mut both = cert("robot-q", "robot-q");
+    both["password"] = json!(good);
+    for (body, allow) in [
+        (cert("robot-q", "robot-q"), true),
+        (cert("robot-x", "robot-x"), false),
+        (cert("robot-x", "robot-q"), false),
+        (cert("robot-qd", "robot-qd"), false),
+        (both, false),
+        (
+            json!({"client_id": "robot-q", "username": "robot-q"}),
+            false,
+        ),
+    ] {
+        let (status, a) = app
+            .bridge(
+                reqwest::Method::POST,
+                "/v1/bridge/mqtt-auth",
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!((status, a["allow"].as_bool()), (200, Some(allow)), "{body}");
+    }
 
     let (status, p) = app.operator(reqwest::Method::POST, "/v1/devices", Some(json!({"device_id": "robot-q", "public_key": sign::encode_public(&key.verifying_key())}))).await;
     assert_eq!((status, p["code"].as_str()), (409, Some("device_exists")));

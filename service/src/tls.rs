@@ -1,7 +1,7 @@
 //! TLS for the services' MQTT links (rustls with the *ring* provider, the one reqwest uses,
 //! so no second crypto library is linked): client configurations from PEM files, the
-//! embedded broker's server configuration, and plain-language explanations of handshake
-//! failures for logs and `uplink-agent doctor`.
+//! embedded broker's server configuration (with client certificates for mutual TLS), and
+//! plain-language explanations of handshake failures for logs and `uplink-agent doctor`.
 //!
 //! Trust: the system roots by default, or only the certificates of a `ca_file`. A client
 //! certificate and key turn on mutual TLS. `server_name` checks the server's certificate
@@ -16,6 +16,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 pub use rustls::{ClientConfig, ServerConfig};
@@ -138,14 +139,37 @@ pub fn client_config(files: &ClientFiles) -> Result<ClientConfig, TlsError> {
     Ok(config)
 }
 
-/// A server configuration with this certificate chain and key (no client certificates).
-pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<ServerConfig, TlsError> {
+/// A server configuration with this certificate chain and key. With `client_ca_file`
+/// every client must present a certificate chained to one of its CA certificates (mutual
+/// TLS); without it, none is asked for.
+pub fn server_config(
+    cert_file: &Path,
+    key_file: &Path,
+    client_ca_file: Option<&Path>,
+) -> Result<ServerConfig, TlsError> {
     let certs = read_certs(cert_file)?;
     let key = read_key(key_file)?;
-    Ok(ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?)
+    let provider = provider();
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match client_ca_file {
+        Some(ca) => {
+            let roots = Arc::new(roots(Some(ca))?);
+            builder.with_client_cert_verifier(
+                WebPkiClientVerifier::builder_with_provider(roots, provider).build()?,
+            )
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(builder.with_single_cert(certs, key)?)
+}
+
+/// The subject's common name (CN) of a DER certificate: the identity a verified client
+/// certificate carries (as Mosquitto's `use_identity_as_username`).
+pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
 }
 
 /// WebPKI verification against a configured name rather than the host connected to. The

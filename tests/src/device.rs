@@ -142,13 +142,16 @@ impl Drop for MqttDevice {
     }
 }
 
-/// Who an MQTT client connects as.
-#[derive(Debug, Clone)]
+/// Who an MQTT client connects as, and how.
+#[derive(Debug, Clone, Default)]
 pub struct MqttLogin {
     pub client_id: String,
     /// `None`: no credentials in the CONNECT (an anonymous client).
     pub username: Option<String>,
     pub password: Option<String>,
+    /// Over TLS with these files (CA, client certificate for mutual TLS); plain TCP when
+    /// `None`.
+    pub tls: Option<uplink_service::tls::ClientFiles>,
 }
 
 impl MqttLogin {
@@ -158,6 +161,7 @@ impl MqttLogin {
             client_id: user.to_string(),
             username: Some(user.to_string()),
             password: Some(password.to_string()),
+            tls: None,
         }
     }
 
@@ -209,6 +213,13 @@ impl MqttDevice {
         opts.set_keep_alive(Duration::from_secs(10));
         opts.set_clean_session(true);
         opts.set_max_packet_size(256 * 1024, 256 * 1024);
+        if let Some(files) = &login.tls {
+            let config = uplink_service::tls::client_config(files)
+                .map_err(|e| ConnectFailure::Failed(format!("TLS files: {e}")))?;
+            opts.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(config)),
+            ));
+        }
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
         eventloop.network_options.set_tcp_nodelay(true);
         let (tx, events) = mpsc::unbounded_channel();

@@ -59,6 +59,9 @@ pub struct StackOptions {
     /// keyfile`) and storage (presigned URLs on an HTTPS relay) serve certificates it
     /// signed; agents and the bridge trust it (`ca_file`, `https_ca_file`).
     pub tls: bool,
+    /// With `tls`, embedded broker: mutual TLS (`tls_client_ca_file` = the test CA); every
+    /// agent presents a client certificate the CA issued for its device id (common name).
+    pub tls_client_certs: bool,
     /// The API's `s3.key_prefix`: object keys and the orphan sweep's reach start with it
     /// (a test that shortens `cleanup.orphan_grace_secs` needs one of its own, or its
     /// sweep aborts other tests' uploads in the shared bucket).
@@ -90,6 +93,7 @@ impl Default for StackOptions {
             apis: 1,
             bridges: 1,
             tls: false,
+            tls_client_certs: false,
             key_prefix: String::new(),
         }
     }
@@ -526,8 +530,16 @@ impl Stack {
             }
         } else {
             let tls_listener = tls.as_ref().map_or(String::new(), |t| {
+                let clients = if opts.tls_client_certs {
+                    format!(
+                        "tls_client_ca_file = {}\n",
+                        toml_str(path_str(&t.pki.ca.cert_file))
+                    )
+                } else {
+                    String::new()
+                };
                 format!(
-                    "tls_listen = {}\ntls_cert_file = {}\ntls_key_file = {}\n",
+                    "tls_listen = {}\ntls_cert_file = {}\ntls_key_file = {}\n{clients}",
                     toml_str(&format!("127.0.0.1:{}", t.mqtt_port)),
                     toml_str(path_str(&t.pki.server.cert)),
                     toml_str(path_str(&t.pki.server.key)),
@@ -820,6 +832,25 @@ impl Stack {
         }
     }
 
+    /// A client certificate of the stack's CA for `dev` (common name: its device id), made
+    /// once in the device's directory ([`StackOptions::tls`]).
+    pub fn client_cert(&self, dev: &Device) -> crate::tls::CertFiles {
+        let tls = self
+            .tls
+            .as_ref()
+            .expect("client_cert needs StackOptions::tls");
+        let files = crate::tls::CertFiles {
+            cert: dev.dir.join("client.pem"),
+            key: dev.dir.join("client.key"),
+        };
+        if !files.cert.exists() {
+            tls.pki
+                .ca
+                .issue(&dev.dir, "client", &dev.id, &[], true, false);
+        }
+        files
+    }
+
     /// Writes the agent's config and starts it (after killing the device's previous agent,
     /// if any).
     pub fn start_agent(&self, dev: &Device, opts: &AgentOptions) {
@@ -833,9 +864,19 @@ impl Stack {
         let (https_ca, mqtt_tls) = match &self.tls {
             Some(t) => {
                 let ca = toml_str(path_str(&t.pki.ca.cert_file));
+                let client = if self.opts.tls_client_certs {
+                    let files = self.client_cert(dev);
+                    format!(
+                        "client_cert_file = {}\nclient_key_file = {}\n",
+                        toml_str(path_str(&files.cert)),
+                        toml_str(path_str(&files.key))
+                    )
+                } else {
+                    String::new()
+                };
                 (
                     format!("https_ca_file = {ca}\n"),
-                    format!("tls = true\nca_file = {ca}\n"),
+                    format!("tls = true\nca_file = {ca}\n{client}"),
                 )
             }
             None => (String::new(), String::new()),

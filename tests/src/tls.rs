@@ -165,7 +165,7 @@ impl Drop for TlsRelay {
 
 impl TlsRelay {
     pub async fn start(target: SocketAddr, server: &CertFiles) -> TlsRelay {
-        let config = uplink_service::tls::server_config(&server.cert, &server.key)
+        let config = uplink_service::tls::server_config(&server.cert, &server.key, None)
             .expect("TLS relay server config");
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0")

@@ -103,6 +103,7 @@ async fn connect_needs_a_provisioned_account() {
                 client_id: uplink_e2e::unique("anonymous"),
                 username: None,
                 password: None,
+                tls: None,
             },
         ),
         (
@@ -158,6 +159,7 @@ async fn devices_are_kept_apart_and_uploads_still_work() {
             client_id: b.id.clone(),
             username: Some(a.id.clone()),
             password: Some(password(&a)),
+            tls: None,
         },
     )
     .await

@@ -4,13 +4,19 @@
 //! HTTPS (`https_ca_file`); the bridge reaches Mosquitto over TLS too. A wrong CA, an
 //! expired server certificate and a wrong host name each fail with a plain-words error in
 //! the agent's log and in `uplink-agent doctor`. The embedded broker picks up replaced
-//! certificate files at the next connection without dropping the open ones.
+//! certificate files at the next connection without dropping the open ones. With
+//! `tls_client_ca_file` it takes client certificates instead of passwords (mutual TLS):
+//! the certificate's common name is the only device a client may connect as.
 
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use uplink_e2e::{AgentOptions, Device, Stack, StackOptions, MIB};
+use uplink_e2e::tls::{CertFiles, TestCa};
+use uplink_e2e::{
+    AgentOptions, ConnectFailure, Device, MqttDevice, MqttLogin, Stack, StackOptions, MIB,
+};
+use uplink_service::tls::ClientFiles;
 
 const WRONG_CA: &str = "the server's certificate is not signed by a CA this client trusts";
 const EXPIRED: &str = "the server's certificate has expired";
@@ -201,4 +207,108 @@ async fn mosquitto_over_tls() {
     assert_doctor_connects(&stack, &dev);
     let other_ca = tls.pki.other_ca.to_str().expect("utf-8 path");
     assert_doctor_names_wrong_ca_and_host(&stack, &dev, other_ca);
+}
+
+/// A client on the embedded broker's TLS port with `cert` (or none) as `client_id`,
+/// without username or password.
+async fn connect_with_certificate(
+    stack: &Stack,
+    client_id: &str,
+    username: Option<&str>,
+    cert: Option<&CertFiles>,
+) -> Result<MqttDevice, ConnectFailure> {
+    let tls = stack.tls.as_ref().expect("tls stack");
+    let login = MqttLogin {
+        client_id: client_id.to_string(),
+        username: username.map(str::to_string),
+        password: username.map(|_| "not-checked".to_string()),
+        tls: Some(ClientFiles {
+            ca_file: Some(tls.pki.ca.cert_file.clone()),
+            cert_file: cert.map(|c| c.cert.clone()),
+            key_file: cert.map(|c| c.key.clone()),
+            server_name: None,
+        }),
+    };
+    MqttDevice::connect_with(tls.mqtt_port, &login).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_broker_with_client_certificates() {
+    let stack = Stack::start(StackOptions {
+        tls: true,
+        tls_client_certs: true,
+        ..StackOptions::default()
+    })
+    .await;
+    let tls = stack.tls.as_ref().expect("tls stack");
+    // The agent presents its certificate (CN = its device id) and uploads.
+    let dev = stack.add_device(&AgentOptions::default()).await;
+    let file = stack.source_file(&dev, "rec/mtls.bin", 6 * MIB).await;
+    stack
+        .upload_and_verify(&dev, &file, Duration::from_secs(240))
+        .await;
+
+    // The certificate is the credential: no password needed, and the client may then use
+    // its own topics.
+    let other = stack.register_device().await;
+    let cert = stack.client_cert(&other);
+    let mut client = connect_with_certificate(&stack, &other.id, None, Some(&cert))
+        .await
+        .unwrap_or_else(|e| panic!("a client certificate alone logs in: {e:?}"));
+    client
+        .subscribe(&uplink_protocol::topics::topic(
+            &other.id,
+            uplink_protocol::topics::Channel::Cmd,
+        ))
+        .await;
+    client.disconnect().await;
+
+    // Refused: as another device (the one whose agent is connected), with a username
+    // other than its own, without a certificate, with a certificate of another CA for the
+    // right name, and once the device is disabled.
+    let rogue_ca = TestCa::new(&tls.pki.dir, "rogue-ca");
+    let forged = rogue_ca.issue(&tls.pki.dir, "forged", &other.id, &[], true, false);
+    for (what, client_id, username, cert) in [
+        ("another device's id", dev.id.as_str(), None, Some(&cert)),
+        (
+            "another username",
+            other.id.as_str(),
+            Some(dev.id.as_str()),
+            Some(&cert),
+        ),
+        ("no certificate", other.id.as_str(), None, None),
+        ("another CA", other.id.as_str(), None, Some(&forged)),
+    ] {
+        let refused = connect_with_certificate(&stack, client_id, username, cert).await;
+        assert!(
+            matches!(refused, Err(ConnectFailure::Failed(_))),
+            "{what}: {refused:?}"
+        );
+    }
+    let disabled = stack
+        .operator(
+            reqwest::Method::PATCH,
+            &format!("/v1/devices/{}", other.id),
+            Some(serde_json::json!({"enabled": false})),
+        )
+        .await;
+    assert_eq!(disabled.status, 200, "{disabled}");
+    let refused = connect_with_certificate(&stack, &other.id, None, Some(&cert)).await;
+    assert!(refused.is_err(), "disabled: {refused:?}");
+    for line in [
+        "MQTT client not connecting as the device its certificate names; refused",
+        "TLS handshake failed",
+    ] {
+        assert!(
+            stack.log_of(uplink_e2e::Service::Bridge).contains(line),
+            "bridge log says `{line}`"
+        );
+    }
+
+    // The agent's connection was never disturbed: it uploads again.
+    let file = stack.source_file(&dev, "rec/mtls-2.bin", MIB).await;
+    stack
+        .upload_and_verify(&dev, &file, Duration::from_secs(120))
+        .await;
+    stack.assert_alive();
 }

@@ -17,7 +17,13 @@ use crate::AppState;
 pub struct MqttAuth {
     pub client_id: String,
     pub username: String,
-    pub password: String,
+    /// The key-derived password; absent when `client_certificate` is true.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// The bridge verified a client certificate naming `client_id` (mutual TLS on the
+    /// embedded broker): no password is checked.
+    #[serde(default)]
+    pub client_certificate: bool,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -26,7 +32,8 @@ pub struct Allow {
 }
 
 /// A device may connect as itself only: username = client id = a registered, enabled
-/// device, and a fresh password signed by its key.
+/// device, with a fresh password signed by its key or a client certificate naming it
+/// (verified by the bridge, which is trusted with every device's traffic anyway).
 #[utoipa::path(
     post,
     path = "/v1/bridge/mqtt-auth",
@@ -55,10 +62,16 @@ pub async fn mqtt_auth(
     if !device.enabled {
         return deny("device disabled");
     }
+    let password = match (&req.password, req.client_certificate) {
+        (None, true) => return Ok(Json(Allow { allow: true })),
+        (Some(password), false) => password,
+        (Some(_), true) => return deny("both a password and a client certificate"),
+        (None, false) => return deny("no password"),
+    };
     let Ok(key) = sign::decode_public(&device.public_key) else {
         return deny("stored key invalid");
     };
-    match sign::verify_mqtt_password(&key, &device.device_id, &req.password) {
+    match sign::verify_mqtt_password(&key, &device.device_id, password) {
         Ok(ts) if (unix_now() - ts).abs() <= st.config.replay_window_secs as i64 => {
             Ok(Json(Allow { allow: true }))
         }
