@@ -9,6 +9,9 @@
 //!   bridge (no session); the same envelope sent to the API directly opens one (control).
 //! - B replays that request on its own `req`: refused (the signature is A's).
 //! - Disabling B closes its open connection within a few seconds, and it cannot reconnect.
+//!
+//! Each broker is tried over plain TCP and over TLS (the stack's throw-away CA; B is then
+//! a TLS client like A's agent).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,16 +21,46 @@ use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{Connect, Login, Subscribe};
 use rumqttc::mqttbytes::QoS;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use uplink_e2e::device::signed;
 use uplink_e2e::{AgentOptions, Device, MqttDevice, MqttLogin, Service, Stack, StackOptions, MIB};
 use uplink_protocol::topics::{self, Channel};
+use uplink_service::tls::ClientFiles;
 
-fn login(dev: &Device) -> MqttLogin {
-    match &dev.mqtt_password {
+/// How `dev` logs in to the stack's broker: its password, and over TLS (trusting the
+/// stack's CA) when the stack has TLS.
+fn login(stack: &Stack, dev: &Device) -> MqttLogin {
+    let mut login = match &dev.mqtt_password {
         Some(password) => MqttLogin::user(&dev.id, password),
         None => MqttLogin::derived(&dev.id, &dev.key),
-    }
+    };
+    login.tls = stack.tls.as_ref().map(|t| ClientFiles {
+        ca_file: Some(t.pki.ca.cert_file.clone()),
+        ..ClientFiles::default()
+    });
+    login
+}
+
+/// A device's connection to the broker: TCP, or TLS over it.
+trait Wire: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Wire for T {}
+
+/// Connects to 127.0.0.1:`port`, with TLS when `login` says so.
+async fn open(port: u16, login: &MqttLogin) -> Option<Box<dyn Wire>> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let Some(files) = &login.tls else {
+        return Some(Box::new(tcp));
+    };
+    let config = uplink_service::tls::client_config(files).expect("TLS client config");
+    let name =
+        tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1").expect("server name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .ok()?;
+    Some(Box::new(tls))
 }
 
 /// What a raw `#` subscriber received over all its connections.
@@ -43,7 +76,7 @@ struct Spied {
 /// One connection: CONNECT as `dev`, SUBSCRIBE `#`, then every byte until the broker
 /// closes it or `stop` is set.
 async fn spy_once(port: u16, login: &MqttLogin, stop: &AtomicBool, out: &mut Spied) {
-    let Ok(mut tcp) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+    let Some(mut tcp) = open(port, login).await else {
         tokio::time::sleep(Duration::from_millis(200)).await;
         return;
     };
@@ -101,19 +134,20 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
         .any(|w| w == needle.as_bytes())
 }
 
-async fn rogue_device_learns_and_does_nothing(mosquitto: bool) {
+async fn rogue_device_learns_and_does_nothing(mosquitto: bool, tls: bool) {
     let stack = Stack::start(StackOptions {
         mosquitto_acl: mosquitto,
+        tls,
         ..StackOptions::default()
     })
     .await;
     let a = stack.add_device(&AgentOptions::default()).await;
     let b = stack.register_device().await;
-    let port = stack.mqtt_port;
+    let port = stack.tls.as_ref().map_or(stack.mqtt_port, |t| t.mqtt_port);
 
     // --- B listens to `#` during A's whole upload.
     let stop = Arc::new(AtomicBool::new(false));
-    let spy = tokio::spawn(spy_until(port, login(&b), stop.clone()));
+    let spy = tokio::spawn(spy_until(port, login(&stack, &b), stop.clone()));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let file = stack
         .source_file(&a, "secret-site/rogue-target-run.bin", 6 * MIB)
@@ -140,6 +174,7 @@ async fn rogue_device_learns_and_does_nothing(mosquitto: bool) {
         command_id.as_str(),
         "X-Amz",
         "http://",
+        "https://",
     ] {
         assert!(
             !contains(&spied.bytes, needle),
@@ -156,7 +191,7 @@ async fn rogue_device_learns_and_does_nothing(mosquitto: bool) {
     }
 
     // --- B publishes a request signed with A's key on A's `req`.
-    let mut client = MqttDevice::connect_with(port, &login(&b))
+    let mut client = MqttDevice::connect_with(port, &login(&stack, &b))
         .await
         .unwrap_or_else(|e| panic!("B connects: {e:?}"));
     client.subscribe(&topics::topic(&b.id, Channel::Res)).await;
@@ -221,7 +256,7 @@ async fn rogue_device_learns_and_does_nothing(mosquitto: bool) {
 
     // --- Disabling B closes its open connection.
     if !mosquitto {
-        let mut client = MqttDevice::connect_with(port, &login(&b))
+        let mut client = MqttDevice::connect_with(port, &login(&stack, &b))
             .await
             .unwrap_or_else(|e| panic!("B connects: {e:?}"));
         client.subscribe(&topics::topic(&b.id, Channel::Res)).await;
@@ -239,7 +274,9 @@ async fn rogue_device_learns_and_does_nothing(mosquitto: bool) {
             "B's connection stayed open 5 s after it was disabled"
         );
         assert!(
-            MqttDevice::connect_with(port, &login(&b)).await.is_err(),
+            MqttDevice::connect_with(port, &login(&stack, &b))
+                .await
+                .is_err(),
             "a disabled device reconnected"
         );
     }
@@ -248,10 +285,20 @@ async fn rogue_device_learns_and_does_nothing(mosquitto: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rogue_device_on_the_embedded_broker() {
-    rogue_device_learns_and_does_nothing(false).await;
+    rogue_device_learns_and_does_nothing(false, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rogue_device_on_mosquitto() {
-    rogue_device_learns_and_does_nothing(true).await;
+    rogue_device_learns_and_does_nothing(true, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rogue_device_on_the_embedded_broker_over_tls() {
+    rogue_device_learns_and_does_nothing(false, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rogue_device_on_mosquitto_over_tls() {
+    rogue_device_learns_and_does_nothing(true, true).await;
 }
