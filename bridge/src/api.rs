@@ -1,6 +1,7 @@
 //! HTTP client for the control API: the device API (forwarded requests) and the bridge API
 //! (MQTT auth, presence, due commands).
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +42,8 @@ pub enum ApiError {
     Decode { what: &'static str, reason: String },
     #[error("header {name} has a value that HTTP cannot carry")]
     BadHeader { name: &'static str },
+    #[error("api_ca_file: {0}")]
+    CaFile(String),
 }
 
 impl ApiError {
@@ -136,8 +139,17 @@ impl std::fmt::Debug for ApiClient {
 
 impl ApiClient {
     /// `base` is the API URL without a trailing slash.
-    pub fn new(base: String, token: Secret) -> Result<Self, ApiError> {
-        let http = reqwest::Client::builder()
+    /// `ca_file`: CA certificates (PEM) to trust besides the built-in roots.
+    pub fn new(base: String, token: Secret, ca_file: Option<&Path>) -> Result<Self, ApiError> {
+        let roots = match ca_file {
+            Some(file) => uplink_service::tls::https_roots(file).map_err(ApiError::CaFile)?,
+            None => Vec::new(),
+        };
+        let http = roots
+            .into_iter()
+            .fold(reqwest::Client::builder(), |b, cert| {
+                b.add_root_certificate(cert)
+            })
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())

@@ -24,6 +24,10 @@ pub struct Config {
     pub api_url: String,
     /// Bearer token for the control API's bridge endpoints.
     pub api_token: Secret,
+    /// An `https://` `api_url` behind a private CA: trust these CA certificates (PEM)
+    /// besides the built-in roots.
+    #[serde(default)]
+    pub api_ca_file: Option<PathBuf>,
     /// The longest one claim of due commands waits (at most 30 s are used): new commands
     /// come at once, re-sends and a dead bridge's claims within this.
     #[serde(default = "default_poll_interval_ms")]
@@ -222,6 +226,11 @@ impl Config {
                 "api_url",
                 format!("`{}` is not a URL: {e}", self.api_url),
             )),
+        }
+        if let Some(file) = &self.api_ca_file {
+            if let Err(e) = uplink_service::tls::https_roots(file) {
+                problems.push(Problem::new("api_ca_file", e));
+            }
         }
         if self.api_token.expose().trim().is_empty() {
             problems.push(Problem::new("api_token", "must not be empty"));

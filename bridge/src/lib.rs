@@ -81,7 +81,11 @@ pub enum BridgeError {
 
 /// Runs the bridge until `shutdown` fires (or a task ends on its own, which is an error).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), BridgeError> {
-    let api = ApiClient::new(config.api_base(), config.api_token.clone())?;
+    let api = ApiClient::new(
+        config.api_base(),
+        config.api_token.clone(),
+        config.api_ca_file.as_deref(),
+    )?;
     let http_listener = match config.http_listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -125,9 +129,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Brid
             tls_listener::TlsListener::bind(
                 tls_listener::Settings {
                     listen,
-                    cert_file: cert.clone(),
-                    key_file: key.clone(),
-                    client_ca_file: b.tls_client_ca_file.clone(),
+                    files: uplink_service::tls::ServerFiles {
+                        cert_file: cert.clone(),
+                        key_file: key.clone(),
+                        client_ca_file: b.tls_client_ca_file.clone(),
+                    },
                 },
                 embedded.gate.clone(),
             )

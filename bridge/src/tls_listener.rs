@@ -9,23 +9,21 @@
 //! client that never finishes one would hold every later connection; here each handshake
 //! runs in its own task with a time limit.
 //!
-//! Certificate reload: before each handshake the listener looks at the modification times
-//! of `tls_cert_file`, `tls_key_file` and `tls_client_ca_file`; when one changed it builds a new server
-//! configuration from them and uses it for this and later connections. Connections already
-//! open keep their session (nothing is dropped, no restart, no signal). Files that do not
-//! load (half written, key not matching the certificate) are logged as an error and the
-//! previous configuration stays in use until they do; replace both files by renaming.
+//! Certificate reload ([`Reloading`]): before each handshake the listener looks at the
+//! modification times of `tls_cert_file`, `tls_key_file` and `tls_client_ca_file`, and
+//! loads them again when one changed. Connections already open keep their session
+//! (nothing is dropped, no restart, no signal); files that do not load keep the previous
+//! configuration in use. Replace the files by renaming.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
-use uplink_service::tls::{self, TlsError};
+use tracing::{debug, info, warn};
+use uplink_service::tls::{self, Reloading, ServerFiles, TlsError};
 
 use crate::gate::Gate;
 
@@ -48,66 +46,14 @@ pub enum TlsListenError {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
-    /// Mutual TLS: the CA certificates client certificates must chain to.
-    pub client_ca_file: Option<PathBuf>,
-}
-
-/// Modification times of the files a configuration was made from.
-type Stamp = [Option<SystemTime>; 3];
-
-/// The server configuration in use and the file times it was made from.
-struct Current {
-    acceptor: TlsAcceptor,
-    stamp: Stamp,
-}
-
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-fn stamp(s: &Settings) -> Stamp {
-    [
-        modified(&s.cert_file),
-        modified(&s.key_file),
-        s.client_ca_file.as_deref().and_then(modified),
-    ]
-}
-
-fn load(s: &Settings) -> Result<Current, TlsError> {
-    let stamp = stamp(s);
-    let config = tls::server_config(&s.cert_file, &s.key_file, s.client_ca_file.as_deref())?;
-    Ok(Current {
-        acceptor: TlsAcceptor::from(Arc::new(config)),
-        stamp,
-    })
-}
-
-/// Reloads when the files changed since `current` was made; keeps `current` when they
-/// do not load.
-fn refresh(s: &Settings, current: &mut Current) {
-    if stamp(s) == current.stamp {
-        return;
-    }
-    match load(s) {
-        Ok(new) => {
-            info!(cert_file = %s.cert_file.display(), "TLS certificate reloaded");
-            *current = new;
-        }
-        Err(e) => {
-            error!(error = %e, "TLS certificate files changed but do not load; still serving the previous certificate");
-            // Try again only when they change again.
-            current.stamp = stamp(s);
-        }
-    }
+    pub files: ServerFiles,
 }
 
 /// A bound TLS listener with its first configuration loaded.
 pub struct TlsListener {
     listener: TcpListener,
     settings: Settings,
-    current: Current,
+    config: Reloading,
     gate: Arc<Gate>,
 }
 
@@ -115,7 +61,7 @@ impl TlsListener {
     /// Loads the certificate and key (errors say which file and why) and binds; each
     /// connection then goes through `gate`.
     pub async fn bind(settings: Settings, gate: Arc<Gate>) -> Result<Self, TlsListenError> {
-        let current = load(&settings)?;
+        let config = Reloading::load(settings.files.clone())?;
         let listener =
             TcpListener::bind(settings.listen)
                 .await
@@ -126,7 +72,7 @@ impl TlsListener {
         Ok(TlsListener {
             listener,
             settings,
-            current,
+            config,
             gate,
         })
     }
@@ -137,7 +83,7 @@ impl TlsListener {
 
     /// Accepts until `shutdown` fires.
     pub async fn serve(mut self, shutdown: CancellationToken) {
-        let mutual = self.settings.client_ca_file.is_some();
+        let mutual = self.settings.files.client_ca_file.is_some();
         info!(listen = %self.settings.listen, client_certificates = mutual, "Embedded broker TLS listener");
         loop {
             let accepted = tokio::select! {
@@ -156,8 +102,7 @@ impl TlsListener {
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            refresh(&self.settings, &mut self.current);
-            let acceptor = self.current.acceptor.clone();
+            let acceptor = TlsAcceptor::from(self.config.current());
             let gate = self.gate.clone();
             tokio::spawn(async move {
                 serve_one(acceptor, tcp, peer, gate, mutual).await;

@@ -30,6 +30,7 @@ async fn bridge_with_embedded_broker() {
     let config = Config {
         api_url: format!("http://{api_addr}/"),
         api_token: Secret::new(TOKEN),
+        api_ca_file: None,
         // Long, so only start-up, connection and presence wake the pump.
         poll_interval_ms: 60_000,
         http_listen: None,

@@ -73,6 +73,7 @@ async fn bridge_with_external_broker_and_shared_subscriptions() {
     let config = Config {
         api_url: format!("http://{api_addr}"),
         api_token: Secret::new(TOKEN),
+        api_ca_file: None,
         poll_interval_ms: 200,
         http_listen: None,
         broker: BrokerConfig {
@@ -146,6 +147,7 @@ async fn oversized_payloads_do_not_disconnect_the_bridge() {
     let config = Config {
         api_url: format!("http://{api_addr}"),
         api_token: Secret::new(TOKEN),
+        api_ca_file: None,
         poll_interval_ms: 200,
         http_listen: None,
         broker: BrokerConfig {

@@ -66,6 +66,7 @@ async fn health_readiness_and_metrics() {
     let config = Config {
         api_url: format!("http://{api_addr}"),
         api_token: Secret::new(TOKEN),
+        api_ca_file: None,
         poll_interval_ms: 60_000,
         http_listen: Some(http_addr),
         broker: BrokerConfig {

@@ -19,6 +19,12 @@ pub const ENV_PREFIX: &str = "UPLINK_API_";
 pub struct Config {
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Serve HTTPS on `listen` with this certificate chain and key (PEM), read again when
+    /// they change; plain HTTP without them.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
     pub database_url: Secret,
     #[serde(default = "default_db_pool")]
     pub database_max_connections: u32,
@@ -221,8 +227,32 @@ impl Config {
     }
 
     /// Checks values that parse but cannot work; every problem, each naming its field.
+    /// The HTTPS files, when the API serves HTTPS.
+    pub fn tls_files(&self) -> Option<uplink_service::tls::ServerFiles> {
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => Some(uplink_service::tls::ServerFiles {
+                cert_file: cert.clone(),
+                key_file: key.clone(),
+                client_ca_file: None,
+            }),
+            _ => None,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), Vec<Problem>> {
         let mut problems = Vec::new();
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (None, None) => {}
+            (Some(cert), Some(key)) => {
+                if let Err(e) = uplink_service::tls::server_config(cert, key, None) {
+                    problems.push(Problem::new("tls_cert_file", e.to_string()));
+                }
+            }
+            _ => problems.push(Problem::new(
+                "tls_cert_file",
+                "set tls_cert_file and tls_key_file together",
+            )),
+        }
         let mut invalid = |field: &str, reason: &str| problems.push(Problem::new(field, reason));
         if !self.database_url.expose().starts_with("postgres") {
             invalid("database_url", "must be a postgres:// or postgresql:// URL");

@@ -33,6 +33,7 @@ pub mod egress;
 pub mod events;
 pub mod guarantees;
 pub mod http;
+pub mod https;
 pub mod metrics;
 pub mod presign;
 pub mod readback;
@@ -163,9 +164,25 @@ pub async fn serve(
     });
     let validation = tokio::spawn(validation::run(state.clone(), shutdown.clone()));
     let digest = tokio::spawn(digest::run(state.clone(), shutdown.clone()));
-    let served = axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .into_future();
+    let router = http::router(state.clone());
+    let graceful = shutdown.clone().cancelled_owned();
+    let served: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> =
+        match state.config.tls_files() {
+            Some(files) => {
+                let listener = https::HttpsListener::start(listener, files)
+                    .context("tls_cert_file / tls_key_file")?;
+                Box::pin(
+                    axum::serve(listener, router)
+                        .with_graceful_shutdown(graceful)
+                        .into_future(),
+                )
+            }
+            None => Box::pin(
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(graceful)
+                    .into_future(),
+            ),
+        };
     // After the signal no connection is accepted; requests in flight get DRAIN_LIMIT to
     // finish (systemd's TimeoutStopSec is 30 s), then their connections are dropped.
     let limit = async {

@@ -188,3 +188,31 @@ fn environment_values_name_their_variable() {
         ],
     );
 }
+
+#[test]
+fn https_files_are_checked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = dir.path().join("api.pem");
+    std::fs::write(&cert, "not a certificate\n").expect("write");
+    let line = |field: &str| format!("tls_cert_file = {:?}\n{field}", cert.display().to_string());
+    let file = write(dir.path(), &format!("{}{}", line(""), good()));
+    assert_fails_with(
+        &file,
+        &[],
+        &[format!(
+            "{}:1:1: tls_cert_file: set tls_cert_file and tls_key_file together",
+            file.display()
+        )],
+    );
+    let with_key = format!("tls_key_file = {:?}\n", cert.display().to_string());
+    let file = write(dir.path(), &format!("{}{}", line(&with_key), good()));
+    assert_fails_with(
+        &file,
+        &[],
+        &[format!(
+            "{}:1:1: tls_cert_file: {} holds no PEM certificate",
+            file.display(),
+            cert.display()
+        )],
+    );
+}

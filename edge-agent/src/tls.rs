@@ -83,12 +83,7 @@ pub fn validate(cfg: &Config) -> Vec<(&'static str, String)> {
     problems
 }
 
-/// The certificates of `https_ca_file`, for reqwest.
-pub fn https_roots(file: &Path) -> Result<Vec<reqwest::Certificate>, String> {
-    tls::read_certs(file).map_err(|e| e.to_string())?;
-    let pem = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-    reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{}: {e}", file.display()))
-}
+pub use tls::https_roots;
 
 /// `builder` trusting the certificates of `https_ca_file` too (when set).
 pub fn https(

@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -162,6 +163,93 @@ pub fn server_config(
         None => builder.with_no_client_auth(),
     };
     Ok(builder.with_single_cert(certs, key)?)
+}
+
+/// The CA certificates of a PEM file, for a reqwest client that trusts them besides the
+/// built-in roots (storage or the control API behind a private CA).
+pub fn https_roots(file: &Path) -> Result<Vec<reqwest::Certificate>, String> {
+    read_certs(file).map_err(|e| e.to_string())?;
+    let pem = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{}: {e}", file.display()))
+}
+
+/// The files of a TLS server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerFiles {
+    /// Certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// Its private key (PEM).
+    pub key_file: PathBuf,
+    /// Mutual TLS: client certificates must chain to these CA certificates (PEM).
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// Modification times of a server's files.
+type Stamp = [Option<SystemTime>; 3];
+
+/// A server configuration that follows its files: [`Reloading::current`] compares their
+/// modification times and, when one changed, loads them again and uses the new
+/// configuration from then on. Files that do not load (half written, a key that does not
+/// match the certificate) are logged as an error and the previous configuration stays in
+/// use until they change again. Connections already open keep their session.
+#[derive(Debug)]
+pub struct Reloading {
+    files: ServerFiles,
+    config: Arc<ServerConfig>,
+    stamp: Stamp,
+}
+
+impl Reloading {
+    /// Loads the files now (errors say which file and why).
+    pub fn load(files: ServerFiles) -> Result<Self, TlsError> {
+        let stamp = Self::stamp_of(&files);
+        let config = Arc::new(Self::config_of(&files)?);
+        Ok(Reloading {
+            files,
+            config,
+            stamp,
+        })
+    }
+
+    fn stamp_of(files: &ServerFiles) -> Stamp {
+        let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        [
+            modified(&files.cert_file),
+            modified(&files.key_file),
+            files.client_ca_file.as_deref().and_then(modified),
+        ]
+    }
+
+    fn config_of(files: &ServerFiles) -> Result<ServerConfig, TlsError> {
+        server_config(
+            &files.cert_file,
+            &files.key_file,
+            files.client_ca_file.as_deref(),
+        )
+    }
+
+    pub fn files(&self) -> &ServerFiles {
+        &self.files
+    }
+
+    /// The configuration for a new connection, reloaded first if the files changed.
+    pub fn current(&mut self) -> Arc<ServerConfig> {
+        let stamp = Self::stamp_of(&self.files);
+        if stamp != self.stamp {
+            // Tried again only when they change again.
+            self.stamp = stamp;
+            match Self::config_of(&self.files) {
+                Ok(config) => {
+                    tracing::info!(cert_file = %self.files.cert_file.display(), "TLS certificate reloaded");
+                    self.config = Arc::new(config);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS certificate files changed but do not load; still serving the previous certificate");
+                }
+            }
+        }
+        self.config.clone()
+    }
 }
 
 /// The subject's common name (CN) of a DER certificate: the identity a verified client

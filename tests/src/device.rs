@@ -58,6 +58,19 @@ impl std::fmt::Display for Reply {
     }
 }
 
+/// A test client of the API (30 s timeout) that also trusts `ca_file` (PEM) when given.
+pub fn http_client(ca_file: Option<&std::path::Path>) -> reqwest::Client {
+    let roots = ca_file.map_or(Vec::new(), |f| {
+        uplink_service::tls::https_roots(f).expect("the test CA for reqwest")
+    });
+    roots
+        .into_iter()
+        .fold(reqwest::Client::builder(), |b, c| b.add_root_certificate(c))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("reqwest client")
+}
+
 /// Client for `POST /v1/device/{op}` on the control API.
 #[derive(Debug, Clone)]
 pub struct DeviceHttp {
@@ -66,13 +79,11 @@ pub struct DeviceHttp {
 }
 
 impl DeviceHttp {
-    pub fn new(api_url: &str) -> DeviceHttp {
+    /// `ca_file`: an HTTPS API's CA (PEM), trusted besides the built-in roots.
+    pub fn new(api_url: &str, ca_file: Option<&std::path::Path>) -> DeviceHttp {
         DeviceHttp {
             api_url: api_url.to_string(),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .expect("reqwest client"),
+            http: http_client(ca_file),
         }
     }
 

@@ -356,9 +356,15 @@ impl Stack {
         );
         let api_ports: Vec<u16> = (0..opts.apis).map(|_| free_port()).collect();
         let api_port = api_ports[0];
+        // TLS everywhere: with `tls` the API serves HTTPS (the bridge trusts the test CA).
+        assert!(
+            tls.is_none() || (opts.apis == 1 && !opts.api_proxy),
+            "a TLS stack has one API and no API proxy"
+        );
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let api_instance_urls: Vec<String> = api_ports
             .iter()
-            .map(|p| format!("http://127.0.0.1:{p}"))
+            .map(|p| format!("{scheme}://127.0.0.1:{p}"))
             .collect();
         let balancer = if opts.apis > 1 {
             let backends = api_ports.iter().map(|p| format!("127.0.0.1:{p}"));
@@ -403,6 +409,7 @@ impl Stack {
                  command_key_file = {key}\n\
                  replay_window_secs = {replay}\n\
                  command_ttl_secs = 86400\n\
+                 {https}\
                  \n[s3]\n\
                  endpoint = {endpoint}\n\
                  public_endpoint = {public}\n\
@@ -432,6 +439,11 @@ impl Stack {
                 ak = toml_str(&env.s3_access_key),
                 sk = toml_str(&env.s3_secret_key),
                 ttl = opts.presign_ttl_secs,
+                https = tls.as_ref().map_or(String::new(), |t| format!(
+                    "tls_cert_file = {}\ntls_key_file = {}\n",
+                    toml_str(path_str(&t.pki.server.cert)),
+                    toml_str(path_str(&t.pki.server.key))
+                )),
                 prefix = toml_str(&opts.key_prefix),
                 extra = opts.api_extra_toml,
             ),
@@ -554,8 +566,12 @@ impl Stack {
         std::fs::write(
             &bridge_config,
             format!(
-                "api_url = {api}\napi_token = {tok}\npoll_interval_ms = 200\n\n\
+                "api_url = {api}\napi_token = {tok}\npoll_interval_ms = 200\n{api_ca}\n\
                  [broker]\n{broker_toml}client_id = {cid}\n{shared}",
+                api_ca = tls.as_ref().map_or(String::new(), |t| format!(
+                    "api_ca_file = {}\n",
+                    toml_str(path_str(&t.pki.ca.cert_file))
+                )),
                 api = toml_str(&api_proxy.as_ref().map_or(api_url.clone(), |p| p.url())),
                 tok = toml_str(&bridge_token),
                 cid = toml_str(&crate::unique("uplink-bridge")),
@@ -594,6 +610,7 @@ impl Stack {
             more_bridges.push(more);
         }
 
+        let api_ca = tls.as_ref().map(|t| t.pki.ca.cert_file.clone());
         let stack = Stack {
             env,
             opts,
@@ -607,11 +624,8 @@ impl Stack {
             api_proxy,
             mqtt_proxy,
             tls,
-            device_http: DeviceHttp::new(&api_url),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .expect("reqwest client"),
+            device_http: DeviceHttp::new(&api_url, api_ca.as_deref()),
+            http: crate::device::http_client(api_ca.as_deref()),
             api: Mutex::new(api),
             bridge: Mutex::new(bridge),
             api_instance_urls,

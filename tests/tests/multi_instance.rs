@@ -210,8 +210,8 @@ async fn requests_and_commands_are_handled_once_across_instances() {
     let body = json!({"job_id": uuid::Uuid::new_v4(), "file_name": "twice.bin", "size": 1024,
                       "sha256": "0".repeat(64), "part_size": 5 * MIB});
     let env = signed(&dev.key, &dev.id, "session.create", &body);
-    let a = DeviceHttp::new(&stack.api_instance_urls[0]);
-    let b = DeviceHttp::new(&stack.api_instance_urls[1]);
+    let a = DeviceHttp::new(&stack.api_instance_urls[0], None);
+    let b = DeviceHttp::new(&stack.api_instance_urls[1], None);
     let (ra, rb) = tokio::join!(a.send(&dev.id, &env), b.send(&dev.id, &env));
     assert!(ra.is_success() && rb.is_success(), "{ra}\n{rb}");
     assert_eq!(ra.body["session_id"], rb.body["session_id"], "{ra}\n{rb}");

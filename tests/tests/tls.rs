@@ -1,7 +1,8 @@
 //! TLS everywhere, with a throw-away CA made by the test (tests/src/tls.rs): agents upload
 //! over MQTT-over-TLS on both brokers (the bridge's embedded one through its `tls_listen`,
 //! Mosquitto through a `listener` with `cafile/certfile/keyfile`) and PUT their parts over
-//! HTTPS (`https_ca_file`); the bridge reaches Mosquitto over TLS too. A wrong CA, an
+//! HTTPS (`https_ca_file`); the bridge reaches Mosquitto over TLS too, and the control API,
+//! which serves HTTPS itself (`tls_cert_file`), through `api_ca_file`. A wrong CA, an
 //! expired server certificate and a wrong host name each fail with a plain-words error in
 //! the agent's log and in `uplink-agent doctor`. The embedded broker picks up replaced
 //! certificate files at the next connection without dropping the open ones. With
@@ -204,6 +205,15 @@ async fn mosquitto_over_tls() {
         .upload_and_verify(&dev, &file, Duration::from_secs(240))
         .await;
     assert!(tls.s3.handshakes() > 0, "parts went over HTTPS");
+    // The bridge reached the control API over HTTPS (`api_ca_file`); plain HTTP gets
+    // nothing there.
+    assert!(stack.api_url.starts_with("https://"), "{}", stack.api_url);
+    let plain = reqwest::Client::new()
+        .get(stack.api_url.replace("https://", "http://") + "/healthz")
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(plain.is_err(), "the API answered plain HTTP: {plain:?}");
     assert_doctor_connects(&stack, &dev);
     let other_ca = tls.pki.other_ca.to_str().expect("utf-8 path");
     assert_doctor_names_wrong_ca_and_host(&stack, &dev, other_ca);

@@ -426,6 +426,7 @@ pub fn embedded_config(api_addr: SocketAddr, port: u16) -> uplink_bridge::config
     Config {
         api_url: format!("http://{api_addr}"),
         api_token: Secret::new(TOKEN),
+        api_ca_file: None,
         poll_interval_ms: 60_000,
         http_listen: None,
         broker: BrokerConfig {

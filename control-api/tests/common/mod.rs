@@ -74,6 +74,8 @@ impl TestApp {
         std::fs::write(&key_file, sign::encode_private(&sign::generate())).expect("write key");
         let mut config = Config {
             listen: "127.0.0.1:0".parse().expect("addr"),
+            tls_cert_file: None,
+            tls_key_file: None,
             database_url: Secret::new(url.to_string()),
             database_max_connections: 16,
             operator_token: Secret::new(OPERATOR),
