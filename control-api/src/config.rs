@@ -32,6 +32,10 @@ pub struct Config {
     pub operator_token: Secret,
     /// Bearer token of the bridge API.
     pub bridge_token: Secret,
+    /// Devices get static Mosquitto passwords derived with this secret (at least 16
+    /// characters), for the bridge's dynamic-security sync ([`crate::mqtt_login`]).
+    #[serde(default)]
+    pub mqtt_password_secret: Option<Secret>,
     /// File holding the base64 Ed25519 seed that signs commands.
     pub command_key_file: PathBuf,
     /// The next command key (base64 Ed25519 seed), announced at `GET /v1/command-key` as
@@ -259,6 +263,13 @@ impl Config {
         }
         if self.operator_token.expose().len() < 16 {
             invalid("operator_token", "must be at least 16 characters");
+        }
+        if self
+            .mqtt_password_secret
+            .as_ref()
+            .is_some_and(|s| s.expose().len() < 16)
+        {
+            invalid("mqtt_password_secret", "must be at least 16 characters");
         }
         if self.bridge_token.expose().len() < 16 {
             invalid("bridge_token", "must be at least 16 characters");

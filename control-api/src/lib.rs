@@ -35,6 +35,7 @@ pub mod guarantees;
 pub mod http;
 pub mod https;
 pub mod metrics;
+pub mod mqtt_login;
 pub mod presign;
 pub mod readback;
 pub mod sessions;

@@ -16,6 +16,9 @@ pub struct RegisteredDevice {
     pub enabled: bool,
     /// Base64 Ed25519 public key.
     pub public_key: String,
+    /// Its static Mosquitto password, when the API derives them (`mqtt_password_secret`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt_password: Option<String>,
 }
 
 /// Every registered device with whether it is enabled and its key.
@@ -36,6 +39,9 @@ pub async fn devices(State(st): State<AppState>) -> Result<Json<Vec<RegisteredDe
         devices
             .into_iter()
             .map(|d| RegisteredDevice {
+                mqtt_password: st.config.mqtt_password_secret.as_ref().map(|secret| {
+                    crate::mqtt_login::mqtt_password(secret, &d.device_id, &d.public_key)
+                }),
                 device_id: d.device_id,
                 enabled: d.enabled,
                 public_key: d.public_key,

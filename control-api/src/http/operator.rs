@@ -4,7 +4,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use uplink_protocol::command::{Action, Command};
 use uplink_protocol::envelope::CommandEnvelope;
 use uplink_protocol::ops::SessionState;
@@ -29,6 +29,30 @@ pub struct NewDevice {
     #[serde(default = "default_project")]
     #[schema(default = "default")]
     pub project_id: String,
+}
+
+/// A device, with its Mosquitto password when the API derives them
+/// (`mqtt_password_secret`, [`crate::mqtt_login`]).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct DeviceWithLogin {
+    #[serde(flatten)]
+    pub device: Device,
+    /// The device's static Mosquitto password (for its `[mqtt] password_file`); changes
+    /// with its key. Only in the answers to registering and changing a device.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt_password: Option<String>,
+}
+
+impl DeviceWithLogin {
+    fn of(st: &AppState, device: Device) -> Self {
+        let mqtt_password = st.config.mqtt_password_secret.as_ref().map(|secret| {
+            crate::mqtt_login::mqtt_password(secret, &device.device_id, &device.public_key)
+        });
+        DeviceWithLogin {
+            device,
+            mqtt_password,
+        }
+    }
 }
 
 fn default_project() -> String {
@@ -62,7 +86,7 @@ pub async fn visible_device(
     params(openapi::IdempotencyKey),
     request_body = NewDevice,
     responses(
-        (status = 201, description = "The device", body = Device),
+        (status = 201, description = "The device", body = DeviceWithLogin),
         openapi::WriteConflictProblems,
     ),
     security(("operator" = []))
@@ -71,7 +95,7 @@ pub async fn register_device(
     State(st): State<AppState>,
     caller: Caller,
     ApiJson(req): ApiJson<NewDevice>,
-) -> Result<(StatusCode, Json<Device>), ApiError> {
+) -> Result<(StatusCode, Json<DeviceWithLogin>), ApiError> {
     caller.allow(
         Some(&req.project_id),
         Need::Operate,
@@ -125,7 +149,7 @@ pub async fn register_device(
     .await?;
     tx.commit().await?;
     tracing::info!(device_id = %device.device_id, "Device registered");
-    Ok((StatusCode::CREATED, Json(device)))
+    Ok((StatusCode::CREATED, Json(DeviceWithLogin::of(&st, device))))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -200,7 +224,7 @@ pub struct DevicePatch {
     params(("id" = String, Path, description = "Device id"), openapi::IdempotencyKey),
     request_body = DevicePatch,
     responses(
-        (status = 200, description = "The device", body = Device),
+        (status = 200, description = "The device", body = DeviceWithLogin),
         openapi::WriteProblems,
     ),
     security(("operator" = []))
@@ -210,7 +234,7 @@ pub async fn patch_device(
     caller: Caller,
     ApiPath(id): ApiPath<String>,
     ApiJson(patch): ApiJson<DevicePatch>,
-) -> Result<Json<Device>, ApiError> {
+) -> Result<Json<DeviceWithLogin>, ApiError> {
     visible_device(&st, &caller, &id, Need::Operate).await?;
     let public_key = match &patch.public_key {
         Some(k) => Some(sign::encode_public(&sign::decode_public(k).map_err(
@@ -248,7 +272,7 @@ pub async fn patch_device(
     .await?;
     tx.commit().await?;
     tracing::info!(device_id = %id, enabled = device.enabled, key_rotated = public_key.is_some(), "Device updated");
-    Ok(Json(device))
+    Ok(Json(DeviceWithLogin::of(&st, device)))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

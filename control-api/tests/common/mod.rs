@@ -80,6 +80,7 @@ impl TestApp {
             database_max_connections: 16,
             operator_token: Secret::new(OPERATOR),
             bridge_token: Secret::new(BRIDGE),
+            mqtt_password_secret: None,
             command_key_file: key_file,
             command_next_key_file: None,
             replay_window_secs: 300,
