@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::config::Secret;
 
-mod devices;
+pub mod devices;
 pub use devices::RegisteredDevice;
 
 /// Whole-request timeout for every call to the control API.

@@ -65,6 +65,9 @@ pub struct BrokerConfig {
     pub client_id: String,
     /// External: subscribe with `$share/uplink-bridge/...` so instances split the load.
     pub shared_subscriptions: bool,
+    /// External, Mosquitto: keep its dynamic-security plugin in step with the registry
+    /// ([`crate::dynsec`]); the bridge's `username` must be the plugin's admin.
+    pub dynamic_security: bool,
     /// External: connect over TLS (system roots, or `ca_file`).
     pub tls: bool,
     /// External, TLS: trust only these CA certificates (PEM).
@@ -115,6 +118,19 @@ impl BrokerConfig {
                 self.tls_client_ca_file.is_some(),
             ),
         ];
+        if self.dynamic_security {
+            if embedded {
+                problems.push(Problem::new(
+                    "broker.dynamic_security",
+                    "is for mode = \"external\" (Mosquitto with its dynamic-security plugin)",
+                ));
+            } else if self.username.is_none() {
+                problems.push(Problem::new(
+                    "broker.dynamic_security",
+                    "needs broker.username (the plugin's admin account)",
+                ));
+            }
+        }
         let (wrong, why) = if embedded {
             (
                 &client_fields[..],
@@ -177,6 +193,7 @@ impl Default for BrokerConfig {
             password: None,
             client_id: "uplink-bridge-1".into(),
             shared_subscriptions: false,
+            dynamic_security: false,
             tls: false,
             ca_file: None,
             client_cert_file: None,
@@ -332,7 +349,7 @@ mod tests {
                 .to_string(),
             "invalid configuration:\nbridge.toml:4:1: broker.mod: unknown field (expected \
              one of: mode, listen, host, port, username, password, client_id, \
-             shared_subscriptions, tls, ca_file, client_cert_file, client_key_file, \
+             shared_subscriptions, dynamic_security, tls, ca_file, client_cert_file, client_key_file, \
              server_name, tls_listen, tls_cert_file, tls_key_file, tls_client_ca_file)"
         );
     }

@@ -3,10 +3,11 @@
 //!
 //! # Layout
 //! - [`config`]: TOML + `UPLINK_BRIDGE_*` environment configuration, secrets, validation.
+//! - [`dynsec`]: Mosquitto's dynamic-security plugin kept in step with the registry.
 //! - [`broker`]: the embedded rumqttd broker on a loopback port and its auth handler.
 //! - [`gate`]: what devices connect to in front of the embedded broker: checks them with the
 //!   control API, keeps each to its own topics ([`mqtt_rules`]), disconnects disabled ones.
-//! - [`tls_listener`]: the embedded broker's TLS listener (rustls, relayed to the gate),
+//! - [`tls_listener`]: the embedded broker's TLS listener (rustls, into the gate),
 //!   with certificate reload.
 //! - [`api`]: reqwest client for the control API (device calls, mqtt-auth, presence,
 //!   command claims).
@@ -25,6 +26,7 @@ pub mod api;
 pub mod broker;
 pub mod commands;
 pub mod config;
+pub mod dynsec;
 pub mod forward;
 pub mod gate;
 pub mod http;
@@ -162,7 +164,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Brid
 
     let mut tasks = JoinSet::new();
     let mut names = HashMap::new();
-    let dispatch = mqtt::Dispatch::new(
+    let mut dispatch = mqtt::Dispatch::new(
         forward::Forwarder {
             api: api.clone(),
             mqtt: client.clone(),
@@ -171,10 +173,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Brid
         presence_queue.clone(),
         metrics.clone(),
     );
+    let dynamic_security = b.mode == BrokerMode::External && b.dynamic_security;
+    let subscriptions = mqtt::filters(connection.shared_subscriptions, dynamic_security);
+    if dynamic_security {
+        let (answers_tx, answers) = tokio::sync::mpsc::unbounded_channel();
+        dispatch.control_answers = Some(answers_tx);
+        let sync = dynsec::Sync {
+            client: client.clone(),
+            api: api.clone(),
+            answers,
+            username: connection.username.clone().unwrap_or_default(),
+            subscriptions: subscriptions.clone(),
+        };
+        let handle = tasks.spawn(sync.run(connected_rx.clone(), tasks_stop.clone()));
+        names.insert(handle.id(), "dynamic-security");
+    }
     let handle = tasks.spawn(mqtt::run_event_loop(
         eventloop,
         client.clone(),
-        connection.shared_subscriptions,
+        subscriptions,
         embedded.is_some(),
         dispatch,
         connected_tx,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, SubscribeFilter};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uplink_protocol::envelope::MAX_PAYLOAD_BYTES;
@@ -73,8 +73,11 @@ pub fn options(conn: &Connection) -> Result<MqttOptions, uplink_service::tls::Tl
     Ok(o)
 }
 
-/// The subscription filters (QoS 1) for all devices.
-pub fn filters(shared: bool) -> Vec<SubscribeFilter> {
+/// The subscription filters (QoS 1) for all devices, and the dynamic-security plugin's
+/// answers when the bridge syncs it.
+pub fn filters(shared: bool, dynamic_security: bool) -> Vec<SubscribeFilter> {
+    let control = dynamic_security
+        .then(|| SubscribeFilter::new(crate::dynsec::RESPONSE.into(), QoS::AtLeastOnce));
     SUBSCRIBED
         .into_iter()
         .map(|c| {
@@ -85,6 +88,7 @@ pub fn filters(shared: bool) -> Vec<SubscribeFilter> {
             };
             SubscribeFilter::new(path, QoS::AtLeastOnce)
         })
+        .chain(control)
         .collect()
 }
 
@@ -95,6 +99,8 @@ pub struct Dispatch {
     pub concurrency: Arc<Semaphore>,
     pub admission: Arc<Semaphore>,
     pub metrics: Arc<Metrics>,
+    /// The dynamic-security plugin's answers ([`crate::dynsec`]), when the bridge syncs it.
+    pub control_answers: Option<mpsc::UnboundedSender<bytes::Bytes>>,
 }
 
 impl Dispatch {
@@ -105,10 +111,17 @@ impl Dispatch {
             presence,
             concurrency: Arc::new(Semaphore::new(MAX_CONCURRENT)),
             admission: Arc::new(Semaphore::new(MAX_QUEUED)),
+            control_answers: None,
         }
     }
 
     fn dispatch(&self, publish: Publish) {
+        if let Some(answers) = &self.control_answers {
+            if publish.topic == crate::dynsec::RESPONSE {
+                let _ = answers.send(publish.payload);
+                return;
+            }
+        }
         let Some((device, channel)) = topics::parse(&publish.topic) else {
             debug!(topic = %publish.topic, "Message on a foreign topic; ignored");
             return;
@@ -180,7 +193,7 @@ impl Dispatch {
 pub async fn run_event_loop(
     mut eventloop: EventLoop,
     client: AsyncClient,
-    shared: bool,
+    subscriptions: Vec<SubscribeFilter>,
     quiet_start: bool,
     dispatch: Dispatch,
     connected: watch::Sender<bool>,
@@ -202,8 +215,9 @@ pub async fn run_event_loop(
                 // Subscribing goes through the request channel this loop drains: do it
                 // from another task so a full channel cannot deadlock the loop.
                 let client = client.clone();
+                let subscriptions = subscriptions.clone();
                 tokio::spawn(async move {
-                    match client.subscribe_many(filters(shared)).await {
+                    match client.subscribe_many(subscriptions).await {
                         Ok(()) => debug!("Subscriptions requested"),
                         Err(e) => warn!(error = %e, "Could not subscribe"),
                     }
@@ -283,7 +297,7 @@ mod tests {
 
     #[test]
     fn filters_cover_device_channels() {
-        let plain: Vec<String> = filters(false).into_iter().map(|f| f.path).collect();
+        let plain: Vec<String> = filters(false, false).into_iter().map(|f| f.path).collect();
         assert_eq!(
             plain,
             vec![
@@ -293,9 +307,15 @@ mod tests {
                 topics::filter_all(Channel::Status),
             ]
         );
-        assert!(filters(true)
+        assert!(filters(true, false)
             .iter()
             .all(|f| f.path.starts_with("$share/") && f.qos == QoS::AtLeastOnce));
+        let synced = filters(true, true);
+        assert_eq!(synced.len(), SUBSCRIBED.len() + 1);
+        assert_eq!(
+            synced.last().map(|f| f.path.as_str()),
+            Some(crate::dynsec::RESPONSE)
+        );
     }
 
     #[test]

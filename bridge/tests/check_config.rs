@@ -103,7 +103,8 @@ fn parse_errors_name_line_and_field() {
         &[],
         &[
             "{file}:10:1: broker.shared_subscription: unknown field (expected one of: mode, \
-           listen, host, port, username, password, client_id, shared_subscriptions, tls, \
+           listen, host, port, username, password, client_id, shared_subscriptions, \
+           dynamic_security, tls, \
            ca_file, client_cert_file, client_key_file, server_name, tls_listen, tls_cert_file, \
            tls_key_file, tls_client_ca_file)",
         ],

@@ -71,27 +71,32 @@ impl TestEnv {
     }
 
     /// Mosquitto's password-file tool: `UPLINK_TEST_MOSQUITTO_PASSWD`, else
-    /// `mosquitto_passwd` next to the mosquitto binary, in `../bin` from it (Debian puts the
-    /// broker in /usr/sbin and the tools in /usr/bin) or on `PATH`.
+    /// `mosquitto_passwd` beside Mosquitto ([`TestEnv::mosquitto_tool`]).
     pub fn mosquitto_passwd(&self) -> PathBuf {
-        if let Ok(p) = std::env::var("UPLINK_TEST_MOSQUITTO_PASSWD") {
-            return PathBuf::from(p);
+        match std::env::var("UPLINK_TEST_MOSQUITTO_PASSWD") {
+            Ok(p) => PathBuf::from(p),
+            Err(_) => self.mosquitto_tool("mosquitto_passwd"),
         }
+    }
+
+    /// A tool that comes with Mosquitto (`mosquitto_passwd`, `mosquitto_ctrl`): next to the
+    /// mosquitto binary, in `../bin` from it (Debian puts the broker in /usr/sbin and the
+    /// tools in /usr/bin) or on `PATH`.
+    pub fn mosquitto_tool(&self, name: &str) -> PathBuf {
         let beside = self.mosquitto.parent().map(PathBuf::from);
         let path_var = std::env::var_os("PATH").unwrap_or_default();
         let candidates = beside
             .iter()
             .flat_map(|d| [d.clone(), d.join("../bin")])
             .chain(std::env::split_paths(&path_var))
-            .map(|d| d.join("mosquitto_passwd"));
+            .map(|d| d.join(name));
         for path in candidates {
             if path.is_file() {
                 return path;
             }
         }
         panic!(
-            "mosquitto_passwd not found next to {} nor on PATH (it comes with Mosquitto; \
-             or set UPLINK_TEST_MOSQUITTO_PASSWD): {HOW}",
+            "{name} not found next to {} nor on PATH (it comes with Mosquitto): {HOW}",
             self.mosquitto.display()
         )
     }

@@ -38,6 +38,12 @@ pub struct StackOptions {
     /// [`MOSQUITTO_BRIDGE_USER`]; each registered device gets a random password
     /// ([`Device::mqtt_password`]) that its agent reads from `[mqtt] password_file`.
     pub mosquitto_acl: bool,
+    /// Mosquitto with its dynamic-security plugin ([`MOSQUITTO_DYNSEC_CONF`]): the bridge is
+    /// the plugin's admin (`mosquitto_ctrl dynsec init`) and keeps device accounts in step
+    /// with the registry; the API derives device passwords (`mqtt_password_secret`), which
+    /// [`Stack::register_device`] takes from the registration answer. No password or ACL
+    /// file.
+    pub mosquitto_dynsec: bool,
     /// Presigned URLs point straight at S3 instead of the counting proxy (benchmarks).
     pub direct_s3: bool,
     /// Extra environment variables for the API and the bridge.
@@ -86,6 +92,7 @@ impl Default for StackOptions {
             api_extra_toml: String::new(),
             external_broker: false,
             mosquitto_acl: false,
+            mosquitto_dynsec: false,
             direct_s3: false,
             service_env: Vec::new(),
             api_proxy: false,
@@ -156,7 +163,7 @@ pub struct Device {
     pub root: PathBuf,
     pub state_dir: PathBuf,
     /// Its static MQTT password in Mosquitto's password file (username = device id);
-    /// `None` unless [`StackOptions::mosquitto_acl`].
+    /// `None` unless [`StackOptions::mosquitto_acl`] or [`StackOptions::mosquitto_dynsec`].
     pub mqtt_password: Option<String>,
 }
 
@@ -199,6 +206,32 @@ pub fn mosquitto_test_conf(port: u16, passwd: &Path, acl: &Path) -> String {
     }
     // Test-only: keep root (Mosquitto would switch to user `mosquitto`, who cannot read the
     // stack's private directory), no persistence, every log line.
+    conf.push_str("user root\npersistence false\nlog_dest stderr\nlog_type all\n");
+    conf
+}
+
+/// The Mosquitto set-up of docs/security.md with the dynamic-security plugin.
+pub const MOSQUITTO_DYNSEC_CONF: &str = include_str!("../../configs/mosquitto/uplink-dynsec.conf");
+
+/// [`MOSQUITTO_DYNSEC_CONF`] for a test: on `127.0.0.1:port`, the plugin's file at `file`.
+fn mosquitto_dynsec_conf(port: u16, file: &Path) -> String {
+    let mut conf = MOSQUITTO_DYNSEC_CONF.to_string();
+    for (from, to) in [
+        (
+            "\nlistener 1883\n",
+            format!("\nlistener {port} 127.0.0.1\n"),
+        ),
+        (
+            " /var/lib/mosquitto/dynamic-security.json\n",
+            format!(" {}\n", path_str(file)),
+        ),
+    ] {
+        assert!(
+            conf.contains(from),
+            "configs/mosquitto/uplink-dynsec.conf no longer holds {from:?}"
+        );
+        conf = conf.replace(from, &to);
+    }
     conf.push_str("user root\npersistence false\nlog_dest stderr\nlog_type all\n");
     conf
 }
@@ -409,7 +442,7 @@ impl Stack {
                  command_key_file = {key}\n\
                  replay_window_secs = {replay}\n\
                  command_ttl_secs = 86400\n\
-                 {https}\
+                 {https}{mqtt_secret}\
                  \n[s3]\n\
                  endpoint = {endpoint}\n\
                  public_endpoint = {public}\n\
@@ -445,6 +478,11 @@ impl Stack {
                     toml_str(path_str(&t.pki.server.key))
                 )),
                 prefix = toml_str(&opts.key_prefix),
+                mqtt_secret = if opts.mosquitto_dynsec {
+                    format!("mqtt_password_secret = {}\n", toml_str(&random_password()))
+                } else {
+                    String::new()
+                },
                 extra = opts.api_extra_toml,
             ),
         )
@@ -485,9 +523,29 @@ impl Stack {
         let mut mosquitto = None;
         let mut mosquitto_passwd = None;
         let mut bridge_login = String::new();
-        let broker_toml = if opts.external_broker || opts.mosquitto_acl {
+        let accounts = opts.mosquitto_acl || opts.mosquitto_dynsec;
+        let broker_toml = if opts.external_broker || accounts {
             let conf = dir.path().join("mosquitto.conf");
-            let text = if opts.mosquitto_acl {
+            let text = if opts.mosquitto_dynsec {
+                let file = dir.path().join("dynamic-security.json");
+                let password = random_password();
+                run_output(
+                    &env.mosquitto_tool("mosquitto_ctrl"),
+                    &[
+                        "dynsec",
+                        "init",
+                        path_str(&file),
+                        MOSQUITTO_BRIDGE_USER,
+                        &password,
+                    ],
+                );
+                bridge_login = format!(
+                    "username = {}\npassword = {}\ndynamic_security = true\n",
+                    toml_str(MOSQUITTO_BRIDGE_USER),
+                    toml_str(&password)
+                );
+                mosquitto_dynsec_conf(mqtt_port, &file)
+            } else if opts.mosquitto_acl {
                 let passwd = dir.path().join("mosquitto.passwd");
                 let acl = dir.path().join("uplink.acl");
                 std::fs::write(&acl, MOSQUITTO_ACL).expect("write uplink.acl");
@@ -517,7 +575,7 @@ impl Stack {
                 )
             };
             let text = match &tls {
-                Some(t) => format!("{text}{}", mosquitto_tls_conf(t, opts.mosquitto_acl)),
+                Some(t) => format!("{text}{}", mosquitto_tls_conf(t, accounts)),
                 None => text,
             };
             std::fs::write(&conf, text).expect("write mosquitto.conf");
@@ -793,9 +851,17 @@ impl Stack {
             )
             .await;
         assert_eq!(reply.status, 201, "POST /v1/devices: {reply}");
-        let mqtt_password = match &self.mosquitto_passwd {
-            Some(_) => Some(self.add_mosquitto_user(&id).await),
-            None => None,
+        let mqtt_password = if self.opts.mosquitto_dynsec {
+            let password = reply.body["mqtt_password"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no mqtt_password in {reply}"))
+                .to_string();
+            self.wait_mosquitto_login(&id, &password).await;
+            Some(password)
+        } else if self.mosquitto_passwd.is_some() {
+            Some(self.add_mosquitto_user(&id).await)
+        } else {
+            None
         };
         Device {
             id,
@@ -826,19 +892,25 @@ impl Stack {
             .as_ref()
             .expect("mosquitto runs")
             .signal("HUP");
-        let login = crate::device::MqttLogin::user(user, &password);
+        self.wait_mosquitto_login(user, &password).await;
+        password
+    }
+
+    /// Waits (at most 20 s) until Mosquitto accepts `user` with `password` on its plain port.
+    pub async fn wait_mosquitto_login(&self, user: &str, password: &str) {
+        let login = crate::device::MqttLogin::user(user, password);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             match crate::device::MqttDevice::connect_with(self.mqtt_port, &login).await {
                 Ok(probe) => {
                     probe.disconnect().await;
-                    return password;
+                    return;
                 }
                 Err(e) => {
                     self.assert_alive();
                     assert!(
                         tokio::time::Instant::now() < deadline,
-                        "mosquitto does not accept the new account {user} within 20 s: {e:?}"
+                        "mosquitto does not accept the account {user} within 20 s: {e:?}"
                     );
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -1323,7 +1395,7 @@ impl Stack {
             let mut m = lock(&self.mosquitto);
             let m = m
                 .as_mut()
-                .expect("restart_mosquitto needs StackOptions::external_broker or mosquitto_acl");
+                .expect("restart_mosquitto needs a Mosquitto stack");
             m.kill();
             m.start();
         }

@@ -74,6 +74,10 @@ fn the_documented_mosquitto_files_are_the_tested_ones() {
     for (name, text) in [
         ("configs/mosquitto/uplink.conf", MOSQUITTO_CONF),
         ("configs/mosquitto/uplink.acl", MOSQUITTO_ACL),
+        (
+            "configs/mosquitto/uplink-dynsec.conf",
+            uplink_e2e::stack::MOSQUITTO_DYNSEC_CONF,
+        ),
     ] {
         assert!(
             doc.contains(text),

@@ -1,5 +1,5 @@
 //! A registered but rogue device B against device A's real agent, on the embedded broker
-//! and on Mosquitto (ACL set-up of docs/security.md):
+//! and on Mosquitto (the ACL set-up of docs/security.md, or the dynamic-security plugin):
 //!
 //! - B subscribes to `#` during A's whole upload (a raw MQTT client that records every byte
 //!   it receives, reconnecting whenever it is cut off): none of those bytes holds A's
@@ -11,7 +11,8 @@
 //! - Disabling B closes its open connection within a few seconds, and it cannot reconnect.
 //!
 //! Each broker is tried over plain TCP and over TLS (the stack's throw-away CA; B is then
-//! a TLS client like A's agent).
+//! a TLS client like A's agent), and Mosquitto also with the accounts the bridge keeps in
+//! its dynamic-security plugin (there too disabling B closes its connection).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -134,9 +135,21 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
         .any(|w| w == needle.as_bytes())
 }
 
-async fn rogue_device_learns_and_does_nothing(mosquitto: bool, tls: bool) {
+/// The broker B and A meet on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Broker {
+    Embedded,
+    /// Mosquitto with the password and ACL files of docs/security.md.
+    MosquittoFiles,
+    /// Mosquitto with accounts the bridge keeps in its dynamic-security plugin.
+    MosquittoDynsec,
+}
+
+async fn rogue_device_learns_and_does_nothing(broker: Broker, tls: bool) {
+    let mosquitto = broker != Broker::Embedded;
     let stack = Stack::start(StackOptions {
-        mosquitto_acl: mosquitto,
+        mosquitto_acl: broker == Broker::MosquittoFiles,
+        mosquitto_dynsec: broker == Broker::MosquittoDynsec,
         tls,
         ..StackOptions::default()
     })
@@ -254,8 +267,8 @@ async fn rogue_device_learns_and_does_nothing(mosquitto: bool, tls: bool) {
     );
     drop(client);
 
-    // --- Disabling B closes its open connection.
-    if !mosquitto {
+    // --- Disabling B closes its open connection (Mosquitto's files know nothing of it).
+    if broker != Broker::MosquittoFiles {
         let mut client = MqttDevice::connect_with(port, &login(&stack, &b))
             .await
             .unwrap_or_else(|e| panic!("B connects: {e:?}"));
@@ -285,20 +298,25 @@ async fn rogue_device_learns_and_does_nothing(mosquitto: bool, tls: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rogue_device_on_the_embedded_broker() {
-    rogue_device_learns_and_does_nothing(false, false).await;
+    rogue_device_learns_and_does_nothing(Broker::Embedded, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rogue_device_on_mosquitto() {
-    rogue_device_learns_and_does_nothing(true, false).await;
+    rogue_device_learns_and_does_nothing(Broker::MosquittoFiles, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rogue_device_on_the_embedded_broker_over_tls() {
-    rogue_device_learns_and_does_nothing(false, true).await;
+    rogue_device_learns_and_does_nothing(Broker::Embedded, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rogue_device_on_mosquitto_over_tls() {
-    rogue_device_learns_and_does_nothing(true, true).await;
+    rogue_device_learns_and_does_nothing(Broker::MosquittoFiles, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rogue_device_on_mosquitto_with_dynamic_security_over_tls() {
+    rogue_device_learns_and_does_nothing(Broker::MosquittoDynsec, true).await;
 }

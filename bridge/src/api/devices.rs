@@ -15,6 +15,9 @@ pub struct RegisteredDevice {
     pub enabled: bool,
     /// Base64 Ed25519 public key.
     pub public_key: String,
+    /// Its static Mosquitto password, when the API derives them (`mqtt_password_secret`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt_password: Option<String>,
 }
 
 impl ApiClient {
