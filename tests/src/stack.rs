@@ -65,8 +65,9 @@ pub struct StackOptions {
     /// keyfile`) and storage (presigned URLs on an HTTPS relay) serve certificates it
     /// signed; agents and the bridge trust it (`ca_file`, `https_ca_file`).
     pub tls: bool,
-    /// With `tls`, embedded broker: mutual TLS (`tls_client_ca_file` = the test CA); every
-    /// agent presents a client certificate the CA issued for its device id (common name).
+    /// With `tls`: mutual TLS (the embedded broker's `tls_client_ca_file`, or Mosquitto's
+    /// `require_certificate` and `use_identity_as_username`, with the test CA); every agent
+    /// presents a client certificate the CA issued for its device id (common name).
     pub tls_client_certs: bool,
     /// The API's `s3.key_prefix`: object keys and the orphan sweep's reach start with it
     /// (a test that shortens `cleanup.orphan_grace_secs` needs one of its own, or its
@@ -242,10 +243,21 @@ pub const MOSQUITTO_TLS_CONF: &str = include_str!("../../configs/mosquitto/uplin
 /// [`MOSQUITTO_TLS_CONF`] for a test: on `127.0.0.1`, the stack's port and certificates.
 /// Without `accounts` (anonymous Mosquitto) clients have no username to be their client
 /// id, so that option goes, as on the anonymous plain listener.
-fn mosquitto_tls_conf(t: &StackTls, accounts: bool) -> String {
+/// With `client_certs`, its mutual-TLS lines are on (the device id from the certificate).
+fn mosquitto_tls_conf(t: &StackTls, accounts: bool, client_certs: bool) -> String {
     let mut conf = MOSQUITTO_TLS_CONF.to_string();
     if !accounts {
         conf = conf.replace("\nuse_username_as_clientid true\n", "\n");
+    }
+    if client_certs {
+        for line in ["require_certificate true", "use_identity_as_username true"] {
+            let commented = format!("\n# {line}\n");
+            assert!(
+                conf.contains(&commented),
+                "configs/mosquitto/uplink-tls.conf no longer holds {commented:?}"
+            );
+            conf = conf.replace(&commented, &format!("\n{line}\n"));
+        }
     }
     for (from, to) in [
         (
@@ -575,7 +587,10 @@ impl Stack {
                 )
             };
             let text = match &tls {
-                Some(t) => format!("{text}{}", mosquitto_tls_conf(t, accounts)),
+                Some(t) => format!(
+                    "{text}{}",
+                    mosquitto_tls_conf(t, accounts, opts.tls_client_certs)
+                ),
                 None => text,
             };
             std::fs::write(&conf, text).expect("write mosquitto.conf");
@@ -588,12 +603,32 @@ impl Stack {
             m.start();
             mosquitto = Some(m);
             match &tls {
-                Some(t) => format!(
-                    "mode = \"external\"\nhost = \"127.0.0.1\"\nport = {}\n{bridge_login}\
-                     tls = true\nca_file = {}\n",
-                    t.mqtt_port,
-                    toml_str(path_str(&t.pki.ca.cert_file))
-                ),
+                Some(t) => {
+                    // Mutual TLS: the bridge, too, shows a certificate (CN: its account).
+                    let client = if opts.tls_client_certs {
+                        let files = t.pki.ca.issue(
+                            &t.pki.dir,
+                            "bridge-client",
+                            MOSQUITTO_BRIDGE_USER,
+                            &[],
+                            true,
+                            false,
+                        );
+                        format!(
+                            "client_cert_file = {}\nclient_key_file = {}\n",
+                            toml_str(path_str(&files.cert)),
+                            toml_str(path_str(&files.key))
+                        )
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        "mode = \"external\"\nhost = \"127.0.0.1\"\nport = {}\n{bridge_login}\
+                         tls = true\nca_file = {}\n{client}",
+                        t.mqtt_port,
+                        toml_str(path_str(&t.pki.ca.cert_file))
+                    )
+                }
                 None => format!(
                     "mode = \"external\"\nhost = \"127.0.0.1\"\nport = {mqtt_port}\n{bridge_login}"
                 ),

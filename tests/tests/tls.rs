@@ -219,8 +219,8 @@ async fn mosquitto_over_tls() {
     assert_doctor_names_wrong_ca_and_host(&stack, &dev, other_ca);
 }
 
-/// A client on the embedded broker's TLS port with `cert` (or none) as `client_id`,
-/// without username or password.
+/// A client on the broker's TLS port with `cert` (or none) as `client_id`, with
+/// `username` (and a password nobody checks) or none.
 async fn connect_with_certificate(
     stack: &Stack,
     client_id: &str,
@@ -320,5 +320,43 @@ async fn embedded_broker_with_client_certificates() {
     stack
         .upload_and_verify(&dev, &file, Duration::from_secs(120))
         .await;
+    stack.assert_alive();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_with_client_certificates() {
+    let stack = Stack::start(StackOptions {
+        mosquitto_acl: true,
+        tls: true,
+        tls_client_certs: true,
+        ..StackOptions::default()
+    })
+    .await;
+    let tls = stack.tls.as_ref().expect("tls stack");
+    // The agent presents its certificate; Mosquitto takes its CN as the username, so the
+    // ACL's %u is the device id.
+    let dev = stack.add_device(&AgentOptions::default()).await;
+    let file = stack
+        .source_file(&dev, "rec/mosquitto-mtls.bin", 6 * MIB)
+        .await;
+    stack
+        .upload_and_verify(&dev, &file, Duration::from_secs(240))
+        .await;
+
+    // A certificate alone logs in (no password), as the device it names.
+    let other = stack.register_device().await;
+    let cert = stack.client_cert(&other);
+    connect_with_certificate(&stack, &other.id, None, Some(&cert))
+        .await
+        .unwrap_or_else(|e| panic!("a client certificate alone logs in: {e:?}"))
+        .disconnect()
+        .await;
+    // Without a certificate, or with one of another CA, no TLS connection.
+    let rogue_ca = TestCa::new(&tls.pki.dir, "rogue-ca");
+    let forged = rogue_ca.issue(&tls.pki.dir, "forged", &other.id, &[], true, false);
+    for (what, cert) in [("no certificate", None), ("another CA", Some(&forged))] {
+        let refused = connect_with_certificate(&stack, &other.id, None, cert).await;
+        assert!(refused.is_err(), "{what}: {refused:?}");
+    }
     stack.assert_alive();
 }
