@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use uplink_service::tls::{Reloading, ServerFiles, TlsError};
+use uplink_service::tls::{Reloading, ServerFiles};
 
 /// A handshake must end within this long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,12 +31,9 @@ pub struct HttpsListener {
 impl HttpsListener {
     /// Loads the certificate and key (errors say which file and why) and starts accepting
     /// on `listener`.
-    pub fn start(listener: TcpListener, files: ServerFiles) -> Result<Self, TlsError> {
+    pub fn start(listener: TcpListener, files: ServerFiles) -> anyhow::Result<Self> {
         let config = Reloading::load(files)?;
-        let addr = listener.local_addr().map_err(|e| TlsError::Read {
-            path: "listen".into(),
-            reason: e.to_string(),
-        })?;
+        let addr = listener.local_addr()?;
         let (tx, ready) = mpsc::channel(READY_QUEUE);
         let accepting = tokio::spawn(accept_loop(listener, config, tx));
         Ok(HttpsListener {

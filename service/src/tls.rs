@@ -228,10 +228,6 @@ impl Reloading {
         )
     }
 
-    pub fn files(&self) -> &ServerFiles {
-        &self.files
-    }
-
     /// The configuration for a new connection, reloaded first if the files changed.
     pub fn current(&mut self) -> Arc<ServerConfig> {
         let stamp = Self::stamp_of(&self.files);
