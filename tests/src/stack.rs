@@ -321,11 +321,22 @@ impl Stack {
                 ak = toml_str(&env.s3_access_key),
                 sk = toml_str(&env.s3_secret_key),
                 ttl = opts.presign_ttl_secs,
-                https = tls.as_ref().map_or(String::new(), |t| format!(
-                    "tls_cert_file = {}\ntls_key_file = {}\n",
-                    toml_str(path_str(&t.pki.server.cert)),
-                    toml_str(path_str(&t.pki.server.key))
-                )),
+                // A certificate of its own: tests replace the broker's files.
+                https = tls.as_ref().map_or(String::new(), |t| {
+                    let api = t.pki.ca.issue(
+                        &t.pki.dir,
+                        "api",
+                        "uplink-test-api",
+                        &["127.0.0.1"],
+                        false,
+                        false,
+                    );
+                    format!(
+                        "tls_cert_file = {}\ntls_key_file = {}\n",
+                        toml_str(path_str(&api.cert)),
+                        toml_str(path_str(&api.key))
+                    )
+                }),
                 prefix = toml_str(&opts.key_prefix),
                 mqtt_secret = if opts.mosquitto_dynsec {
                     format!("mqtt_password_secret = {}\n", toml_str(&random_password()))
