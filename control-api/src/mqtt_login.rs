@@ -12,7 +12,16 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::config::Secret;
+use crate::config::{Config, Secret};
+
+/// The Mosquitto password of `device_id` with `public_key`, when `config` has an
+/// `mqtt_password_secret`.
+pub fn password_of(config: &Config, device_id: &str, public_key: &str) -> Option<String> {
+    config
+        .mqtt_password_secret
+        .as_ref()
+        .map(|secret| mqtt_password(secret, device_id, public_key))
+}
 
 /// The Mosquitto password of `device_id` with `public_key` (base64 of 32 bytes: 43
 /// characters of the URL-safe alphabet).

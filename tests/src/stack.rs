@@ -266,20 +266,7 @@ impl Stack {
         let operator_token = format!("operator-{}", uuid::Uuid::new_v4().simple());
         let bridge_token = format!("bridge-{}", uuid::Uuid::new_v4().simple());
         let key_file = dir.path().join("command.key");
-        let printed = run_output(
-            &env.bin("uplink-api"),
-            &["keygen", "--out", path_str(&key_file)],
-        );
-        let command_public_key = public_key_of(&key_file);
-        assert_eq!(
-            printed
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .map(str::trim),
-            Some(command_public_key.as_str()),
-            "`uplink-api keygen` must print the public key of the seed it wrote"
-        );
+        let command_public_key = keygen(&env, "uplink-api", &key_file);
         let api_config = dir.path().join("api.toml");
         std::fs::write(
             &api_config,
@@ -839,6 +826,23 @@ pub fn as_list(v: &Value) -> Option<Vec<Value>> {
         Value::Object(o) => o.values().find_map(|x| x.as_array().cloned()),
         _ => None,
     }
+}
+
+/// Runs `{tool} keygen --out key_file` and returns the public key of the seed it wrote,
+/// checking that the tool printed the same.
+fn keygen(env: &TestEnv, tool: &str, key_file: &Path) -> String {
+    let printed = run_output(&env.bin(tool), &["keygen", "--out", path_str(key_file)]);
+    let public_key = public_key_of(key_file);
+    assert_eq!(
+        printed
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .map(str::trim),
+        Some(public_key.as_str()),
+        "`{tool} keygen` must print the public key of the seed it wrote"
+    );
+    public_key
 }
 
 /// Base64 public key of the base64 Ed25519 seed in `key_file`.

@@ -39,9 +39,11 @@ pub async fn devices(State(st): State<AppState>) -> Result<Json<Vec<RegisteredDe
         devices
             .into_iter()
             .map(|d| RegisteredDevice {
-                mqtt_password: st.config.mqtt_password_secret.as_ref().map(|secret| {
-                    crate::mqtt_login::mqtt_password(secret, &d.device_id, &d.public_key)
-                }),
+                mqtt_password: crate::mqtt_login::password_of(
+                    &st.config,
+                    &d.device_id,
+                    &d.public_key,
+                ),
                 device_id: d.device_id,
                 enabled: d.enabled,
                 public_key: d.public_key,

@@ -45,9 +45,8 @@ pub struct DeviceWithLogin {
 
 impl DeviceWithLogin {
     fn of(st: &AppState, device: Device) -> Self {
-        let mqtt_password = st.config.mqtt_password_secret.as_ref().map(|secret| {
-            crate::mqtt_login::mqtt_password(secret, &device.device_id, &device.public_key)
-        });
+        let mqtt_password =
+            crate::mqtt_login::password_of(&st.config, &device.device_id, &device.public_key);
         DeviceWithLogin {
             device,
             mqtt_password,

@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde_json::json;
 use uplink_protocol::sign::{self, PrivateKey};
 
-use super::{lock, path_str, public_key_of, toml_str, Stack};
-use crate::process::{run_output, Process};
+use super::{keygen, lock, path_str, toml_str, Stack};
+use crate::process::Process;
 
 /// How to configure an agent.
 #[derive(Debug, Clone)]
@@ -76,20 +76,7 @@ impl Stack {
         std::fs::create_dir_all(&root).expect("create root");
         std::fs::create_dir_all(&state_dir).expect("create state dir");
         let key_file = dir.join("device.key");
-        let printed = run_output(
-            &self.env.bin("uplink-agent"),
-            &["keygen", "--out", path_str(&key_file)],
-        );
-        let public_key = public_key_of(&key_file);
-        assert_eq!(
-            printed
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .map(str::trim),
-            Some(public_key.as_str()),
-            "`uplink-agent keygen` must print the public key of the seed it wrote"
-        );
+        let public_key = keygen(&self.env, "uplink-agent", &key_file);
         let key = sign::decode_private(&std::fs::read_to_string(&key_file).expect("read key"))
             .expect("device key file holds base64 of a 32-byte seed");
         let reply = self
