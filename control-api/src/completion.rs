@@ -5,7 +5,7 @@
 //! and the retry finishes it (docs/reliability.md, API-side state changes).
 
 use uplink_protocol::ops::{
-    parts_digest, CompleteSession, FileManifest, SessionInfo, SessionState,
+    parts_digest, CompleteSession, FileManifest, PartChecksum, SessionInfo, SessionState,
 };
 use uplink_service::failpoint;
 
@@ -35,7 +35,7 @@ pub struct SignedRequest {
 /// Checks the device's manifest against what the session planned.
 async fn check_manifest(st: &AppState, s: &Session, m: &FileManifest) -> Result<(), ApiError> {
     let parts = st.store.planned_parts(s.session_id).await?;
-    let digest = parts_digest(parts.iter().map(|p| (p.number as u32, p.md5.as_str())));
+    let digest = parts_digest(parts.iter().map(|p| (p.number as u32, p.digest.as_str())));
     let mut wrong = Vec::new();
     if Some(&m.device_id) != s.device_id.as_ref() || m.session_id != s.session_id {
         wrong.push("device_id/session_id");
@@ -43,9 +43,12 @@ async fn check_manifest(st: &AppState, s: &Session, m: &FileManifest) -> Result<
     if m.size != s.size as u64 {
         wrong.push("size");
     }
-    match &s.claimed_sha256 {
-        Some(claimed) if *claimed != m.sha256 => wrong.push("sha256"),
-        None if !crate::sessions::valid_sha256(&m.sha256) => wrong.push("sha256"),
+    match (&s.claimed_sha256, &m.sha256) {
+        (Some(claimed), Some(sha)) if claimed != sha => wrong.push("sha256"),
+        (_, Some(sha)) if !crate::sessions::valid_sha256(sha) => wrong.push("sha256"),
+        // Without a SHA-256 from the device, the stored object's becomes the session's:
+        // only where the SHA-256 part checksums bind every part to the device's bytes.
+        (None, None) if s.part_checksum() != PartChecksum::Sha256 => wrong.push("sha256"),
         _ => {}
     }
     if m.part_count != s.part_count as u32 {
@@ -125,11 +128,12 @@ pub async fn complete(
                 .iter()
                 .map(|p| PlannedPart {
                     number: p.number as u32,
-                    md5_b64: p.md5.clone(),
+                    digest_b64: p.digest.clone(),
                 })
                 .collect();
+            let checksum = session.part_checksum();
             match st.storage.list_parts(&session.object(), upload_id).await {
-                Ok(listed) => match verify::verify_parts(&plan, &planned, &listed) {
+                Ok(listed) => match verify::verify_parts(&plan, checksum, &planned, &listed) {
                     Ok(parts) => {
                         st.storage
                             .complete(&session.object(), upload_id, &parts)
@@ -138,7 +142,7 @@ pub async fn complete(
                     }
                     Err(
                         e @ (VerifyError::Missing(_)
-                        | VerifyError::WrongEtag { .. }
+                        | VerifyError::WrongDigest { .. }
                         | VerifyError::WrongSize { .. }
                         | VerifyError::Unplanned(_)),
                     ) => {
@@ -243,13 +247,13 @@ async fn record_completion(
         .dataset(&session.project_id, &session.dataset)
         .await?
         .and_then(|d| d.validator);
-    let part_md5s: Vec<String> = match (&req.manifest, signed) {
+    let part_digests: Vec<String> = match (&req.manifest, signed) {
         (Some(_), Some(_)) => st
             .store
             .planned_parts(session_id)
             .await?
             .into_iter()
-            .map(|p| p.md5)
+            .map(|p| p.digest)
             .collect(),
         _ => Vec::new(),
     };
@@ -266,7 +270,7 @@ async fn record_completion(
     .bind(verify::bare_etag(etag))
     .bind(validator.as_ref().map(|_| "pending"))
     .bind(&validator)
-    .bind(req.manifest.as_ref().map(|m| &m.sha256))
+    .bind(req.manifest.as_ref().and_then(|m| m.sha256.as_ref()))
     .fetch_one(&mut *tx)
     .await?;
     if let (Some(manifest), Some(signed)) = (&req.manifest, signed) {
@@ -276,7 +280,7 @@ async fn record_completion(
             "session.manifest",
             &session_id.to_string(),
             Some(&done.project_id),
-            serde_json::json!({"manifest": manifest, "part_md5s": part_md5s, "object_key": done.object_key,
+            serde_json::json!({"manifest": manifest, "part_checksum": done.part_checksum, "part_digests": part_digests, "object_key": done.object_key,
                                "bucket": done.bucket, "etag": done.etag, "signed_request": signed}),
         )
         .await?;

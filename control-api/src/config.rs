@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use uplink_protocol::ops::PartChecksum;
 use uplink_service::config::{Layers, Problem, Report};
 
 pub use uplink_service::config::Secret;
@@ -176,6 +177,16 @@ pub struct S3Config {
     /// Lifetime of presigned part URLs.
     #[serde(default = "default_presign_ttl")]
     pub presign_ttl_secs: u64,
+    /// The part digest signed into part URLs for devices that can send it: `sha256`
+    /// (`x-amz-checksum-sha256`; AWS S3, MinIO, SeaweedFS, Garage check it) or `md5`
+    /// (`Content-MD5`, for storage that ignores the SHA-256 header). Devices that ask for
+    /// nothing get `md5`.
+    #[serde(default = "default_part_checksum")]
+    pub part_checksum: PartChecksum,
+}
+
+fn default_part_checksum() -> PartChecksum {
+    PartChecksum::Sha256
 }
 
 fn default_listen() -> SocketAddr {

@@ -18,6 +18,8 @@
 use std::io;
 use std::time::Duration;
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 use rand::Rng as _;
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
@@ -35,16 +37,16 @@ use crate::AppState;
 /// What one check found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    Verified,
-    /// The stored bytes hash to this, not to the claimed digest.
+    /// The stored bytes hash to this digest: the claimed one, or (a session whose device
+    /// named none) the one storage's bytes bear, every part matching its signed SHA-256.
+    Verified(String),
+    /// The stored bytes hash to this, not to the claimed digest (or a part is not the bytes
+    /// its URL was signed for).
     Mismatch(String),
     /// The object is no longer in storage: nothing to check, never a dedupe source.
     Gone,
     /// The object could not be read; tried again after `retry_in`.
-    Retry {
-        error: String,
-        retry_in: Duration,
-    },
+    Retry { error: String, retry_in: Duration },
     /// Another worker wrote the result first (this worker's claim had run out).
     Lost,
     /// Shutdown came first: the claim is given back.
@@ -69,7 +71,10 @@ struct Claimed {
     bucket: String,
     object_key: String,
     size: i64,
-    claimed_sha256: String,
+    part_size: i64,
+    part_checksum: String,
+    /// `None`: a `sha256`-parts session whose device hashed no whole file.
+    claimed_sha256: Option<String>,
     digest_attempts: i32,
 }
 
@@ -93,7 +98,7 @@ pub async fn run_once(
              SELECT session_id FROM sessions
              WHERE digest_check = 'pending' AND (digest_after IS NULL OR digest_after <= now())
              ORDER BY completed_at LIMIT 1 FOR UPDATE SKIP LOCKED)
-         RETURNING session_id, project_id, bucket, object_key, size, claimed_sha256, digest_attempts",
+         RETURNING session_id, project_id, bucket, object_key, size, part_size, part_checksum, claimed_sha256, digest_attempts",
     )
     .bind(st.config.validation.lease_secs as f64)
     .bind(claim)
@@ -102,13 +107,35 @@ pub async fn run_once(
     let Some(c) = claimed else {
         return Ok(None);
     };
-    let Some(read) = under_lease(st, &LEASE, c.session_id, claim, hash(st, &c), shutdown).await?
+    // Without a claim, each part is checked against the SHA-256 its URL was signed with.
+    let part_digests = match (&c.claimed_sha256, c.part_checksum.as_str()) {
+        (None, "sha256") => Some(st.store.planned_parts(c.session_id).await?),
+        _ => None,
+    };
+    let Some(read) = under_lease(
+        st,
+        &LEASE,
+        c.session_id,
+        claim,
+        hash(st, &c, part_digests.is_some()),
+        shutdown,
+    )
+    .await?
     else {
         return Ok(Some((c.session_id, Outcome::Released)));
     };
     let outcome = match read {
-        Ok(digest) if digest == c.claimed_sha256 => Outcome::Verified,
-        Ok(digest) => Outcome::Mismatch(digest),
+        Ok((digest, parts)) => {
+            let parts_match = part_digests.is_none_or(|planned| {
+                planned.len() == parts.len()
+                    && planned.iter().zip(&parts).all(|(p, d)| p.digest == *d)
+            });
+            match &c.claimed_sha256 {
+                _ if !parts_match => Outcome::Mismatch(digest),
+                Some(claimed) if *claimed != digest => Outcome::Mismatch(digest),
+                _ => Outcome::Verified(digest),
+            }
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Outcome::Gone,
         Err(e) => Outcome::Retry {
             error: e.to_string(),
@@ -126,22 +153,67 @@ pub async fn run_once(
     )))
 }
 
-/// The SHA-256 of the stored object, as lower-case hex. An `Err` is a read error.
-async fn hash(st: &AppState, c: &Claimed) -> io::Result<String> {
+/// The SHA-256 of the stored object, as lower-case hex, and with `by_part` each part's
+/// (base64, in order). An `Err` is a read error.
+async fn hash(st: &AppState, c: &Claimed, by_part: bool) -> io::Result<(String, Vec<String>)> {
     let obj = Object {
         bucket: &c.bucket,
         key: &c.object_key,
     };
     let body = st.storage.get_stream(&obj).await.map_err(read_error)?;
     let mut body = Exact::new(body, c.size.max(0) as u64);
-    let mut hasher = Sha256::new();
+    let mut whole = Sha256::new();
+    let mut parts = Parts::new(by_part, c.part_size.max(1) as u64);
     let mut buf = vec![0u8; 256 * 1024];
     loop {
         let n = body.read(&mut buf).await?;
         if n == 0 {
-            return Ok(hex::encode(hasher.finalize()));
+            return Ok((hex::encode(whole.finalize()), parts.finish()));
         }
-        hasher.update(&buf[..n]);
+        whole.update(&buf[..n]);
+        parts.update(&buf[..n]);
+    }
+}
+
+/// Each part's SHA-256 over a stream of the object (nothing when off).
+struct Parts {
+    on: bool,
+    part_size: u64,
+    left: u64,
+    current: Sha256,
+    done: Vec<String>,
+}
+
+impl Parts {
+    fn new(on: bool, part_size: u64) -> Self {
+        Parts {
+            on,
+            part_size,
+            left: part_size,
+            current: Sha256::new(),
+            done: Vec::new(),
+        }
+    }
+
+    fn update(&mut self, mut bytes: &[u8]) {
+        while self.on && !bytes.is_empty() {
+            let take = bytes.len().min(self.left as usize);
+            self.current.update(&bytes[..take]);
+            bytes = &bytes[take..];
+            self.left -= take as u64;
+            if self.left == 0 {
+                self.done.push(B64.encode(self.current.finalize_reset()));
+                self.left = self.part_size;
+            }
+        }
+    }
+
+    /// The digests; a last, short part (or a 0-byte object's only part) included.
+    fn finish(mut self) -> Vec<String> {
+        if self.on && (self.left != self.part_size || self.done.is_empty()) {
+            self.done.push(B64.encode(self.current.finalize()));
+        }
+        self.done
     }
 }
 
@@ -154,15 +226,17 @@ async fn record(
 ) -> Result<bool, ApiError> {
     let sid = c.session_id;
     let (check, stored, after) = match outcome {
-        Outcome::Verified => (Some("verified"), Some(c.claimed_sha256.as_str()), None),
+        Outcome::Verified(d) => (Some("verified"), Some(d.as_str()), None),
         Outcome::Mismatch(d) => (Some("mismatch"), Some(d.as_str()), None),
         Outcome::Gone => (None, None, None),
         Outcome::Retry { retry_in, .. } => (Some("pending"), None, Some(retry_in.as_secs_f64())),
         Outcome::Lost | Outcome::Released => return Ok(false),
     };
     let mut tx = st.store.pool.begin().await?;
+    // A session whose device named no digest takes the stored object's once verified.
     let n = sqlx::query(
         "UPDATE sessions SET digest_check = $3, stored_sha256 = $4, digest_claim = NULL,
+                             sha256 = CASE WHEN $3 = 'verified' THEN COALESCE(sha256, $4) ELSE sha256 END,
                              digest_after = CASE WHEN $5::float8 IS NULL THEN NULL
                                                  ELSE now() + make_interval(secs => $5) END
          WHERE session_id = $1 AND digest_claim = $2 AND digest_check = 'pending'",
@@ -192,10 +266,12 @@ async fn record(
     }
     tx.commit().await?;
     match outcome {
-        Outcome::Verified => tracing::debug!(session_id = %sid, "Stored object's SHA-256 verified"),
+        Outcome::Verified(_) => {
+            tracing::debug!(session_id = %sid, "Stored object's SHA-256 verified")
+        }
         Outcome::Mismatch(digest) => {
-            tracing::warn!(session_id = %sid, claimed = %c.claimed_sha256, stored = %digest,
-            "Stored object's SHA-256 is not the one its device claimed; it is never a dedupe source")
+            tracing::warn!(session_id = %sid, claimed = ?c.claimed_sha256, stored = %digest,
+            "Stored object's bytes are not the ones its device hashed; it is never a dedupe source")
         }
         Outcome::Gone => {
             tracing::info!(session_id = %sid, "Object no longer in storage; digest not checked")
@@ -207,4 +283,39 @@ async fn record(
         Outcome::Lost | Outcome::Released => {}
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha_b64(bytes: &[u8]) -> String {
+        B64.encode(Sha256::digest(bytes))
+    }
+
+    #[test]
+    fn part_digests_follow_the_part_boundaries_whatever_the_chunks() {
+        let data: Vec<u8> = (0..25u32).map(|i| i as u8).collect();
+        for chunk in [1, 3, 10, 25] {
+            let mut p = Parts::new(true, 10);
+            data.chunks(chunk).for_each(|c| p.update(c));
+            assert_eq!(
+                p.finish(),
+                vec![
+                    sha_b64(&data[..10]),
+                    sha_b64(&data[10..20]),
+                    sha_b64(&data[20..])
+                ],
+                "chunks of {chunk}"
+            );
+        }
+        // An exact multiple has no empty last part; an empty object has one.
+        let mut p = Parts::new(true, 10);
+        p.update(&data[..20]);
+        assert_eq!(p.finish().len(), 2);
+        assert_eq!(Parts::new(true, 10).finish(), vec![sha_b64(b"")]);
+        let mut off = Parts::new(false, 10);
+        off.update(&data);
+        assert!(off.finish().is_empty());
+    }
 }

@@ -1,11 +1,11 @@
 //! Presigning a session's parts (`parts.presign`, `POST /v1/sessions/{id}/parts`): each
-//! part's MD5 is recorded once, and every URL signs that MD5 in, so a leaked URL can write
-//! only the exact bytes of its part.
+//! part's digest (MD5 or SHA-256, the session's `part_checksum`) is recorded once, and every
+//! URL signs that digest in, so a leaked URL can write only the exact bytes of its part.
 
 use std::time::Duration;
 
 use uplink_protocol::ops::{
-    PresignParts, PresignedPart, PresignedParts, SessionState, MAX_PRESIGN_BATCH,
+    PartChecksum, PresignParts, PresignedPart, PresignedParts, SessionState, MAX_PRESIGN_BATCH,
 };
 
 use crate::domain::session::Event;
@@ -19,7 +19,18 @@ use crate::AppState;
 fn part_digest_mismatch(number: u32) -> ApiError {
     ApiError::Conflict(
         "part_digest_mismatch",
-        format!("part {number} was planned with a different MD5"),
+        format!("part {number} was planned with a different digest"),
+    )
+}
+
+fn invalid_digest(number: u32, checksum: PartChecksum) -> ApiError {
+    let (code, field, bytes) = match checksum {
+        PartChecksum::Md5 => ("invalid_md5", "md5", 16),
+        PartChecksum::Sha256 => ("invalid_sha256", "sha256", 32),
+    };
+    ApiError::Unprocessable(
+        code,
+        format!("part {number}: the session's parts carry `{field}`, base64 of {bytes} bytes, and nothing else"),
     )
 }
 
@@ -59,43 +70,42 @@ pub async fn presign(
                 format!("part {} is outside 1..={}", p.number, plan.part_count),
             ));
         }
-        if verify::md5_hex(&p.md5).is_none() {
-            return Err(ApiError::Unprocessable(
-                "invalid_md5",
-                format!("part {}: md5 must be base64 of 16 bytes", p.number),
-            ));
-        }
     }
-    // Record each part's MD5 once, in one statement; a different MD5 for a part already
-    // planned (or asked twice in this batch) is refused.
+    let checksum = session.part_checksum();
+    // Record each part's digest once, in one statement; a different digest for a part
+    // already planned (or asked twice in this batch) is refused.
     let mut planned: std::collections::BTreeMap<u32, &str> = std::collections::BTreeMap::new();
     for p in &req.parts {
-        if *planned.entry(p.number).or_insert(&p.md5) != p.md5 {
+        let digest = p
+            .digest(checksum)
+            .filter(|d| verify::digest_len(d) == Some(checksum.digest_len()))
+            .ok_or_else(|| invalid_digest(p.number, checksum))?;
+        if *planned.entry(p.number).or_insert(digest) != digest {
             return Err(part_digest_mismatch(p.number));
         }
     }
     let numbers: Vec<i32> = planned.keys().map(|n| *n as i32).collect();
-    let md5s: Vec<&str> = planned.values().copied().collect();
+    let digests: Vec<&str> = planned.values().copied().collect();
     let sizes: Vec<i64> = planned
         .keys()
         .map(|n| plan.part(*n).map_or(0, |(_, len)| len as i64))
         .collect();
     let mut tx = st.store.pool.begin().await?;
     let stored: Vec<(i32, String)> = sqlx::query_as(
-        "INSERT INTO session_parts (session_id, number, md5, size)
-         SELECT $1, n, m, s FROM UNNEST($2::int4[], $3::text[], $4::int8[]) AS t (n, m, s)
+        "INSERT INTO session_parts (session_id, number, digest, size)
+         SELECT $1, n, d, s FROM UNNEST($2::int4[], $3::text[], $4::int8[]) AS t (n, d, s)
          ON CONFLICT (session_id, number) DO UPDATE SET number = EXCLUDED.number
-         RETURNING number, md5",
+         RETURNING number, digest",
     )
     .bind(session.session_id)
     .bind(&numbers)
-    .bind(&md5s)
+    .bind(&digests)
     .bind(&sizes)
     .fetch_all(&mut *tx)
     .await?;
     if let Some((n, _)) = stored
         .iter()
-        .find(|(n, md5)| planned.get(&(*n as u32)) != Some(&md5.as_str()))
+        .find(|(n, digest)| planned.get(&(*n as u32)) != Some(&digest.as_str()))
     {
         // Dropping the transaction records none of the batch.
         return Err(part_digest_mismatch(*n as u32));
@@ -128,15 +138,16 @@ pub async fn presign(
     let expires_at = uplink_protocol::unix_now() + ttl.as_secs() as i64;
     let mut parts = Vec::with_capacity(req.parts.len());
     for p in &req.parts {
+        let digest = (checksum, planned[&p.number]);
         let presigned = match &session.upload_id {
             Some(upload_id) => {
                 st.storage
-                    .presign_part(&session.object(), upload_id, p.number, &p.md5, ttl)
+                    .presign_part(&session.object(), upload_id, p.number, digest, ttl)
                     .await?
             }
             None => {
                 st.storage
-                    .presign_put(&session.object(), &p.md5, ttl, &ObjectOptions::of(&policy))
+                    .presign_put(&session.object(), digest, ttl, &ObjectOptions::of(&policy))
                     .await?
             }
         };

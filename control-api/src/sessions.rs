@@ -1,7 +1,9 @@
 //! Session operations: the device ops and the operator's pause/resume/abort. Calls the pure
 //! domain code, the store and storage.
 
-use uplink_protocol::ops::{valid_dataset, CreateSession, SessionInfo, SessionState, StoredPart};
+use uplink_protocol::ops::{
+    valid_dataset, CreateSession, PartChecksum, SessionInfo, SessionState, StoredPart,
+};
 use uplink_protocol::plan::{self, PartPlan, MIB};
 use uuid::Uuid;
 
@@ -34,6 +36,7 @@ pub fn info(s: &Session, stored_parts: Vec<StoredPart>) -> SessionInfo {
         size: s.size as u64,
         part_size: s.part_size as u64,
         part_count: s.part_count as u32,
+        part_checksum: s.part_checksum(),
         stored_parts,
         sha256: s.sha256.clone(),
         error: s.error.clone(),
@@ -215,6 +218,11 @@ pub async fn create(
         return deduplicate(st, owner, dataset, actor, &req, &plan, original).await;
     }
     let session_id = Uuid::new_v4();
+    // SHA-256 part digests when the device can send them and storage checks them.
+    let checksum = match req.part_checksum {
+        Some(PartChecksum::Sha256) => st.config.s3.part_checksum,
+        _ => PartChecksum::Md5,
+    };
 
     let bucket = policy
         .bucket
@@ -270,15 +278,15 @@ pub async fn create(
             key: &object_key,
         };
         let opts = ObjectOptions::of(&policy);
-        match st.storage.create_multipart(&obj, &opts).await {
+        match st.storage.create_multipart(&obj, &opts, checksum).await {
             Ok(id) => Some(id),
             Err(e) => return Err(refused_policy(st, &bucket, &opts).await.unwrap_or(e.into())),
         }
     };
     let inserted: Result<Session, sqlx::Error> = sqlx::query_as(
         "INSERT INTO sessions (session_id, device_id, job_id, command_id, file_name, bucket, object_key, size, part_size,
-                               part_count, claimed_sha256, upload_id, state, dataset, project_id, reserved_bytes, policy, owner)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'created', $13, $14, $8, $15, $16) RETURNING *",
+                               part_count, claimed_sha256, upload_id, state, dataset, project_id, reserved_bytes, policy, owner, part_checksum)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'created', $13, $14, $8, $15, $16, $17) RETURNING *",
     )
     .bind(session_id)
     .bind(device_id)
@@ -296,6 +304,7 @@ pub async fn create(
     .bind(project)
     .bind(serde_json::to_value(&policy).unwrap_or_default())
     .bind(owner.owner())
+    .bind(checksum.as_str())
     .fetch_one(&mut *tx)
     .await;
     let session = match inserted {

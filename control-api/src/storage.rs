@@ -9,14 +9,15 @@ use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::DateTime;
 use aws_sdk_s3::types::{
-    CompletedMultipartUpload, CompletedPart, ObjectLockLegalHoldStatus, ObjectLockMode,
-    ServerSideEncryption,
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ObjectLockLegalHoldStatus,
+    ObjectLockMode, ServerSideEncryption,
 };
 use aws_sdk_s3::Client;
+use uplink_protocol::ops::PartChecksum;
 
 use crate::config::S3Config;
 use crate::domain::policy::{LockMode, Sse, StoragePolicy};
-use crate::domain::verify::ListedPart;
+use crate::domain::verify::{CompletePart, ListedPart};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -138,6 +139,14 @@ impl ObjectOptions {
     }
 }
 
+/// `(Content-MD5, x-amz-checksum-sha256)` for a part digest.
+fn split_digest((checksum, digest): (PartChecksum, &str)) -> (Option<String>, Option<String>) {
+    match checksum {
+        PartChecksum::Md5 => (Some(digest.to_string()), None),
+        PartChecksum::Sha256 => (None, Some(digest.to_string())),
+    }
+}
+
 fn client(cfg: &S3Config, endpoint: &str) -> Client {
     let creds = Credentials::new(
         cfg.access_key_id.expose(),
@@ -156,7 +165,7 @@ fn client(cfg: &S3Config, endpoint: &str) -> Client {
         .endpoint_url(endpoint)
         .credentials_provider(creds)
         .force_path_style(cfg.force_path_style)
-        // Only Content-MD5 is signed into part URLs; no SDK-computed checksums.
+        // Only the part's own digest is signed into part URLs; no SDK-computed checksums.
         .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
         .timeout_config(timeouts)
         .build();
@@ -191,12 +200,16 @@ impl Storage {
         &self,
         obj: &Object<'_>,
         opts: &ObjectOptions,
+        checksum: PartChecksum,
     ) -> Result<String, StorageError> {
         let out = self
             .client
             .create_multipart_upload()
             .bucket(obj.bucket)
             .key(obj.key)
+            .set_checksum_algorithm(
+                (checksum == PartChecksum::Sha256).then_some(ChecksumAlgorithm::Sha256),
+            )
             .set_server_side_encryption(opts.sse())
             .set_ssekms_key_id(opts.sse_kms_key_id.clone())
             .set_object_lock_mode(opts.lock_mode())
@@ -229,15 +242,17 @@ impl Storage {
         }
     }
 
-    /// A URL for one part, with its Content-MD5 (base64) signed in.
+    /// A URL for one part, with its digest (base64) signed in: `Content-MD5` or
+    /// `x-amz-checksum-sha256`.
     pub async fn presign_part(
         &self,
         obj: &Object<'_>,
         upload_id: &str,
         number: u32,
-        md5_b64: &str,
+        digest: (PartChecksum, &str),
         ttl: Duration,
     ) -> Result<Presigned, StorageError> {
+        let (md5, sha256) = split_digest(digest);
         let req = self
             .presigner
             .upload_part()
@@ -245,28 +260,31 @@ impl Storage {
             .key(obj.key)
             .upload_id(upload_id)
             .part_number(number as i32)
-            .content_md5(md5_b64)
+            .set_content_md5(md5)
+            .set_checksum_sha256(sha256)
             .presigned(Self::presign_config(ttl)?)
             .await
             .map_err(|e| call_error("presign UploadPart", e))?;
         Ok(Self::presigned(req))
     }
 
-    /// A PutObject URL for a whole (0-byte) object, with its Content-MD5 and the policy's
+    /// A PutObject URL for a whole (0-byte) object, with its digest and the policy's
     /// headers signed in (the device sends them all).
     pub async fn presign_put(
         &self,
         obj: &Object<'_>,
-        md5_b64: &str,
+        digest: (PartChecksum, &str),
         ttl: Duration,
         opts: &ObjectOptions,
     ) -> Result<Presigned, StorageError> {
+        let (md5, sha256) = split_digest(digest);
         let req = self
             .presigner
             .put_object()
             .bucket(obj.bucket)
             .key(obj.key)
-            .content_md5(md5_b64)
+            .set_content_md5(md5)
+            .set_checksum_sha256(sha256)
             .set_server_side_encryption(opts.sse())
             .set_ssekms_key_id(opts.sse_kms_key_id.clone())
             .set_object_lock_mode(opts.lock_mode())
@@ -333,6 +351,7 @@ impl Storage {
                     number: p.part_number().unwrap_or(0).max(0) as u32,
                     size: p.size().unwrap_or(0).max(0) as u64,
                     etag: p.e_tag().unwrap_or_default().to_string(),
+                    checksum_sha256: p.checksum_sha256().map(str::to_string),
                 });
             }
             match (out.is_truncated(), out.next_part_number_marker()) {
@@ -350,16 +369,17 @@ impl Storage {
         &self,
         obj: &Object<'_>,
         upload_id: &str,
-        parts: &[(u32, String)],
+        parts: &[CompletePart],
     ) -> Result<(), StorageError> {
         let completed = CompletedMultipartUpload::builder()
             .set_parts(Some(
                 parts
                     .iter()
-                    .map(|(n, etag)| {
+                    .map(|p| {
                         CompletedPart::builder()
-                            .part_number(*n as i32)
-                            .e_tag(etag)
+                            .part_number(p.number as i32)
+                            .e_tag(&p.etag)
+                            .set_checksum_sha256(p.checksum_sha256.clone())
                             .build()
                     })
                     .collect(),

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{FromRow, Postgres, Transaction};
-use uplink_protocol::ops::SessionState;
+use uplink_protocol::ops::{PartChecksum, SessionState};
 use uuid::Uuid;
 
 use crate::domain::session::{transition, Event};
@@ -87,6 +87,8 @@ pub struct Session {
     pub size: i64,
     pub part_size: i64,
     pub part_count: i32,
+    /// `md5` or `sha256`: the digest each part is presigned with.
+    pub part_checksum: String,
     #[serde(skip)]
     /// NULL until completion when the device hashes while uploading.
     pub claimed_sha256: Option<String>,
@@ -128,6 +130,10 @@ pub struct Session {
 }
 
 impl Session {
+    pub fn part_checksum(&self) -> PartChecksum {
+        PartChecksum::parse(&self.part_checksum).unwrap_or_default()
+    }
+
     pub fn object(&self) -> Object<'_> {
         Object {
             bucket: &self.bucket,
@@ -189,7 +195,8 @@ pub struct Dataset {
 #[derive(Debug, Clone, FromRow)]
 pub struct PartRow {
     pub number: i32,
-    pub md5: String,
+    /// Base64 digest in the session's `part_checksum`.
+    pub digest: String,
 }
 
 /// Who did something, for the audit log.
@@ -357,7 +364,7 @@ impl Store {
 
     pub async fn planned_parts(&self, session_id: Uuid) -> Result<Vec<PartRow>, sqlx::Error> {
         sqlx::query_as(
-            "SELECT number, md5 FROM session_parts WHERE session_id = $1 ORDER BY number",
+            "SELECT number, digest FROM session_parts WHERE session_id = $1 ORDER BY number",
         )
         .bind(session_id)
         .fetch_all(&self.pool)

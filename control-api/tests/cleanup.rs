@@ -57,7 +57,7 @@ async fn cleanup_expires_idle_sessions_and_aborts_orphans() {
     let orphan = app
         .state
         .storage
-        .create_multipart(&orphan_obj, &Default::default())
+        .create_multipart(&orphan_obj, &Default::default(), Default::default())
         .await
         .expect("create orphan");
     // An upload another tool started under the prefix, straight in S3: no session, no intent.
@@ -71,6 +71,7 @@ async fn cleanup_expires_idle_sessions_and_aborts_orphans() {
                 key: &foreign_key,
             },
             &Default::default(),
+            Default::default(),
         )
         .await
         .expect("create foreign upload");
@@ -91,6 +92,7 @@ async fn cleanup_expires_idle_sessions_and_aborts_orphans() {
                 key: &creating_key,
             },
             &Default::default(),
+            Default::default(),
         )
         .await
         .expect("create in-flight upload");

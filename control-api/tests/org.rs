@@ -569,7 +569,7 @@ async fn completion_keeps_the_device_signed_manifest() {
     assert_eq!(custody["parts_digest_valid"], true, "{custody}");
     assert_eq!(custody["manifest"]["sha256"], sha256_hex(&data));
     assert_eq!(custody["manifest"]["path"], "/data/m.bin");
-    assert_eq!(custody["part_md5s"][0], md5_b64(&data));
+    assert_eq!(custody["part_digests"][0], md5_b64(&data));
     // The audit log refuses changes...
     let refused =
         sqlx::query("UPDATE audit_events SET actor = 'someone' WHERE action = 'session.manifest'")

@@ -1,6 +1,8 @@
-//! The hash pass: one read of the file gives each part's MD5 (base64, as `Content-MD5`)
-//! and the whole file's SHA-256 (hex), either before the upload ([`hash_file`]) or part by
-//! part while the parts upload ([`hash_parts`]). Blocking: call it from `spawn_blocking`.
+//! The hash pass: one read of the file gives each part's digest (base64: a SHA-256 as
+//! `x-amz-checksum-sha256`, or an MD5 as `Content-MD5`, the session's [`PartChecksum`]) and,
+//! when asked, the whole file's SHA-256 (hex), either before the upload ([`hash_file`]) or
+//! part by part while the parts upload ([`hash_parts`]). Blocking: call it from
+//! `spawn_blocking`.
 
 use std::fs::File;
 use std::io::Read;
@@ -11,6 +13,7 @@ use base64::Engine as _;
 use md5::{Digest, Md5};
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
+use uplink_protocol::ops::PartChecksum;
 use uplink_protocol::plan::{self, PartPlan, PlanError};
 
 /// Read buffer of the hash pass.
@@ -46,8 +49,8 @@ pub struct PartHash {
     pub number: u32,
     pub offset: u64,
     pub size: u64,
-    /// Standard base64 of the 16-byte MD5.
-    pub md5: String,
+    /// Standard base64 of the part's digest (SHA-256 or MD5).
+    pub digest: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,7 +59,38 @@ pub struct FileHash {
     pub plan: PartPlan,
     /// Lower-case hex SHA-256 of the whole file.
     pub sha256: String,
+    /// What `parts` carry ([`hash_file`]: SHA-256).
+    pub checksum: PartChecksum,
     pub parts: Vec<PartHash>,
+}
+
+/// One part's running digest.
+enum PartHasher {
+    Md5(Md5),
+    Sha256(Sha256),
+}
+
+impl PartHasher {
+    fn new(checksum: PartChecksum) -> Self {
+        match checksum {
+            PartChecksum::Md5 => PartHasher::Md5(Md5::new()),
+            PartChecksum::Sha256 => PartHasher::Sha256(Sha256::new()),
+        }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        match self {
+            PartHasher::Md5(h) => h.update(bytes),
+            PartHasher::Sha256(h) => h.update(bytes),
+        }
+    }
+
+    fn finish(self) -> String {
+        match self {
+            PartHasher::Md5(h) => B64.encode(h.finalize()),
+            PartHasher::Sha256(h) => B64.encode(h.finalize()),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +108,8 @@ pub enum HashError {
     Cancelled,
 }
 
-/// Hashes `path` with parts of `part_size_hint` (adjusted by [`plan::plan`]).
+/// Hashes `path` whole (its SHA-256) and by parts (SHA-256 each) with parts of
+/// `part_size_hint` (adjusted by [`plan::plan`]).
 pub fn hash_file(
     path: &Path,
     part_size_hint: u64,
@@ -83,14 +118,17 @@ pub fn hash_file(
     let identity = FileIdentity::read(path).map_err(|source| io_error(path, source))?;
     let plan = plan::plan(identity.size, part_size_hint)?;
     let mut parts = Vec::with_capacity(plan.part_count as usize);
-    let sha256 = hash_parts(path, identity, plan, cancel, |p| {
+    let checksum = PartChecksum::Sha256;
+    let sha256 = hash_parts(path, identity, plan, checksum, true, cancel, |p| {
         parts.push(p);
         Ok(())
-    })?;
+    })?
+    .unwrap_or_default();
     Ok(FileHash {
         identity,
         plan,
         sha256,
+        checksum,
         parts,
     })
 }
@@ -102,29 +140,31 @@ fn io_error(path: &Path, source: std::io::Error) -> HashError {
     }
 }
 
-/// Reads `path` once, in order: hands each part's MD5 to `on_part` as soon as the part is
-/// read (so its upload can start while the rest is hashed) and returns the whole file's
-/// SHA-256. The file must still be `identity` at the start and at the end; an error from
-/// `on_part` stops the pass.
+/// Reads `path` once, in order: hands each part's `checksum` digest to `on_part` as soon as
+/// the part is read (so its upload can start while the rest is hashed) and, with `whole`,
+/// returns the whole file's SHA-256. The file must still be `identity` at the start and at
+/// the end; an error from `on_part` stops the pass.
 pub fn hash_parts(
     path: &Path,
     identity: FileIdentity,
     plan: PartPlan,
+    checksum: PartChecksum,
+    whole: bool,
     cancel: &CancellationToken,
     mut on_part: impl FnMut(PartHash) -> Result<(), HashError>,
-) -> Result<String, HashError> {
+) -> Result<Option<String>, HashError> {
     let io = |source| io_error(path, source);
     let mut file = File::open(path).map_err(io)?;
     if FileIdentity::of(&file.metadata().map_err(io)?) != identity {
         return Err(HashError::Changed);
     }
     let mut buf = vec![0u8; BUFFER_BYTES];
-    let mut sha = Sha256::new();
+    let mut sha = whole.then(Sha256::new);
     for number in 1..=plan.part_count {
         let Some((offset, size)) = plan.part(number) else {
             break;
         };
-        let mut md5 = Md5::new();
+        let mut part = PartHasher::new(checksum);
         let mut left = size;
         while left > 0 {
             if cancel.is_cancelled() {
@@ -135,15 +175,17 @@ pub fn hash_parts(
             if n == 0 {
                 return Err(HashError::Changed);
             }
-            md5.update(&buf[..n]);
-            sha.update(&buf[..n]);
+            part.update(&buf[..n]);
+            if let Some(sha) = &mut sha {
+                sha.update(&buf[..n]);
+            }
             left -= n as u64;
         }
         on_part(PartHash {
             number,
             offset,
             size,
-            md5: B64.encode(md5.finalize()),
+            digest: part.finish(),
         })?;
     }
     // Longer than when we started, or touched meanwhile?
@@ -154,7 +196,7 @@ pub fn hash_parts(
     if FileIdentity::of(&file.metadata().map_err(io)?) != identity {
         return Err(HashError::Changed);
     }
-    Ok(hex::encode(sha.finalize()))
+    Ok(sha.map(|sha| hex::encode(sha.finalize())))
 }
 
 /// Hex of a base64 MD5 (what S3 returns as the ETag of a part).
@@ -197,7 +239,11 @@ mod tests {
         let h = hash_file(f.path(), 8 * MIB, &none).unwrap();
         assert_eq!(h.parts.len(), 1);
         assert_eq!(h.parts[0].size, 0);
-        assert_eq!(h.parts[0].md5, "1B2M2Y8AsgTpgAmY7PhCfg==");
+        assert_eq!(h.checksum, PartChecksum::Sha256);
+        assert_eq!(
+            h.parts[0].digest,
+            "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
+        );
         assert_eq!(
             h.sha256,
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
@@ -207,8 +253,8 @@ mod tests {
         let h = hash_file(f.path(), 8 * MIB, &none).unwrap();
         assert_eq!(h.identity.size, 3);
         assert_eq!(
-            md5_hex(&h.parts[0].md5).unwrap(),
-            "900150983cd24fb0d6963f7d28e17f72"
+            hex::encode(B64.decode(&h.parts[0].digest).unwrap()),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert_eq!(
             h.sha256,
@@ -228,7 +274,12 @@ mod tests {
         assert_eq!(h.sha256, hex::encode(Sha256::digest(&data)));
         for p in &h.parts {
             let slice = &data[p.offset as usize..(p.offset + p.size) as usize];
-            assert_eq!(p.md5, B64.encode(Md5::digest(slice)), "part {}", p.number);
+            assert_eq!(
+                p.digest,
+                B64.encode(Sha256::digest(slice)),
+                "part {}",
+                p.number
+            );
         }
         assert_eq!(h.parts[2].size, 2 * MIB + 12_345);
         let id = FileIdentity::read(f.path()).unwrap();
@@ -243,27 +294,61 @@ mod tests {
         let f = write(&data);
         let none = CancellationToken::new();
         let whole = hash_file(f.path(), 0, &none).unwrap();
+        let (id, plan) = (whole.identity, whole.plan);
         let mut seen = Vec::new();
-        let sha = hash_parts(f.path(), whole.identity, whole.plan, &none, |p| {
+        let sha = hash_parts(f.path(), id, plan, PartChecksum::Sha256, true, &none, |p| {
             seen.push(p);
             Ok(())
         })
         .unwrap();
-        assert_eq!(sha, whole.sha256);
+        assert_eq!(sha.as_deref(), Some(whole.sha256.as_str()));
         assert_eq!(seen, whole.parts);
+        // MD5 parts, and no whole-file digest when not asked for.
+        let mut md5s = Vec::new();
+        let sha = hash_parts(f.path(), id, plan, PartChecksum::Md5, false, &none, |p| {
+            md5s.push(p);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(sha, None);
+        for p in &md5s {
+            let slice = &data[p.offset as usize..(p.offset + p.size) as usize];
+            assert_eq!(
+                p.digest,
+                B64.encode(Md5::digest(slice)),
+                "part {}",
+                p.number
+            );
+        }
         // The consumer can stop the pass.
         let mut calls = 0;
-        let stopped = hash_parts(f.path(), whole.identity, whole.plan, &none, |_| {
-            calls += 1;
-            Err(HashError::Cancelled)
-        });
+        let stopped = hash_parts(
+            f.path(),
+            id,
+            plan,
+            PartChecksum::Sha256,
+            true,
+            &none,
+            |_| {
+                calls += 1;
+                Err(HashError::Cancelled)
+            },
+        );
         assert!(matches!(stopped, Err(HashError::Cancelled)));
         assert_eq!(calls, 1);
         // A file that is no longer the one planned is refused before it is read.
         let mut other = whole.identity;
         other.mtime_ns += 1;
         assert!(matches!(
-            hash_parts(f.path(), other, whole.plan, &none, |_| Ok(())),
+            hash_parts(
+                f.path(),
+                other,
+                plan,
+                PartChecksum::Md5,
+                true,
+                &none,
+                |_| Ok(())
+            ),
             Err(HashError::Changed)
         ));
     }

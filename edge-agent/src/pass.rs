@@ -13,7 +13,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use uplink_protocol::ops::{self, Op, PartDigest, PresignParts, PresignedPart, PresignedParts};
+use uplink_protocol::ops::{
+    self, Op, PartChecksum, PartDigest, PresignParts, PresignedPart, PresignedParts,
+};
 use uplink_protocol::unix_now;
 use uuid::Uuid;
 
@@ -50,6 +52,8 @@ pub struct Pass<'a> {
     pub shutdown: &'a CancellationToken,
     /// Called about once a second with (bytes done, recent rate in bytes/s).
     pub on_progress: &'a (dyn Fn(u64, u64) + Send + Sync),
+    /// The digest the parts are presigned with (the job's, which is the session's).
+    pub checksum: PartChecksum,
     /// Parts hashed while the upload runs, in order (from [`crate::hasher::hash_parts`]),
     /// when the file was not hashed first; the pass ends only once this closes.
     pub hashed: Option<mpsc::Receiver<PartHash>>,
@@ -123,10 +127,7 @@ impl Pass<'_> {
                                 || urls.get(&p.number).is_none_or(|u| u.life.needs_represign())
                         })
                         .take(batch)
-                        .map(|p| PartDigest {
-                            number: p.number,
-                            md5: p.md5.clone(),
-                        })
+                        .map(|p| PartDigest::new(p.number, self.checksum, p.digest.clone()))
                         .collect();
                     let body = PresignParts {
                         session_id: self.session_id,
@@ -201,10 +202,10 @@ impl Pass<'_> {
                         hashed = None;
                         continue;
                     };
-                    let (number, md5) = (part.number, part.md5.clone());
+                    let (number, digest) = (part.number, part.digest.clone());
                     let fresh = self
                         .store
-                        .call(move |c| store::hash_part(c, job_id, number, &md5))
+                        .call(move |c| store::hash_part(c, job_id, number, &digest))
                         .await?;
                     match (fresh, unhashed.remove(&part.number)) {
                         (None, _) => {
@@ -212,7 +213,7 @@ impl Pass<'_> {
                             return Err(UploadError::FileChanged(part.number));
                         }
                         (Some(true), Some(mut rec)) => {
-                            rec.md5 = part.md5;
+                            rec.digest = part.digest;
                             pending.push_back(rec);
                         }
                         // Hashed before and the same: already done or in line.

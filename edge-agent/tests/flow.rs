@@ -25,8 +25,8 @@ use uplink_agent::config::{Config, MqttConfig};
 use uplink_protocol::command::{AckState, Action, Command, CommandAck};
 use uplink_protocol::envelope::{CommandEnvelope, RequestEnvelope, ResponseEnvelope};
 use uplink_protocol::ops::{
-    CreateSession, Op, PresignParts, PresignedPart, PresignedParts, SessionInfo, SessionRef,
-    SessionState, StoredPart,
+    CreateSession, Op, PartChecksum, PresignParts, PresignedPart, PresignedParts, SessionInfo,
+    SessionRef, SessionState, StoredPart,
 };
 use uplink_protocol::problem::Problem;
 use uplink_protocol::sign::{self, PrivateKey, PublicKey};
@@ -281,6 +281,8 @@ fn answer(
                 size: body.size,
                 part_size: body.part_size,
                 part_count: plan.part_count,
+                // An API that keeps MD5 part digests: the agent hashes its parts again.
+                part_checksum: PartChecksum::Md5,
                 stored_parts: vec![],
                 sha256: None,
                 error: None,
@@ -306,7 +308,8 @@ fn answer(
                 .parts
                 .into_iter()
                 .map(|p| {
-                    session.md5s.insert(p.number, p.md5.clone());
+                    let md5 = p.digest(PartChecksum::Md5).unwrap_or_default().to_string();
+                    session.md5s.insert(p.number, md5.clone());
                     PresignedPart {
                         number: p.number,
                         method: "PUT".into(),
@@ -314,7 +317,7 @@ fn answer(
                             "http://{s3_addr}/bucket/{}/{}?X-Amz-Signature=secret",
                             body.session_id, p.number
                         ),
-                        headers: vec![("content-md5".into(), p.md5)],
+                        headers: vec![("content-md5".into(), md5)],
                         expires_at: unix_now() + 900,
                         // An API that predates expires_in_secs.
                         expires_in_secs: None,

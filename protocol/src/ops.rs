@@ -77,6 +77,47 @@ pub struct CreateSession {
     pub sha256: Option<String>,
     /// Part size the agent hashed with; must pass [`crate::plan::validate`].
     pub part_size: u64,
+    /// The part digest the device would rather send (`sha256`); the answer's
+    /// `part_checksum` says which one the session uses. Absent: `md5`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part_checksum: Option<PartChecksum>,
+}
+
+/// The digest each part is presigned with (signed into its URL, so the URL admits only the
+/// part's exact bytes): `sha256` as `x-amz-checksum-sha256` where storage checks it,
+/// else `md5` as `Content-MD5`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartChecksum {
+    #[default]
+    Md5,
+    Sha256,
+}
+
+impl PartChecksum {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PartChecksum::Md5 => "md5",
+            PartChecksum::Sha256 => "sha256",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "md5" => Some(PartChecksum::Md5),
+            "sha256" => Some(PartChecksum::Sha256),
+            _ => None,
+        }
+    }
+
+    /// Bytes in the digest (before base64).
+    pub fn digest_len(self) -> usize {
+        match self {
+            PartChecksum::Md5 => 16,
+            PartChecksum::Sha256 => 32,
+        }
+    }
 }
 
 /// Longest dataset label.
@@ -93,12 +134,38 @@ pub fn valid_dataset(label: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// One part's MD5 (standard base64 of the 16-byte digest, as in `Content-MD5`).
+/// One part's digest in the session's [`PartChecksum`], standard base64: `md5` (16 bytes,
+/// as in `Content-MD5`) or `sha256` (32 bytes, as in `x-amz-checksum-sha256`); exactly one.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartDigest {
     pub number: u32,
-    pub md5: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub md5: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+impl PartDigest {
+    pub fn new(number: u32, checksum: PartChecksum, digest: String) -> Self {
+        let (md5, sha256) = match checksum {
+            PartChecksum::Md5 => (Some(digest), None),
+            PartChecksum::Sha256 => (None, Some(digest)),
+        };
+        PartDigest {
+            number,
+            md5,
+            sha256,
+        }
+    }
+
+    /// The digest when it is the one `checksum` asks for and the only one.
+    pub fn digest(&self, checksum: PartChecksum) -> Option<&str> {
+        match (checksum, &self.md5, &self.sha256) {
+            (PartChecksum::Md5, Some(d), None) | (PartChecksum::Sha256, None, Some(d)) => Some(d),
+            _ => None,
+        }
+    }
 }
 
 /// `parts.presign`: URLs for up to [`MAX_PRESIGN_BATCH`] parts.
@@ -164,20 +231,23 @@ pub struct FileManifest {
     /// The file's path on the device.
     pub path: String,
     pub size: u64,
-    /// Hex SHA-256 of the whole file.
-    pub sha256: String,
+    /// Hex SHA-256 of the whole file. May be absent only in a session with `sha256` part
+    /// checksums that was created without it: the API then takes the digest of the stored
+    /// object, whose every part the signed checksums bind to the device's bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
     pub part_count: u32,
-    /// [`parts_digest`] of the part MD5s.
+    /// [`parts_digest`] of the part digests (the session's [`PartChecksum`]).
     pub parts_digest: String,
 }
 
-/// Hex SHA-256 over `"{number}:{md5}\n"` for each part in order (MD5s as base64, as sent to
-/// `parts.presign`): binds every part MD5 into a manifest small enough for one message.
+/// Hex SHA-256 over `"{number}:{digest}\n"` for each part in order (digests as base64, as
+/// sent to `parts.presign`): binds every part into a manifest small enough for one message.
 pub fn parts_digest<'a>(parts: impl IntoIterator<Item = (u32, &'a str)>) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
-    for (n, md5) in parts {
-        h.update(format!("{n}:{md5}\n").as_bytes());
+    for (n, digest) in parts {
+        h.update(format!("{n}:{digest}\n").as_bytes());
     }
     hex::encode(h.finalize())
 }
@@ -251,6 +321,9 @@ pub struct SessionInfo {
     pub size: u64,
     pub part_size: u64,
     pub part_count: u32,
+    /// The digest the parts are presigned with (`md5` from APIs that predate it).
+    #[serde(default)]
+    pub part_checksum: PartChecksum,
     /// Parts storage holds (filled by `session.status`; empty elsewhere).
     #[serde(default)]
     pub stored_parts: Vec<StoredPart>,
@@ -334,6 +407,7 @@ mod tests {
             size: 42,
             sha256: Some("ab".repeat(32)),
             part_size: 8 << 20,
+            part_checksum: Some(PartChecksum::Sha256),
         });
         round_trip(CreateSession {
             job_id: id,
@@ -344,13 +418,18 @@ mod tests {
             // Hashed while uploading: the SHA-256 comes with the manifest.
             sha256: None,
             part_size: 8 << 20,
+            part_checksum: None,
         });
         round_trip(PresignParts {
             session_id: id,
-            parts: vec![PartDigest {
-                number: 1,
-                md5: "1B2M2Y8AsgTpgAmY7PhCfg==".into(),
-            }],
+            parts: vec![
+                PartDigest::new(1, PartChecksum::Md5, "1B2M2Y8AsgTpgAmY7PhCfg==".into()),
+                PartDigest::new(
+                    2,
+                    PartChecksum::Sha256,
+                    "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=".into(),
+                ),
+            ],
         });
         round_trip(PresignedParts {
             session_id: id,
@@ -372,6 +451,7 @@ mod tests {
             size: 1,
             part_size: 5 << 20,
             part_count: 1,
+            part_checksum: PartChecksum::Sha256,
             stored_parts: vec![StoredPart {
                 number: 1,
                 size: 1,
@@ -390,12 +470,37 @@ mod tests {
             size: 1,
             part_size: 5 << 20,
             part_count: 1,
+            part_checksum: PartChecksum::Md5,
             stored_parts: vec![],
             sha256: Some("a".repeat(64)),
             error: None,
             validation: Some("rejected".into()),
             validation_error: Some("line 1: expected value at column 1".into()),
         });
+    }
+
+    #[test]
+    fn part_digests_carry_exactly_the_sessions_checksum() {
+        let md5 = PartDigest::new(1, PartChecksum::Md5, "m".into());
+        assert_eq!(md5.digest(PartChecksum::Md5), Some("m"));
+        assert_eq!(md5.digest(PartChecksum::Sha256), None);
+        let both = PartDigest {
+            number: 1,
+            md5: Some("m".into()),
+            sha256: Some("s".into()),
+        };
+        assert_eq!(both.digest(PartChecksum::Md5), None);
+        assert_eq!(both.digest(PartChecksum::Sha256), None);
+        // A SessionInfo from an API that predates part checksums is MD5.
+        let old: SessionInfo = serde_json::from_str(
+            r#"{"session_id":"6f1c2b8e-0000-4000-8000-000000000000","state":"created","bucket":"b","object_key":"k","size":1,"part_size":5242880,"part_count":1}"#,
+        )
+        .unwrap();
+        assert_eq!(old.part_checksum, PartChecksum::Md5);
+        assert_eq!(
+            serde_json::to_string(&PartChecksum::Sha256).unwrap(),
+            "\"sha256\""
+        );
     }
 
     #[test]

@@ -38,7 +38,7 @@ async fn signed_manifest_is_kept_and_same_content_is_not_sent_again() {
             .is_some_and(|p| p.ends_with("rec/first.bin")),
         "{c}"
     );
-    assert_eq!(c["part_md5s"].as_array().map(Vec::len), Some(2), "{c}");
+    assert_eq!(c["part_digests"].as_array().map(Vec::len), Some(2), "{c}");
 
     // The same bytes under another name, once the API has hashed the stored object: done
     // without a byte sent to storage.

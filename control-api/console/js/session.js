@@ -72,8 +72,8 @@ export function render(root, ctx, id) {
       ? table(['Part', 'Size', 'ETag'], status.stored_parts.map((p) => el('tr', {},
         el('td', { class: 'num' }, p.number), el('td', { class: 'num' }, bytes(p.size)), el('td', { class: 'mono' }, p.etag))),
       `${status.stored_parts.length} of ${s.part_count} parts in storage`)
-      : custody?.part_md5s
-        ? table(['Part', 'MD5 (base64)'], custody.part_md5s.map((m, i) => el('tr', {}, el('td', { class: 'num' }, i + 1), el('td', { class: 'mono' }, m))))
+      : custody?.part_digests
+        ? table(['Part', `${custody.part_checksum === 'sha256' ? 'SHA-256' : 'MD5'} (base64)`], custody.part_digests.map((m, i) => el('tr', {}, el('td', { class: 'num' }, i + 1), el('td', { class: 'mono' }, m))))
         : el('p', { class: 'muted' }, live ? 'No part in storage yet.' : `${s.part_count} parts.`);
 
     const transitions = history.map((e) => el('tr', {},

@@ -682,13 +682,16 @@ pub struct Custody {
     /// What the device signed: device, path, size, SHA-256, part count and parts digest.
     #[schema(value_type = Option<uplink_protocol::ops::FileManifest>)]
     pub manifest: serde_json::Value,
-    /// The part MD5s the device sent when it asked for part URLs (their digest is signed).
+    /// `md5` or `sha256`: the kind of `part_digests`.
+    pub part_checksum: String,
+    /// The part digests (base64) the device sent when it asked for part URLs (their
+    /// `parts_digest` is signed).
     #[schema(value_type = Option<Vec<String>>)]
-    pub part_md5s: serde_json::Value,
+    pub part_digests: serde_json::Value,
     pub signed_request: SignedRequest,
     /// Whether the signature verifies with the key the device had when it signed.
     pub signature_valid: bool,
-    /// Whether `part_md5s` hash to the manifest's `parts_digest`.
+    /// Whether `part_digests` hash to the manifest's `parts_digest`.
     pub parts_digest_valid: bool,
     pub recorded_at: chrono::DateTime<chrono::Utc>,
 }
@@ -738,9 +741,21 @@ pub async fn session_manifest(
         .verify(&key, &signed.signature)
         .is_ok()
     });
-    let md5s: Vec<String> = serde_json::from_value(detail["part_md5s"].clone()).unwrap_or_default();
+    // Entries written before SHA-256 part checksums name the MD5s `part_md5s`.
+    let (part_checksum, part_digests) = match detail.get("part_digests") {
+        Some(d) => (
+            detail["part_checksum"]
+                .as_str()
+                .unwrap_or("md5")
+                .to_string(),
+            d.clone(),
+        ),
+        None => ("md5".to_string(), detail["part_md5s"].clone()),
+    };
+    let digests: Vec<String> = serde_json::from_value(part_digests.clone()).unwrap_or_default();
     let digest = uplink_protocol::ops::parts_digest(
-        md5s.iter()
+        digests
+            .iter()
             .enumerate()
             .map(|(i, m)| (i as u32 + 1, m.as_str())),
     );
@@ -748,7 +763,8 @@ pub async fn session_manifest(
     Ok(Json(Custody {
         manifest: body["manifest"].clone(),
         parts_digest_valid: body["manifest"]["parts_digest"] == digest.as_str(),
-        part_md5s: detail["part_md5s"].clone(),
+        part_checksum,
+        part_digests,
         signature_valid,
         signed_request: signed,
         recorded_at,

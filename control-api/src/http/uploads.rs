@@ -11,7 +11,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
-use uplink_protocol::ops::{CreateSession, PartDigest, PresignParts, PresignedParts, SessionInfo};
+use uplink_protocol::ops::{
+    CreateSession, PartChecksum, PartDigest, PresignParts, PresignedParts, SessionInfo,
+};
 use uuid::Uuid;
 
 use super::auth::Caller;
@@ -37,9 +39,13 @@ pub struct NewUpload {
     /// Hex SHA-256 of the whole file.
     pub sha256: String,
     pub part_size: u64,
+    /// `sha256` to presign parts with their SHA-256 (where storage checks it; the answer's
+    /// `part_checksum` says); absent: `md5`.
+    #[serde(default)]
+    pub part_checksum: Option<PartChecksum>,
 }
 
-/// `POST /v1/sessions/{id}/parts`: the parts to presign, each with its MD5.
+/// `POST /v1/sessions/{id}/parts`: the parts to presign, each with its digest.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PartsToPresign {
@@ -99,6 +105,7 @@ pub async fn create_upload(
         size: req.size,
         sha256: Some(req.sha256),
         part_size: req.part_size,
+        part_checksum: req.part_checksum,
     };
     let (status, info) = sessions::create(&st, &owner, &actor, create).await?;
     Ok((

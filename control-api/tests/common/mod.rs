@@ -110,6 +110,7 @@ impl TestApp {
                 secret_access_key: Secret::new(env("UPLINK_TEST_S3_SECRET_KEY")),
                 force_path_style: true,
                 presign_ttl_secs: 900,
+                part_checksum: uplink_protocol::ops::PartChecksum::Sha256,
             },
         };
         change(&mut config);

@@ -210,6 +210,7 @@ mod tests {
             }),
             part_size: None,
             sha256: None,
+            part_checksum: Default::default(),
             create_request_id: "create-1".into(),
             session_id: None,
             state,

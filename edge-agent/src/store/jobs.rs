@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 use uplink_protocol::command::AckState;
+use uplink_protocol::ops::PartChecksum;
 use uplink_protocol::telemetry::JobState;
 use uuid::Uuid;
 
@@ -23,6 +24,8 @@ pub struct JobRecord {
     pub identity: Option<FileIdentity>,
     pub part_size: Option<u64>,
     pub sha256: Option<String>,
+    /// The digest its parts carry (the session's once it has one).
+    pub part_checksum: PartChecksum,
     /// Request id of `session.create`, fixed when the job is made, so a restart re-uses it.
     pub create_request_id: String,
     pub session_id: Option<Uuid>,
@@ -50,6 +53,13 @@ impl JobRecord {
     pub fn hashed(&self) -> bool {
         self.sha256.is_some() && self.planned()
     }
+
+    /// Whether completing needs the whole file's SHA-256: an MD5 session does (its part
+    /// digests do not bind the content strongly enough for the API to take the stored
+    /// object's).
+    pub fn needs_sha256(&self) -> bool {
+        self.part_checksum == PartChecksum::Md5
+    }
 }
 
 fn job_from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
@@ -75,6 +85,10 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<JobRecord> {
         identity,
         part_size: part_size.map(|p| p as u64),
         sha256: row.get("sha256")?,
+        part_checksum: {
+            let c: String = row.get("part_checksum")?;
+            PartChecksum::parse(&c).ok_or_else(|| bad(format!("part checksum {c}")))?
+        },
         create_request_id: row.get("create_request_id")?,
         session_id: opt_uuid_col(row, "session_id")?,
         state: JobState::parse(&state).ok_or_else(|| bad(format!("job state {state}")))?,

@@ -121,6 +121,9 @@ const MIGRATIONS: &[&str] = &[
          command_id TEXT NOT NULL,
          updated_at INTEGER NOT NULL
      );",
+    // 2: SHA-256 part digests: the job says which digest its parts carry.
+    "ALTER TABLE jobs ADD COLUMN part_checksum TEXT NOT NULL DEFAULT 'md5';
+     ALTER TABLE parts RENAME COLUMN md5 TO digest;",
 ];
 
 /// Opens (creating when needed) the database in `state_dir`.
@@ -222,6 +225,7 @@ mod tests {
     use super::*;
     use crate::hasher::{FileHash, FileIdentity, PartHash};
     use rusqlite::params;
+    use uplink_protocol::ops::PartChecksum;
     use uplink_protocol::plan;
     use uplink_protocol::telemetry::JobState;
 
@@ -252,6 +256,7 @@ mod tests {
             },
             plan,
             sha256: "ab".repeat(32),
+            checksum: PartChecksum::Md5,
             parts: (1..=plan.part_count)
                 .map(|n| {
                     let (offset, size) = plan.part(n).unwrap();
@@ -260,7 +265,7 @@ mod tests {
                         offset,
                         size,
                         // md5("abc") for every part, for simplicity
-                        md5: "kAFQmDzST7DWlj99KOF/cg==".into(),
+                        digest: "kAFQmDzST7DWlj99KOF/cg==".into(),
                     }
                 })
                 .collect(),

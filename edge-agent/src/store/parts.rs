@@ -1,8 +1,8 @@
-//! The `parts` table: a job's part plan, the MD5s and SHA-256 of the hash pass, finished
-//! parts, and their reconciliation with what storage holds.
+//! The `parts` table: a job's part plan, the part digests and SHA-256 of the hash pass,
+//! finished parts, and their reconciliation with what storage holds.
 
 use rusqlite::{params, Connection, Row};
-use uplink_protocol::ops::StoredPart;
+use uplink_protocol::ops::{PartChecksum, StoredPart};
 use uplink_protocol::plan::PartPlan;
 use uplink_protocol::telemetry::JobState;
 use uuid::Uuid;
@@ -15,16 +15,16 @@ pub struct PartRecord {
     pub number: u32,
     pub offset: u64,
     pub size: u64,
-    /// Base64 MD5; empty until the part is hashed (parts of a file hashed while it
-    /// uploads).
-    pub md5: String,
+    /// Base64 digest in the job's `part_checksum`; empty until the part is hashed (parts
+    /// of a file hashed while it uploads).
+    pub digest: String,
     pub etag: Option<String>,
     pub done: bool,
 }
 
 impl PartRecord {
     pub fn hashed(&self) -> bool {
-        !self.md5.is_empty()
+        !self.digest.is_empty()
     }
 }
 
@@ -35,7 +35,7 @@ fn part_from_row(row: &Row<'_>) -> rusqlite::Result<PartRecord> {
         number: row.get("number")?,
         offset: offset as u64,
         size: size as u64,
-        md5: row.get("md5")?,
+        digest: row.get("digest")?,
         etag: row.get("etag")?,
         done: row.get("done")?,
     })
@@ -51,21 +51,21 @@ pub fn store_hash(
     let parts: Vec<_> = hash
         .parts
         .iter()
-        .map(|p| (p.number, p.offset, p.size, p.md5.as_str()))
+        .map(|p| (p.number, p.offset, p.size, p.digest.as_str()))
         .collect();
     store_parts(
         conn,
         id,
         hash.identity,
         &hash.plan,
-        Some(&hash.sha256),
+        (hash.checksum, Some(&hash.sha256)),
         &parts,
         now,
     )
 }
 
 /// Stores the file's identity and part plan, its parts not hashed yet (they are hashed while
-/// they upload), and moves the job `hashing → open`.
+/// they upload, with SHA-256), and moves the job `hashing → open`.
 pub fn store_plan(
     conn: &mut Connection,
     id: Uuid,
@@ -76,10 +76,18 @@ pub fn store_plan(
     let parts: Vec<_> = (1..=plan.part_count)
         .filter_map(|n| plan.part(n).map(|(offset, size)| (n, offset, size, "")))
         .collect();
-    store_parts(conn, id, identity, plan, None, &parts, now)
+    store_parts(
+        conn,
+        id,
+        identity,
+        plan,
+        (PartChecksum::Sha256, None),
+        &parts,
+        now,
+    )
 }
 
-/// (number, offset, size, base64 MD5 or "" when not hashed yet).
+/// (number, offset, size, base64 digest or "" when not hashed yet).
 type NewPart<'a> = (u32, u64, u64, &'a str);
 
 fn store_parts(
@@ -87,7 +95,7 @@ fn store_parts(
     id: Uuid,
     identity: FileIdentity,
     plan: &PartPlan,
-    sha256: Option<&str>,
+    (checksum, sha256): (PartChecksum, Option<&str>),
     parts: &[NewPart<'_>],
     now: i64,
 ) -> Result<(), StoreError> {
@@ -98,22 +106,22 @@ fn store_parts(
     )?;
     {
         let mut stmt = tx.prepare(
-            "INSERT INTO parts (job_id, number, part_offset, size, md5, etag, done)
+            "INSERT INTO parts (job_id, number, part_offset, size, digest, etag, done)
              VALUES (?1, ?2, ?3, ?4, ?5, NULL, 0)",
         )?;
-        for (number, offset, size, md5) in parts {
+        for (number, offset, size, digest) in parts {
             stmt.execute(params![
                 id.to_string(),
                 number,
                 *offset as i64,
                 *size as i64,
-                md5
+                digest
             ])?;
         }
     }
     tx.execute(
         "UPDATE jobs SET size = ?2, mtime_ns = ?3, inode = ?4, part_size = ?5, sha256 = ?6,
-                         bytes_total = ?2, updated_at = ?7
+                         bytes_total = ?2, updated_at = ?7, part_checksum = ?8
          WHERE id = ?1",
         params![
             id.to_string(),
@@ -122,7 +130,8 @@ fn store_parts(
             identity.inode as i64,
             plan.part_size as i64,
             sha256,
-            now
+            now,
+            checksum.as_str()
         ],
     )?;
     transition_tx(&tx, id, JobState::Open, None, now)?;
@@ -130,29 +139,52 @@ fn store_parts(
     Ok(())
 }
 
-/// Records a part's MD5 from the hash pass that runs while the parts upload. A part hashed
-/// before (by an earlier, interrupted pass) must hash the same, or the file changed:
-/// returns whether the part was newly hashed, or `None` on a different MD5.
+/// Records a part's digest from the hash pass that runs while the parts upload. A part
+/// hashed before (by an earlier, interrupted pass) must hash the same, or the file changed:
+/// returns whether the part was newly hashed, or `None` on a different digest.
 pub fn hash_part(
     conn: &Connection,
     job_id: Uuid,
     number: u32,
-    md5: &str,
+    digest: &str,
 ) -> Result<Option<bool>, StoreError> {
     let before: String = conn.query_row(
-        "SELECT md5 FROM parts WHERE job_id = ?1 AND number = ?2",
+        "SELECT digest FROM parts WHERE job_id = ?1 AND number = ?2",
         params![job_id.to_string(), number],
         |row| row.get(0),
     )?;
     if before.is_empty() {
         conn.execute(
-            "UPDATE parts SET md5 = ?3 WHERE job_id = ?1 AND number = ?2",
-            params![job_id.to_string(), number, md5],
+            "UPDATE parts SET digest = ?3 WHERE job_id = ?1 AND number = ?2",
+            params![job_id.to_string(), number, digest],
         )?;
         Ok(Some(true))
     } else {
-        Ok((before == md5).then_some(false))
+        Ok((before == digest).then_some(false))
     }
+}
+
+/// Takes the part checksum the session answered with. When the parts were hashed with
+/// another one (an API or storage that keeps MD5), their digests are dropped: the hash pass
+/// beside the upload computes them again. Returns whether they were.
+pub fn adopt_checksum(
+    conn: &mut Connection,
+    id: Uuid,
+    checksum: PartChecksum,
+) -> Result<bool, StoreError> {
+    let tx = conn.transaction()?;
+    let changed = tx.execute(
+        "UPDATE jobs SET part_checksum = ?2 WHERE id = ?1 AND part_checksum <> ?2",
+        params![id.to_string(), checksum.as_str()],
+    )? > 0;
+    if changed {
+        tx.execute(
+            "UPDATE parts SET digest = '' WHERE job_id = ?1",
+            params![id.to_string()],
+        )?;
+    }
+    tx.commit()?;
+    Ok(changed)
 }
 
 /// Records the whole file's SHA-256 once the hash pass that ran with the upload ends.
@@ -199,7 +231,9 @@ pub fn commit_part(
 }
 
 /// Makes the parts agree with what storage holds (the authority): a part is done iff storage
-/// holds it with our size and an ETag equal to our MD5. Returns (parts done, bytes done).
+/// holds it with our size and, with MD5 parts, an ETag equal to our MD5 (a SHA-256 part's
+/// URL admitted only its exact bytes, and the API refuses another digest for a part).
+/// Returns (parts done, bytes done).
 pub fn reconcile_parts(
     conn: &mut Connection,
     job_id: Uuid,
@@ -213,12 +247,19 @@ pub fn reconcile_parts(
             .collect::<Result<Vec<_>, _>>()?;
         rows
     };
+    let checksum: String = tx.query_row(
+        "SELECT part_checksum FROM jobs WHERE id = ?1",
+        params![job_id.to_string()],
+        |row| row.get(0),
+    )?;
+    let md5 = checksum == PartChecksum::Md5.as_str();
     let (mut count, mut bytes) = (0u32, 0u64);
     for part in ours {
         let held = stored.iter().find(|s| {
             s.number == part.number
                 && s.size == part.size
-                && hasher::etag_matches(&s.etag, &part.md5)
+                && part.hashed()
+                && (!md5 || hasher::etag_matches(&s.etag, &part.digest))
         });
         match held {
             Some(s) => {
@@ -271,7 +312,7 @@ mod tests {
                 .map(|p| (p.number, p.offset, p.size))
                 .collect::<Vec<_>>()
         );
-        let md5 = &h.parts[0].md5;
+        let md5 = &h.parts[0].digest;
         assert_eq!(hash_part(&c, id, 1, md5).unwrap(), Some(true));
         // Hashed again by a later pass: the same MD5 is no news, another one a changed file.
         assert_eq!(hash_part(&c, id, 1, md5).unwrap(), Some(false));
@@ -279,9 +320,37 @@ mod tests {
             hash_part(&c, id, 1, "AAAAAAAAAAAAAAAAAAAAAA==").unwrap(),
             None
         );
-        assert_eq!(&parts(&c, id).unwrap()[0].md5, md5);
+        assert_eq!(&parts(&c, id).unwrap()[0].digest, md5);
         set_sha256(&c, id, &h.sha256, 4).unwrap();
         assert!(require_job(&c, id).unwrap().hashed());
+    }
+
+    #[test]
+    fn a_session_with_another_checksum_drops_the_digests_and_sha256_parts_reconcile_by_size() {
+        let (_d, mut c) = db();
+        let id = Uuid::new_v4();
+        accept_upload(&mut c, &new_job(id), 1).unwrap();
+        set_job_state(&mut c, id, JobState::Hashing, 1).unwrap();
+        store_hash(&mut c, id, &hash(), 1).unwrap(); // MD5 parts
+        assert!(!adopt_checksum(&mut c, id, PartChecksum::Md5).unwrap());
+        assert!(parts(&c, id).unwrap().iter().all(|p| p.hashed()));
+        assert!(adopt_checksum(&mut c, id, PartChecksum::Sha256).unwrap());
+        let j = require_job(&c, id).unwrap();
+        assert_eq!(j.part_checksum, PartChecksum::Sha256);
+        assert!(!j.needs_sha256());
+        assert!(parts(&c, id).unwrap().iter().all(|p| !p.hashed()));
+        // Unhashed parts are never taken as held; hashed ones by number and size alone.
+        let held = |n| StoredPart {
+            number: n,
+            size: 5 * plan::MIB,
+            etag: "\"an md5 the agent never computed\"".into(),
+        };
+        assert_eq!(reconcile_parts(&mut c, id, &[held(1)]).unwrap(), (0, 0));
+        hash_part(&c, id, 1, "ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0=").unwrap();
+        assert_eq!(
+            reconcile_parts(&mut c, id, &[held(1), held(2)]).unwrap(),
+            (1, 5 * plan::MIB)
+        );
     }
 
     #[test]

@@ -164,11 +164,29 @@ impl Uploader {
                 .and_then(|v| v.to_str().ok())
                 .map(|s| hasher::strip_etag(s).to_string())
                 .unwrap_or_default();
-            if !hasher::etag_matches(&etag, &part.md5) {
+            // With a signed Content-MD5 the ETag is the part's MD5: compare. A signed SHA-256
+            // was checked by storage before it answered 200, and storage echoes it.
+            let signed_md5 = url
+                .headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-md5"));
+            if signed_md5 && !hasher::etag_matches(&etag, &part.digest) {
                 return Err(PutError::EtagMismatch {
                     got: etag,
-                    want: hasher::md5_hex(&part.md5).unwrap_or_default(),
+                    want: hasher::md5_hex(&part.digest).unwrap_or_default(),
                 });
+            }
+            let echoed = response
+                .headers()
+                .get("x-amz-checksum-sha256")
+                .and_then(|v| v.to_str().ok());
+            if let Some(echoed) = echoed.filter(|_| !signed_md5) {
+                if echoed != part.digest {
+                    return Err(PutError::EtagMismatch {
+                        got: echoed.to_string(),
+                        want: part.digest.clone(),
+                    });
+                }
             }
             return Ok(etag);
         }
@@ -273,15 +291,16 @@ mod tests {
             number: 1,
             offset: 0,
             size,
-            md5: md5.into(),
+            digest: md5.into(),
             etag: None,
             done: false,
         }
     }
 
     /// A one-shot HTTP server on port 0 that records the request and answers `answer`.
-    async fn serve_once(answer: &'static str) -> (String, tokio::task::JoinHandle<Vec<u8>>) {
+    async fn serve_once(answer: &str) -> (String, tokio::task::JoinHandle<Vec<u8>>) {
         use tokio::io::AsyncWriteExt;
+        let answer = answer.to_string();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let handle = tokio::spawn(async move {
@@ -368,20 +387,44 @@ mod tests {
         std::fs::write(&path, b"abc").unwrap();
         let up = Uploader::new(Arc::new(RateLimiter::new(0))).unwrap();
         let p = part(3, "kAFQmDzST7DWlj99KOF/cg==");
-        let presigned = |url: String| PresignedPart {
+        let signed = |url: String, header: &str, digest: &str| PresignedPart {
             number: 1,
             method: "PUT".into(),
             url,
-            headers: vec![],
+            headers: vec![(header.into(), digest.into())],
             expires_at: unix_now() + 900,
             expires_in_secs: Some(900),
         };
+        let presigned = |url: String| signed(url, "content-md5", "kAFQmDzST7DWlj99KOF/cg==");
         let sent = Arc::new(AtomicU64::new(0));
 
         let (url, _s) =
             serve_once("HTTP/1.1 200 OK\r\nETag: \"deadbeef\"\r\nContent-Length: 0\r\n\r\n").await;
         assert!(matches!(
             up.put_once(&path, &p, &presigned(url), &sent).await,
+            Err(PutError::EtagMismatch { .. })
+        ));
+        // A SHA-256 part: the ETag (an MD5 nobody planned) is not compared; an echoed
+        // checksum is.
+        let sha = "ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0="; // sha256("abc")
+        let p256 = part(3, sha);
+        let sha_url = |url| signed(url, "x-amz-checksum-sha256", sha);
+        let (url, _s) = serve_once(&format!(
+            "HTTP/1.1 200 OK\r\nETag: \"deadbeef\"\r\nx-amz-checksum-sha256: {sha}\r\nContent-Length: 0\r\n\r\n"
+        ))
+        .await;
+        assert_eq!(
+            up.put_once(&path, &p256, &sha_url(url), &sent)
+                .await
+                .unwrap(),
+            "deadbeef"
+        );
+        let (url, _s) = serve_once(
+            "HTTP/1.1 200 OK\r\nETag: \"deadbeef\"\r\nx-amz-checksum-sha256: AAAA\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await;
+        assert!(matches!(
+            up.put_once(&path, &p256, &sha_url(url), &sent).await,
             Err(PutError::EtagMismatch { .. })
         ));
         let (url, _s) = serve_once("HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n").await;

@@ -27,10 +27,13 @@ impl Agent {
     ) -> Result<FileManifest, JobError> {
         let id = rec.id;
         let parts = self.store.call(move |c| store::parts(c, id)).await?;
-        // Hashed while uploading: the SHA-256 was stored after `rec` was read.
-        let Some(sha256) = self.load(id).await?.sha256 else {
+        // Hashed while uploading: the SHA-256 was stored after `rec` was read. With SHA-256
+        // parts it may be absent: the API takes the stored object's.
+        let job = self.load(id).await?;
+        if job.sha256.is_none() && job.needs_sha256() {
             return Err(JobError::Fatal("job was not hashed".into()));
-        };
+        }
+        let sha256 = job.sha256;
         Ok(FileManifest {
             device_id: self.device_id.clone(),
             session_id,
@@ -38,7 +41,7 @@ impl Agent {
             size: rec.identity.map(|i| i.size).unwrap_or(0),
             sha256,
             part_count: parts.len() as u32,
-            parts_digest: parts_digest(parts.iter().map(|p| (p.number, p.md5.as_str()))),
+            parts_digest: parts_digest(parts.iter().map(|p| (p.number, p.digest.as_str()))),
         })
     }
 

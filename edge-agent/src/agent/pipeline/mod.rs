@@ -190,14 +190,17 @@ impl Agent {
         };
         rec = self.load(id).await?;
 
-        let all_done = {
+        let (all_done, all_hashed) = {
             let parts = self.store.call(move |c| store::parts(c, id)).await?;
-            parts.iter().all(|p| p.done)
+            (
+                parts.iter().all(|p| p.done),
+                parts.iter().all(|p| p.hashed()),
+            )
         };
         // Restarted while completing with every part in storage and the file hashed:
         // complete again. Otherwise (including storage having lost parts) upload what is
         // missing first, hashing the file on the way if it was not hashed first.
-        let streaming = !rec.hashed();
+        let streaming = !all_hashed || (rec.needs_sha256() && rec.sha256.is_none());
         if !(rec.state == JobState::Completing && all_done) || streaming {
             if rx.borrow().pause {
                 self.to_paused(&rec).await?;
@@ -228,6 +231,7 @@ impl Agent {
                 control: &mut *rx,
                 shutdown: &self.shutdown,
                 on_progress: &on_progress,
+                checksum: rec.part_checksum,
                 hashed,
             }
             .run()

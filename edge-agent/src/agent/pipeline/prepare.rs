@@ -87,9 +87,10 @@ impl Agent {
         Ok(())
     }
 
-    /// Starts the hash pass that runs beside the upload: each part's MD5 comes through the
-    /// returned channel as soon as it is read (the pass takes it from there), the whole
-    /// file's SHA-256 at the end from [`Hashing`].
+    /// Starts the hash pass that runs beside the upload: each part's digest comes through
+    /// the returned channel as soon as it is read (the pass takes it from there), the whole
+    /// file's SHA-256 at the end from [`Hashing`], only when the job still needs it (an MD5
+    /// session's manifest; with SHA-256 parts the API takes the stored object's).
     pub(super) fn hash_while_uploading(
         &self,
         rec: &JobRecord,
@@ -102,8 +103,12 @@ impl Agent {
         let (tx, rx) = mpsc::channel(1);
         let stop = self.shutdown.child_token();
         let (path, token) = (rec.path.clone(), stop.clone());
+        let (checksum, whole) = (
+            rec.part_checksum,
+            rec.needs_sha256() && rec.sha256.is_none(),
+        );
         let task = tokio::task::spawn_blocking(move || {
-            hasher::hash_parts(&path, identity, plan, &token, |part| {
+            hasher::hash_parts(&path, identity, plan, checksum, whole, &token, |part| {
                 // The pass is gone (paused, cancelled, failed): stop reading.
                 tx.blocking_send(part).map_err(|_| HashError::Cancelled)
             })
@@ -112,16 +117,20 @@ impl Agent {
         Ok((Hashing { task, stop }, rx))
     }
 
-    /// Waits for the SHA-256 of the hash pass that ran with the upload and stores it.
+    /// Waits for the hash pass that ran with the upload and stores the SHA-256 it gave.
     pub(super) async fn finish_hashing(
         &self,
         rec: &JobRecord,
         hashing: Hashing,
     ) -> Result<(), JobError> {
-        let sha256 = hashing
+        let Some(sha256) = hashing
             .task
             .await
-            .map_err(|e| JobError::Transient(e.to_string()))??;
+            .map_err(|e| JobError::Transient(e.to_string()))??
+        else {
+            info!(job_id = %rec.id, "File's parts hashed while uploading");
+            return Ok(());
+        };
         info!(job_id = %rec.id, sha256 = %sha256, "File hashed while uploading");
         let (id, now) = (rec.id, unix_now());
         self.store
@@ -172,11 +181,13 @@ impl Agent {
             size: identity.size,
             sha256,
             part_size,
+            part_checksum: Some(rec.part_checksum),
         };
         let info: SessionInfo = self
             .link
             .call(Op::SessionCreate, &rec.create_request_id, &body)
             .await?;
+        self.adopt_checksum(rec, &info).await?;
         if info.part_count != planned.part_count || info.part_size != part_size {
             return Err(JobError::Fatal(format!(
                 "session plans {} parts of {} bytes; the agent hashed {} parts of {} bytes",
@@ -189,6 +200,20 @@ impl Agent {
             .await?;
         info!(job_id = %id, session_id = %sid, object_key = %info.object_key, "Session created");
         Ok(info)
+    }
+
+    /// Takes the session's part checksum (an API or storage that keeps MD5 answers `md5`
+    /// to a job hashed with SHA-256: its parts are hashed again beside the upload).
+    async fn adopt_checksum(&self, rec: &JobRecord, info: &SessionInfo) -> Result<(), JobError> {
+        let (id, checksum) = (rec.id, info.part_checksum);
+        if self
+            .store
+            .call(move |c| store::adopt_checksum(c, id, checksum))
+            .await?
+        {
+            info!(job_id = %id, part_checksum = checksum.as_str(), "Session presigns parts with another digest; hashing them again while they upload");
+        }
+        Ok(())
     }
 
     /// Asks `session.status` and makes the parts agree with storage.
@@ -208,6 +233,7 @@ impl Agent {
                 Err(JobError::Fatal(session_failure(&info)))
             }
             _ => {
+                self.adopt_checksum(rec, &info).await?;
                 let id = rec.id;
                 let stored = info.stored_parts.clone();
                 let (parts, bytes) = self
@@ -229,7 +255,7 @@ enum Prepared {
 
 /// The hash pass running beside a job's upload.
 pub(super) struct Hashing {
-    task: tokio::task::JoinHandle<Result<String, JobError>>,
+    task: tokio::task::JoinHandle<Result<Option<String>, JobError>>,
     stop: CancellationToken,
 }
 
