@@ -11,7 +11,9 @@
 //! Environment: `UPLINK_BENCH_SIZE_MIB` (default 1024), `UPLINK_BENCH_SETTINGS` (default
 //! `8x4,8x8,16x4,16x8`: part MiB × in flight), `UPLINK_BENCH_REPS` (default 3),
 //! `UPLINK_BENCH_SMALL=1` (64 MiB, `8x4`, one repetition: the test command's check that the
-//! benchmark still works; its figures mean nothing).
+//! benchmark still works; its figures mean nothing), `UPLINK_BENCH_UPLOADS=N` (instead of
+//! the comparison: N uploads of `UPLINK_BENCH_SIZE_MIB` through one agent, its resident
+//! memory after each, to see whether it grows).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -233,6 +235,48 @@ async fn agent_once(stack: &Stack, dev: &Device, size: u64, rep: usize) -> Agent
     }
 }
 
+/// Resident set size (VmRSS) of a process, in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `uploads` uploads of `size` bytes through one agent (8 MiB × 4), each verified: its
+/// resident memory after each, and its peak at the end.
+async fn memory_run(stack: &Stack, size: u64, uploads: usize) {
+    let dev = stack
+        .add_device(&AgentOptions {
+            concurrency: 4,
+            part_size_mib: 8,
+            request_timeout_secs: 10,
+            ..AgentOptions::default()
+        })
+        .await;
+    let pid = stack.agent_pid(&dev).expect("agent running");
+    let mut after = Vec::with_capacity(uploads);
+    for n in 0..uploads {
+        agent_once(stack, &dev, size, n).await;
+        after.push(rss_kib(pid).expect("read /proc/PID/status of the agent"));
+    }
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let at = |n: usize| {
+        after
+            .get(n - 1)
+            .map_or("-".to_string(), |k| format!("{:.1}", mib(*k)))
+    };
+    println!(
+        "memory: {uploads} uploads of {} MiB through one agent; RSS (MiB) after upload 1: {}, 10: {}, 25: {}, 50: {}, {uploads}: {}; peak {:.1} MiB",
+        size / MIB,
+        at(1),
+        at(10),
+        at(25),
+        at(50),
+        at(uploads),
+        mib(peak_rss_kib(pid).unwrap_or(0))
+    );
+}
+
 /// Medians of one tool's runs at one setting.
 #[derive(Default)]
 struct Row {
@@ -308,6 +352,11 @@ async fn main() {
         ..StackOptions::default()
     })
     .await;
+    let uploads = env_u64("UPLINK_BENCH_UPLOADS", 0) as usize;
+    if uploads > 0 {
+        memory_run(&stack, size, uploads).await;
+        return;
+    }
     let scratch = stack.dir.path().join("bench");
     std::fs::create_dir_all(&scratch).expect("scratch dir");
     println!(

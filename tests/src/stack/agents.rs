@@ -227,7 +227,9 @@ impl Stack {
         }
         args.extend(["--config", path_str(&config), "run"]);
         let program = wrapper.first().map_or(bin.clone(), PathBuf::from);
-        let mut agent = Process::new("uplink-agent", &program, &args, dev.dir.join("agent.log"));
+        // As the packaged systemd unit runs it.
+        let mut agent = Process::new("uplink-agent", &program, &args, dev.dir.join("agent.log"))
+            .env("MALLOC_ARENA_MAX", "2");
         if opts.clock_offset_secs.is_some() {
             agent = agent.env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
         }

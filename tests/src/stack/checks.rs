@@ -148,8 +148,18 @@ impl Stack {
         let session_id = cmd["session_id"]
             .as_str()
             .unwrap_or_else(|| panic!("done upload command has no session_id: {cmd}"));
-        let session = self.session(session_id).await;
+        let mut session = self.session(session_id).await;
         assert_eq!(session["state"], "completed", "session: {session}");
+        // Parts signed with their SHA-256 and no whole-file digest from the agent: the
+        // API's read-back of the stored object gives the session's.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+        while session["sha256"].is_null()
+            && session["digest_check"] == "pending"
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            session = self.session(session_id).await;
+        }
         assert_eq!(
             session["size"].as_u64(),
             Some(file.size),
