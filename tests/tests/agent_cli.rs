@@ -87,7 +87,17 @@ async fn local_upload_status_doctor_and_metrics() {
     assert_eq!(job["state"], "done", "{job}");
     assert_eq!(job["local"], true, "{job}");
     assert_eq!(job["bytes_done"].as_u64(), Some(file.size), "{job}");
-    assert_eq!(job["sha256"].as_str(), Some(file.sha256.as_str()), "{job}");
+    // Hashed while it uploaded, with SHA-256 parts: the agent computed no whole-file
+    // digest (the API hashes the stored object); the session carries it.
+    assert!(job["sha256"].is_null(), "{job}");
+    let session = stack
+        .wait_session_digest(job["session_id"].as_str().expect("session"))
+        .await;
+    assert_eq!(
+        session["sha256"].as_str(),
+        Some(file.sha256.as_str()),
+        "{session}"
+    );
     let out = agent_cli(&stack, &dev, &["status"], &[]);
     assert_eq!(out.status.code(), Some(0));
     assert!(stdout(&out).contains("100.0%"), "text status");

@@ -139,6 +139,22 @@ impl Stack {
         }
     }
 
+    /// The session, once it has its SHA-256: with parts signed by their SHA-256 and no
+    /// whole-file digest from the agent, the API's read-back of the stored object gives it
+    /// after completion (at most 300 s of waiting).
+    pub async fn wait_session_digest(&self, session_id: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+        let mut session = self.session(session_id).await;
+        while session["sha256"].is_null()
+            && session["digest_check"] == "pending"
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            session = self.session(session_id).await;
+        }
+        session
+    }
+
     /// Checks a final command for `file` (see [`Stack::upload_and_verify`]).
     pub async fn verify_upload(&self, file: &SourceFile, cmd: &Value) -> Value {
         assert_eq!(
@@ -148,18 +164,8 @@ impl Stack {
         let session_id = cmd["session_id"]
             .as_str()
             .unwrap_or_else(|| panic!("done upload command has no session_id: {cmd}"));
-        let mut session = self.session(session_id).await;
+        let session = self.wait_session_digest(session_id).await;
         assert_eq!(session["state"], "completed", "session: {session}");
-        // Parts signed with their SHA-256 and no whole-file digest from the agent: the
-        // API's read-back of the stored object gives the session's.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-        while session["sha256"].is_null()
-            && session["digest_check"] == "pending"
-            && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            session = self.session(session_id).await;
-        }
         assert_eq!(
             session["size"].as_u64(),
             Some(file.size),
