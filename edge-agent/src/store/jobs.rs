@@ -54,11 +54,11 @@ impl JobRecord {
         self.sha256.is_some() && self.planned()
     }
 
-    /// Whether completing needs the whole file's SHA-256: an MD5 session does (its part
-    /// digests do not bind the content strongly enough for the API to take the stored
-    /// object's).
-    pub fn needs_sha256(&self) -> bool {
-        self.part_checksum == PartChecksum::Md5
+    /// Whether completing still waits for the whole file's SHA-256: an MD5 session needs it
+    /// (its part digests do not bind the content strongly enough for the API to take the
+    /// stored object's) and it is not known yet.
+    pub fn lacks_sha256(&self) -> bool {
+        self.part_checksum == PartChecksum::Md5 && self.sha256.is_none()
     }
 }
 

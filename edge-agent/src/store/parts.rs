@@ -337,7 +337,7 @@ mod tests {
         assert!(adopt_checksum(&mut c, id, PartChecksum::Sha256).unwrap());
         let j = require_job(&c, id).unwrap();
         assert_eq!(j.part_checksum, PartChecksum::Sha256);
-        assert!(!j.needs_sha256());
+        assert!(!j.lacks_sha256());
         assert!(parts(&c, id).unwrap().iter().all(|p| !p.hashed()));
         // Unhashed parts are never taken as held; hashed ones by number and size alone.
         let held = |n| StoredPart {

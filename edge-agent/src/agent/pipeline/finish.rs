@@ -30,7 +30,7 @@ impl Agent {
         // Hashed while uploading: the SHA-256 was stored after `rec` was read. With SHA-256
         // parts it may be absent: the API takes the stored object's.
         let job = self.load(id).await?;
-        if job.sha256.is_none() && job.needs_sha256() {
+        if job.lacks_sha256() {
             return Err(JobError::Fatal("job was not hashed".into()));
         }
         let sha256 = job.sha256;

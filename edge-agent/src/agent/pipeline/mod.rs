@@ -200,7 +200,7 @@ impl Agent {
         // Restarted while completing with every part in storage and the file hashed:
         // complete again. Otherwise (including storage having lost parts) upload what is
         // missing first, hashing the file on the way if it was not hashed first.
-        let streaming = !all_hashed || (rec.needs_sha256() && rec.sha256.is_none());
+        let streaming = !all_hashed || rec.lacks_sha256();
         if !(rec.state == JobState::Completing && all_done) || streaming {
             if rx.borrow().pause {
                 self.to_paused(&rec).await?;

@@ -103,10 +103,7 @@ impl Agent {
         let (tx, rx) = mpsc::channel(1);
         let stop = self.shutdown.child_token();
         let (path, token) = (rec.path.clone(), stop.clone());
-        let (checksum, whole) = (
-            rec.part_checksum,
-            rec.needs_sha256() && rec.sha256.is_none(),
-        );
+        let (checksum, whole) = (rec.part_checksum, rec.lacks_sha256());
         let task = tokio::task::spawn_blocking(move || {
             hasher::hash_parts(&path, identity, plan, checksum, whole, &token, |part| {
                 // The pass is gone (paused, cancelled, failed): stop reading.
