@@ -1,6 +1,7 @@
-//! The upload pass of one job: presign parts on demand, PUT up to the job's share of the
-//! concurrency at once (each streamed from disk by [`Uploader`]), commit each finished part
-//! at once; with a file hashed while it uploads, take each part as the hash pass reaches it.
+//! The upload pass of one job: presign parts ahead of need, PUT up to the job's share of the
+//! concurrency at once (each streamed from disk by [`Uploader`]), commit finished parts as
+//! soon as their slots are busy again; with a file hashed while it uploads, take each part
+//! as the hash pass reaches it.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -8,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -21,8 +23,8 @@ use uuid::Uuid;
 
 use crate::flow::Flow;
 use crate::hasher::PartHash;
-use crate::rpc::Link;
-use crate::store::{self, PartRecord, Store};
+use crate::rpc::{Link, RpcError};
+use crate::store::{self, PartRecord, Store, StoreError};
 use crate::uploader::{
     signature_fault, Control, PutError, UploadError, Uploader, UrlLife, MAX_REPRESIGNS,
     MAX_SIGNATURE_REFUSALS, SHUTDOWN_DRAIN,
@@ -62,9 +64,73 @@ pub struct Pass<'a> {
 struct Url {
     part: PresignedPart,
     life: UrlLife,
+    /// Which presign answer brought it: the latest answer's URLs are used even when already
+    /// due for renewal (a lifetime shorter than the round trip would otherwise loop).
+    answer: u64,
 }
 
-impl Pass<'_> {
+/// The URLs in hand by part number, and the number of the latest presign answer.
+#[derive(Default)]
+struct Urls {
+    by_part: HashMap<u32, Url>,
+    answers: u64,
+}
+
+impl Urls {
+    /// Part `number`'s URL, if it may be used for a PUT now.
+    fn usable(&self, number: u32) -> Option<&Url> {
+        self.by_part
+            .get(&number)
+            .filter(|u| u.answer == self.answers || !u.life.needs_represign())
+    }
+}
+
+/// A `parts.presign` answer: the numbers asked for, when, and the URLs.
+type Presigned = (Vec<u32>, Instant, i64, Result<PresignedParts, RpcError>);
+
+/// Parts uploaded, not yet committed to the store: (number, ETag, size).
+type Finished = Vec<(u32, String, u64)>;
+
+/// Which parts to presign, and with what: the session, the digest kind and the link.
+struct Presigner<'a> {
+    link: &'a Link,
+    session_id: Uuid,
+    checksum: PartChecksum,
+    batch: usize,
+}
+
+impl<'a> Presigner<'a> {
+    /// Asks for URLs of the first `batch` parts in line that lack a fresh one, without
+    /// waiting: the answer arrives in the pass's loop while parts keep uploading.
+    fn ask(&self, pending: &VecDeque<PartRecord>, urls: &Urls) -> Option<BoxFuture<'a, Presigned>> {
+        let batch = self.batch;
+        let wanted: Vec<PartDigest> = pending
+            .iter()
+            .filter(|p| urls.usable(p.number).is_none())
+            .take(batch)
+            .map(|p| PartDigest::new(p.number, self.checksum, p.digest.clone()))
+            .collect();
+        if wanted.is_empty() {
+            return None;
+        }
+        let numbers = wanted.iter().map(|p| p.number).collect();
+        let body = PresignParts {
+            session_id: self.session_id,
+            parts: wanted,
+        };
+        let link = self.link;
+        Some(Box::pin(async move {
+            let request_id = format!("presign-{}", Uuid::new_v4().simple());
+            // The API makes the URLs after the request is first sent: their lifetime is
+            // counted from here.
+            let (asked_at, asked_unix) = (Instant::now(), unix_now());
+            let answer = link.call(Op::PartsPresign, &request_id, &body).await;
+            (numbers, asked_at, asked_unix, answer)
+        }))
+    }
+}
+
+impl<'a> Pass<'a> {
     /// Uploads every part not yet done. Pause stops new parts; cancel aborts in-flight ones.
     pub async fn run(self) -> Result<UploadEnd, UploadError> {
         let job_id = self.job_id;
@@ -81,18 +147,27 @@ impl Pass<'_> {
             }
         }
         let mut hashed = self.hashed;
-        let batch = (self.flow.per_job() * 2)
-            .clamp(4, 32)
-            .min(ops::MAX_PRESIGN_BATCH);
+        let per_job = self.flow.per_job();
+        let batch = (per_job * 2).clamp(4, 32).min(ops::MAX_PRESIGN_BATCH);
         // How far the hash pass may run ahead of the PUTs: parts hashed and waiting. Close
         // behind, each part is still in the page cache when its PUT reads it, so the file
         // is read from disk once.
         let ahead = batch;
-        let mut urls: HashMap<u32, Url> = HashMap::new();
+        let presigner = Presigner {
+            link: self.link,
+            session_id: self.session_id,
+            checksum: self.checksum,
+            batch,
+        };
+        let mut urls = Urls::default();
+        // At most one presign request at a time, sent while fewer than a round of parts in
+        // line hold a fresh URL: a PUT slot never waits for the API's round trip.
+        let mut presigning: Option<BoxFuture<'a, Presigned>> = None;
         let mut represigns: HashMap<u32, u32> = HashMap::new();
         // Storage's refusals of fresh URLs per part, in a row.
         let mut refusals: HashMap<u32, u32> = HashMap::new();
         let mut in_flight: HashMap<u32, PartRecord> = HashMap::new();
+        let mut finished: Finished = Vec::new();
         let mut tasks: JoinSet<(u32, Result<String, PutError>)> = JoinSet::new();
         let sent = Arc::new(AtomicU64::new(0));
         let mut last_sent = 0u64;
@@ -111,58 +186,22 @@ impl Pass<'_> {
             // Outside every upload window no part starts (those in flight finish); the
             // window opening wakes this loop.
             let open = *window.borrow_and_update();
-            while open && !ctl.pause && in_flight.len() < self.flow.per_job() {
+            let ready = pending
+                .iter()
+                .filter(|p| urls.usable(p.number).is_some())
+                .count();
+            if presigning.is_none() && open && !ctl.pause && ready < per_job {
+                presigning = presigner.ask(&pending, &urls);
+            }
+            // Parts start in order, each once its URL is there.
+            while open && !ctl.pause && in_flight.len() < per_job {
+                let Some(url) = pending.front().and_then(|p| urls.usable(p.number)) else {
+                    break;
+                };
+                let (url, life) = (url.part.clone(), url.life);
                 let Some(part) = pending.pop_front() else {
                     break;
                 };
-                let fresh = urls
-                    .get(&part.number)
-                    .is_some_and(|u| !u.life.needs_represign());
-                if !fresh {
-                    // Presign this part and the next few that lack a fresh URL.
-                    let wanted: Vec<PartDigest> = std::iter::once(&part)
-                        .chain(pending.iter())
-                        .filter(|p| {
-                            p.number == part.number
-                                || urls.get(&p.number).is_none_or(|u| u.life.needs_represign())
-                        })
-                        .take(batch)
-                        .map(|p| PartDigest::new(p.number, self.checksum, p.digest.clone()))
-                        .collect();
-                    let body = PresignParts {
-                        session_id: self.session_id,
-                        parts: wanted,
-                    };
-                    let request_id = format!("presign-{}", Uuid::new_v4().simple());
-                    // The API makes the URLs after the request is first sent: their
-                    // lifetime is counted from here.
-                    let (asked_at, asked_unix) = (Instant::now(), unix_now());
-                    let answer: PresignedParts = tokio::select! {
-                        r = self.link.call(Op::PartsPresign, &request_id, &body) => r?,
-                        _ = self.shutdown.cancelled() => {
-                            self.flow.close();
-                            drain(job_id, self.store, &mut tasks, &mut in_flight).await;
-                            return Err(UploadError::Shutdown);
-                        }
-                    };
-                    debug!(job_id = %job_id, count = answer.parts.len(), "Parts presigned");
-                    if let Some(p) = answer.parts.first() {
-                        if let Some(secs) = p.expires_in_secs {
-                            // The API's clock when it made the URLs, against this one's now.
-                            let api_now = p.expires_at.saturating_sub(secs as i64);
-                            self.link.observe_api_clock(api_now, unix_now());
-                        }
-                    }
-                    for p in answer.parts {
-                        let life = UrlLife::of(&p, asked_at, asked_unix);
-                        urls.insert(p.number, Url { part: p, life });
-                    }
-                }
-                let Some(url) = urls.get(&part.number) else {
-                    tasks.abort_all();
-                    return Err(UploadError::MissingUrl(part.number));
-                };
-                let (url, life) = (url.part.clone(), url.life);
                 let uploader = self.uploader.clone();
                 let flow = self.flow.clone();
                 let (priority, created_at) = (self.priority, self.created_at);
@@ -184,6 +223,10 @@ impl Pass<'_> {
                     (number, r)
                 });
             }
+            // Parts that finished are committed once their slots are busy again.
+            if !finished.is_empty() {
+                done_bytes += commit(self.store, job_id, &mut finished).await?;
+            }
 
             if in_flight.is_empty() {
                 if pending.is_empty() && hashed.is_none() {
@@ -197,6 +240,32 @@ impl Pass<'_> {
 
             let want_hashed = hashed.is_some() && pending.len() < ahead && !ctl.pause;
             tokio::select! {
+                answer = async { presigning.as_mut().expect("checked").await }, if presigning.is_some() => {
+                    presigning = None;
+                    let (numbers, asked_at, asked_unix, answer) = answer;
+                    let answer = answer?;
+                    debug!(job_id = %job_id, count = answer.parts.len(), "Parts presigned");
+                    if let Some(p) = answer.parts.first() {
+                        if let Some(secs) = p.expires_in_secs {
+                            // The API's clock when it made the URLs, against this one's now.
+                            let api_now = p.expires_at.saturating_sub(secs as i64);
+                            self.link.observe_api_clock(api_now, unix_now());
+                        }
+                    }
+                    if let Some(&n) = numbers
+                        .iter()
+                        .find(|&&n| !answer.parts.iter().any(|p| p.number == n))
+                    {
+                        tasks.abort_all();
+                        return Err(UploadError::MissingUrl(n));
+                    }
+                    urls.answers += 1;
+                    for p in answer.parts {
+                        let life = UrlLife::of(&p, asked_at, asked_unix);
+                        let answer = urls.answers;
+                        urls.by_part.insert(p.number, Url { part: p, life, answer });
+                    }
+                }
                 part = recv(&mut hashed), if want_hashed => {
                     let Some(part) = part else {
                         hashed = None;
@@ -232,20 +301,13 @@ impl Pass<'_> {
                     let Some(part) = in_flight.remove(&number) else { continue };
                     match result {
                         Ok(etag) => {
-                            let size = part.size;
-                            let etag_db = etag.clone();
-                            crate::failpoint::hit(crate::failpoint::PART_BEFORE_COMMIT);
-                            self.store
-                                .call(move |c| store::commit_part(c, job_id, number, &etag_db))
-                                .await?;
-                            done_bytes += size;
-                            crate::metrics::part_uploaded(size);
                             debug!(job_id = %job_id, part = number, %etag, "Part uploaded");
+                            finished.push((number, etag, part.size));
                         }
                         Err(PutError::Expired(refused)) => {
                             let n = represigns.entry(number).or_insert(0);
                             *n += 1;
-                            urls.remove(&number);
+                            urls.by_part.remove(&number);
                             if let Some(answer) = &refused {
                                 let r = refusals.entry(number).or_insert(0);
                                 *r += 1;
@@ -294,12 +356,36 @@ impl Pass<'_> {
                 }
                 _ = self.shutdown.cancelled() => {
                     self.flow.close();
+                    commit(self.store, job_id, &mut finished).await?;
                     drain(job_id, self.store, &mut tasks, &mut in_flight).await;
                     return Err(UploadError::Shutdown);
                 }
             }
         }
     }
+}
+
+/// Records the finished parts as done (one transaction); returns their bytes.
+async fn commit(store: &Store, job_id: Uuid, finished: &mut Finished) -> Result<u64, StoreError> {
+    if finished.is_empty() {
+        return Ok(0);
+    }
+    let parts: Finished = std::mem::take(finished);
+    for _ in &parts {
+        crate::failpoint::hit(crate::failpoint::PART_BEFORE_COMMIT);
+    }
+    let sizes: Vec<u64> = parts.iter().map(|(_, _, size)| *size).collect();
+    store
+        .call(move |c| {
+            let etags: Vec<(u32, &str)> = parts.iter().map(|(n, e, _)| (*n, e.as_str())).collect();
+            store::commit_parts(c, job_id, &etags)
+        })
+        .await?;
+    for size in &sizes {
+        crate::metrics::part_uploaded(*size);
+    }
+    let bytes = sizes.iter().sum();
+    Ok(bytes)
 }
 
 /// At shutdown: lets the PUTs in flight finish (and commits them) for at most

@@ -221,11 +221,23 @@ pub fn commit_part(
     number: u32,
     etag: &str,
 ) -> Result<(), StoreError> {
+    commit_parts(conn, job_id, &[(number, etag)])
+}
+
+/// Marks uploaded parts done with their ETags, in one transaction.
+pub fn commit_parts(
+    conn: &mut Connection,
+    job_id: Uuid,
+    etags: &[(u32, &str)],
+) -> Result<(), StoreError> {
     let tx = conn.transaction()?;
-    tx.execute(
-        "UPDATE parts SET etag = ?3, done = 1 WHERE job_id = ?1 AND number = ?2",
-        params![job_id.to_string(), number, etag],
-    )?;
+    {
+        let mut update =
+            tx.prepare("UPDATE parts SET etag = ?3, done = 1 WHERE job_id = ?1 AND number = ?2")?;
+        for (number, etag) in etags {
+            update.execute(params![job_id.to_string(), number, etag])?;
+        }
+    }
     tx.commit()?;
     Ok(())
 }
