@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod bridge;
 pub mod bridge_devices;
+pub mod custody;
 pub mod device;
 pub mod download;
 pub mod error;
@@ -201,7 +202,7 @@ fn operator_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(projects::dataset_manifest))
         .routes(routes!(keys::create_key, keys::list_keys))
         .routes(routes!(keys::revoke_key))
-        .routes(routes!(projects::session_manifest))
+        .routes(routes!(custody::session_manifest))
         .routes(routes!(operator::register_device, operator::list_devices))
         .routes(routes!(operator::get_device, operator::patch_device))
         .routes(routes!(operator::list_audit))
