@@ -16,6 +16,8 @@ pub struct Measure {
     /// User + system CPU seconds.
     pub cpu_secs: f64,
     pub peak_rss_kib: u64,
+    /// The S3 server's CPU seconds over the run ([`server_cpu_secs`]; 0 when unknown).
+    pub server_cpu_secs: f64,
 }
 
 /// A baseline tool.
@@ -131,6 +133,7 @@ pub async fn upload(
                 .args(["--s3-disable-checksum", "--no-check-dest"]);
         }
     }
+    let server_before = server_cpu_secs();
     let out = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -144,8 +147,11 @@ pub async fn upload(
         tool.name(),
         out.status
     );
-    let measure = parse_time(&stderr)
-        .unwrap_or_else(|| panic!("no GNU time line in {}'s output: {stderr}", tool.name()));
+    let measure = Measure {
+        server_cpu_secs: server_cpu_secs() - server_before,
+        ..parse_time(&stderr)
+            .unwrap_or_else(|| panic!("no GNU time line in {}'s output: {stderr}", tool.name()))
+    };
     let dest = scratch.join(format!("check-{}", tool.name()));
     let code = s3_download(env, &env.s3_bucket, key, &dest).await;
     assert_eq!(code, 200, "download {key} after {}", tool.name());
@@ -177,6 +183,7 @@ pub fn parse_time(stderr: &str) -> Option<Measure> {
         secs: f[0],
         cpu_secs: f[1] + f[2],
         peak_rss_kib: f[3] as u64,
+        server_cpu_secs: 0.0,
     })
 }
 
@@ -189,6 +196,16 @@ pub fn cpu_secs_of(pid: u32) -> Option<f64> {
     let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
     Some((ticks(11)? + ticks(12)?) / clock_ticks())
+}
+
+/// CPU seconds the S3 server (`UPLINK_BENCH_SERVER_PID`, set by scripts/bench) has used so
+/// far; 0 when it is not known. Differences show what each client costs the server.
+pub fn server_cpu_secs() -> f64 {
+    std::env::var("UPLINK_BENCH_SERVER_PID")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .and_then(cpu_secs_of)
+        .unwrap_or(0.0)
 }
 
 fn clock_ticks() -> f64 {

@@ -23,6 +23,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use md5::{Digest, Md5};
 use serde_json::{json, Value};
+use sha2::Sha256;
 use uplink_e2e::bench;
 use uplink_e2e::files::SourceFile;
 use uplink_e2e::stack::{AgentOptions, Device, Stack, StackOptions};
@@ -48,19 +49,20 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 }
 
 /// The baseline: open a session as the device, presign every part, then PUT the parts with
-/// `concurrency` parallel `curl` processes; only the PUTs are timed.
+/// `concurrency` parallel `curl` processes; only the PUTs are timed. Returns their seconds
+/// and the S3 server's CPU seconds over them.
 async fn curl_run(
     stack: &Stack,
     dev: &Device,
     file: &SourceFile,
     part_size: u64,
     concurrency: usize,
-) -> f64 {
+) -> (f64, f64) {
     let parts_dir = stack.dir.path().join("curl-parts");
     std::fs::create_dir_all(&parts_dir).expect("parts dir");
     let (path, dir) = (file.path.clone(), parts_dir.clone());
-    // Split into part files and compute their MD5s (not timed).
-    let md5s: Vec<String> = tokio::task::spawn_blocking(move || split(&path, &dir, part_size))
+    // Split into part files and compute their digests (not timed).
+    let digests = tokio::task::spawn_blocking(move || split(&path, &dir, part_size))
         .await
         .expect("split");
     // A dataset of its own: the agent's upload of the same file must not be its dedupe
@@ -69,8 +71,11 @@ async fn curl_run(
         "curl-baseline-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
+    // The part checksum the agent asks for (SHA-256 unless the API keeps MD5): the PUTs cost
+    // storage the same as the agent's.
     let body = json!({"job_id": uuid::Uuid::new_v4(), "file_name": "curl-baseline.bin", "size": file.size,
-                      "sha256": file.sha256, "part_size": part_size, "dataset": dataset});
+                      "sha256": file.sha256, "part_size": part_size, "dataset": dataset,
+                      "part_checksum": "sha256"});
     let created = stack
         .device_http
         .call(&dev.id, &dev.key, "session.create", &body)
@@ -80,15 +85,22 @@ async fn curl_run(
         .as_str()
         .expect("session_id")
         .to_string();
+    let checksum = created.body["part_checksum"]
+        .as_str()
+        .unwrap_or("md5")
+        .to_string();
     let mut urls: Vec<Value> = Vec::new();
-    for (i, chunk) in md5s
+    for (i, chunk) in digests
         .chunks(uplink_protocol::ops::MAX_PRESIGN_BATCH)
         .enumerate()
     {
         let parts: Vec<Value> = chunk
             .iter()
             .enumerate()
-            .map(|(j, md5)| json!({"number": i * uplink_protocol::ops::MAX_PRESIGN_BATCH + j + 1, "md5": md5}))
+            .map(|(j, d)| {
+                let digest = if checksum == "sha256" { &d.sha256 } else { &d.md5 };
+                json!({"number": i * uplink_protocol::ops::MAX_PRESIGN_BATCH + j + 1, checksum.as_str(): digest})
+            })
             .collect();
         let reply = stack
             .device_http
@@ -110,6 +122,7 @@ async fn curl_run(
     }
 
     let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let server_before = bench::server_cpu_secs();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for part in urls {
@@ -137,6 +150,7 @@ async fn curl_run(
         t.await.expect("curl task");
     }
     let secs = started.elapsed().as_secs_f64();
+    let server_cpu = bench::server_cpu_secs() - server_before;
     let done = stack
         .device_http
         .call(
@@ -157,13 +171,14 @@ async fn curl_run(
     )
     .await;
     std::fs::remove_dir_all(&parts_dir).ok();
-    secs
+    (secs, server_cpu)
 }
 
-fn split(path: &Path, dir: &Path, part_size: u64) -> Vec<String> {
+/// Splits the file into part files; each part's MD5 and SHA-256 (base64).
+fn split(path: &Path, dir: &Path, part_size: u64) -> Vec<PartDigests> {
     use std::io::{Read, Write};
     let mut input = std::fs::File::open(path).expect("open source");
-    let mut md5s = Vec::new();
+    let mut digests = Vec::new();
     let mut buf = vec![0u8; part_size as usize];
     loop {
         let mut filled = 0;
@@ -177,15 +192,23 @@ fn split(path: &Path, dir: &Path, part_size: u64) -> Vec<String> {
         if filled == 0 {
             break;
         }
-        let mut out = std::fs::File::create(dir.join(format!("part-{:05}", md5s.len() + 1)))
+        let mut out = std::fs::File::create(dir.join(format!("part-{:05}", digests.len() + 1)))
             .expect("part file");
         out.write_all(&buf[..filled]).expect("write part");
-        md5s.push(B64.encode(Md5::digest(&buf[..filled])));
+        digests.push(PartDigests {
+            md5: B64.encode(Md5::digest(&buf[..filled])),
+            sha256: B64.encode(Sha256::digest(&buf[..filled])),
+        });
         if filled < buf.len() {
             break;
         }
     }
-    md5s
+    digests
+}
+
+struct PartDigests {
+    md5: String,
+    sha256: String,
 }
 
 /// One agent run: a fresh file, an upload command, timed to `done`.
@@ -196,6 +219,8 @@ struct AgentMeasure {
     before_session: f64,
     cpu_secs: f64,
     peak_rss_kib: u64,
+    /// The S3 server's CPU seconds from the command to `done`.
+    server_cpu_secs: f64,
 }
 
 async fn agent_once(stack: &Stack, dev: &Device, size: u64, rep: usize) -> AgentMeasure {
@@ -204,13 +229,15 @@ async fn agent_once(stack: &Stack, dev: &Device, size: u64, rep: usize) -> Agent
         .await;
     let pid = stack.agent_pid(dev).expect("agent running");
     let cpu_before = bench::cpu_secs_of(pid).expect("read the agent's /proc/PID/stat");
+    let server_before = bench::server_cpu_secs();
     let started = Instant::now();
     let command_id = stack.upload_command(&dev.id, file.path_str()).await;
     let cmd = stack
         .wait_command_final(&command_id, Duration::from_secs(1800))
         .await;
-    let end_to_end = started.elapsed().as_secs_f64();
+    let waited = started.elapsed().as_secs_f64();
     let cpu_secs = bench::cpu_secs_of(pid).expect("agent /proc/PID/stat") - cpu_before;
+    let server_cpu_secs = bench::server_cpu_secs() - server_before;
     let peak_rss_kib = peak_rss_kib(pid).expect("read /proc/PID/status of the agent");
     // Verified: the stored object is byte-identical (downloaded and hashed).
     let session = stack.verify_upload(&file, &cmd).await;
@@ -226,12 +253,20 @@ async fn agent_once(stack: &Stack, dev: &Device, size: u64, rep: usize) -> Agent
             .timestamp_micros() as f64
             / 1e6
     };
+    // From the API's own stamps: the command accepted → its `done` recorded (the harness
+    // polls the command, which would add up to a poll interval).
+    let end_to_end = at(&cmd, "updated_at") - at(&cmd, "created_at");
+    assert!(
+        end_to_end > 0.0 && end_to_end <= waited,
+        "command → done from the API's stamps ({end_to_end:.3} s) must lie within the wait ({waited:.3} s): {cmd}"
+    );
     AgentMeasure {
         end_to_end,
         upload_phase: at(&session, "completed_at") - at(&session, "created_at"),
         before_session: at(&session, "created_at") - at(&cmd, "created_at"),
         cpu_secs,
         peak_rss_kib,
+        server_cpu_secs,
     }
 }
 
@@ -283,14 +318,21 @@ struct Row {
     mib_s: Vec<f64>,
     cpu_per_gib: Vec<f64>,
     rss_mib: Vec<f64>,
+    server_cpu_per_gib: Vec<f64>,
 }
 
 impl Row {
-    fn add(&mut self, size: u64, secs: f64, cpu_secs: f64, rss_kib: u64) {
+    fn add(&mut self, size: u64, secs: f64, cpu_secs: f64, rss_kib: u64, server_cpu_secs: f64) {
+        let gib = size as f64 / (1u64 << 30) as f64;
         self.mib_s.push(mib_per_s(size, secs));
-        self.cpu_per_gib
-            .push(cpu_secs / (size as f64 / (1u64 << 30) as f64));
+        self.cpu_per_gib.push(cpu_secs / gib);
         self.rss_mib.push(rss_kib as f64 / 1024.0);
+        self.server_cpu_per_gib.push(server_cpu_secs / gib);
+    }
+
+    /// The S3 server's median CPU seconds per GiB of this client's uploads.
+    fn server_cpu(&self) -> f64 {
+        bench::median(self.server_cpu_per_gib.clone())
     }
 
     fn cell(&self) -> String {
@@ -387,8 +429,14 @@ async fn main() {
                 match (rep + k) % 5 {
                     0 => {
                         let m = agent_once(&stack, &dev, size, rep).await;
-                        agent.add(size, m.end_to_end, m.cpu_secs, m.peak_rss_kib);
-                        phase.add(size, m.upload_phase, 0.0, 0);
+                        agent.add(
+                            size,
+                            m.end_to_end,
+                            m.cpu_secs,
+                            m.peak_rss_kib,
+                            m.server_cpu_secs,
+                        );
+                        phase.add(size, m.upload_phase, 0.0, 0, 0.0);
                         before_session.push(m.before_session);
                     }
                     i @ 1..=3 => {
@@ -414,17 +462,23 @@ async fn main() {
                         )
                         .await;
                         std::fs::remove_file(&file.path).ok();
-                        tools[i - 1].add(size, m.secs, m.cpu_secs, m.peak_rss_kib);
+                        tools[i - 1].add(
+                            size,
+                            m.secs,
+                            m.cpu_secs,
+                            m.peak_rss_kib,
+                            m.server_cpu_secs,
+                        );
                     }
                     _ => {
                         let file = stack
                             .source_file(&dev, &format!("curl-{rep}.bin"), size)
                             .await;
-                        let secs =
+                        let (secs, server_cpu) =
                             curl_run(&stack, &dev, &file, part_mib * MIB, concurrency as usize)
                                 .await;
                         std::fs::remove_file(&file.path).ok();
-                        curl.add(size, secs, 0.0, 0);
+                        curl.add(size, secs, 0.0, 0, server_cpu);
                     }
                 }
             }
@@ -445,6 +499,14 @@ async fn main() {
             phase.median() / curl.median(),
             bench::median(agent.cpu_per_gib.clone()),
             bench::median(before_session)
+        ));
+        verdicts.push(format!(
+            "{part_mib} MiB × {concurrency}: S3 server CPU s/GiB while each uploads: agent {:.1}, aws-cli {:.1}, s5cmd {:.1}, rclone {:.1}, curl {:.1}",
+            agent.server_cpu(),
+            tools[0].server_cpu(),
+            tools[1].server_cpu(),
+            tools[2].server_cpu(),
+            curl.server_cpu()
         ));
     }
     println!();
