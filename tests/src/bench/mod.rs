@@ -7,9 +7,12 @@
 //! - [`curl`]: parallel `curl` PUTs of presigned part URLs from the same control API.
 //! - [`agent`]: one upload command to a running agent, timed to `done`; the memory mode.
 //! - [`compare`]: the comparison table (settings × tools, medians of repetitions).
+//! - [`badlink`]: the race on a bad link (the fault proxy at 20 MB/s, a reset every
+//!   ~100 MB).
 //! - [`proc`]: a process's CPU time, memory and bytes read, from `/proc`.
 
 pub mod agent;
+pub mod badlink;
 pub mod compare;
 pub mod curl;
 pub mod proc;

@@ -8,15 +8,19 @@
 //! Modes (each on a stack of its own):
 //! - the comparison (default, [`bench::compare`]): every setting (part size × parts in
 //!   flight) runs every tool `UPLINK_BENCH_REPS` times in rotating order; medians.
+//! - `UPLINK_BENCH_BADLINK=1` ([`bench::badlink`]): the race on a bad link, every upload
+//!   through the fault proxy at `UPLINK_BENCH_RATE` bytes/s (20 MB/s) with a reset every
+//!   `UPLINK_BENCH_RESET_EVERY` bytes (100 MB).
 //! - `UPLINK_BENCH_UPLOADS=N` ([`bench::agent::memory_run`]): N uploads of
 //!   `UPLINK_BENCH_SIZE_MIB` through one agent, its resident memory after each.
 //!
 //! Environment: `UPLINK_BENCH_SIZE_MIB` (default 1024), `UPLINK_BENCH_SETTINGS` (default
-//! `8x4,8x8,16x4,16x8`: part MiB × in flight),
-//! `UPLINK_BENCH_REPS` (default 3), `UPLINK_BENCH_SMALL=1` (64 MiB, `8x4`, one repetition:
-//! the test command's check that the benchmark still works; its figures mean nothing).
+//! `8x4,8x8,16x4,16x8`: part MiB × in flight; the bad-link mode uses the first),
+//! `UPLINK_BENCH_REPS` (default 3), `UPLINK_BENCH_SMALL=1` (64 MiB, `8x4`, one repetition,
+//! and without a mode chosen, both modes in turn, small: the test command's check
+//! that the benchmark still works, asserting correctness only; its figures mean nothing).
 
-use uplink_e2e::bench::{self, agent, compare, start_stack, Config};
+use uplink_e2e::bench::{self, agent, badlink, compare, flag, start_stack, Config};
 
 #[tokio::main]
 async fn main() {
@@ -27,5 +31,13 @@ async fn main() {
         agent::memory_run(&stack, cfg.size, uploads).await;
         return;
     }
-    compare::run(&start_stack(true).await, &cfg).await;
+    let bad_link = flag("UPLINK_BENCH_BADLINK");
+    let all = cfg.small && !bad_link;
+    if all || !bad_link {
+        compare::run(&start_stack(true).await, &cfg).await;
+    }
+    if all || bad_link {
+        println!();
+        badlink::run(&start_stack(false).await, &cfg).await;
+    }
 }
