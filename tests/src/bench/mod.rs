@@ -9,12 +9,16 @@
 //! - [`compare`]: the comparison table (settings × tools, medians of repetitions).
 //! - [`badlink`]: the race on a bad link (the fault proxy at 20 MB/s, a reset every
 //!   ~100 MB).
+//! - [`disk`]: bytes each upload reads from disk, the agent in a small memory cgroup.
+//! - [`cgroup`]: that memory cgroup and dropping a file's page cache.
 //! - [`proc`]: a process's CPU time, memory and bytes read, from `/proc`.
 
 pub mod agent;
 pub mod badlink;
+pub mod cgroup;
 pub mod compare;
 pub mod curl;
+pub mod disk;
 pub mod proc;
 pub mod tools;
 

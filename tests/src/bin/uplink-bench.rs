@@ -11,16 +11,18 @@
 //! - `UPLINK_BENCH_BADLINK=1` ([`bench::badlink`]): the race on a bad link, every upload
 //!   through the fault proxy at `UPLINK_BENCH_RATE` bytes/s (20 MB/s) with a reset every
 //!   `UPLINK_BENCH_RESET_EVERY` bytes (100 MB).
+//! - `UPLINK_BENCH_DISK=1` ([`bench::disk`]): bytes read from disk per upload, the agent in
+//!   a memory cgroup of `UPLINK_BENCH_CGROUP_MIB` (160 MiB).
 //! - `UPLINK_BENCH_UPLOADS=N` ([`bench::agent::memory_run`]): N uploads of
 //!   `UPLINK_BENCH_SIZE_MIB` through one agent, its resident memory after each.
 //!
 //! Environment: `UPLINK_BENCH_SIZE_MIB` (default 1024), `UPLINK_BENCH_SETTINGS` (default
-//! `8x4,8x8,16x4,16x8`: part MiB × in flight; the bad-link mode uses the first),
+//! `8x4,8x8,16x4,16x8`: part MiB × in flight; the bad-link and disk modes use the first),
 //! `UPLINK_BENCH_REPS` (default 3), `UPLINK_BENCH_SMALL=1` (64 MiB, `8x4`, one repetition,
-//! and without a mode chosen, both modes in turn, small: the test command's check
+//! and without a mode chosen, all three modes in turn, small: the test command's check
 //! that the benchmark still works, asserting correctness only; its figures mean nothing).
 
-use uplink_e2e::bench::{self, agent, badlink, compare, flag, start_stack, Config};
+use uplink_e2e::bench::{self, agent, badlink, compare, disk, flag, start_stack, Config};
 
 #[tokio::main]
 async fn main() {
@@ -31,13 +33,17 @@ async fn main() {
         agent::memory_run(&stack, cfg.size, uploads).await;
         return;
     }
-    let bad_link = flag("UPLINK_BENCH_BADLINK");
-    let all = cfg.small && !bad_link;
-    if all || !bad_link {
+    let (bad_link, disk_reads) = (flag("UPLINK_BENCH_BADLINK"), flag("UPLINK_BENCH_DISK"));
+    let all = cfg.small && !bad_link && !disk_reads;
+    if all || (!bad_link && !disk_reads) {
         compare::run(&start_stack(true).await, &cfg).await;
     }
     if all || bad_link {
         println!();
         badlink::run(&start_stack(false).await, &cfg).await;
+    }
+    if all || disk_reads {
+        println!();
+        disk::run(&start_stack(true).await, &cfg).await;
     }
 }
