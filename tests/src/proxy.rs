@@ -12,6 +12,10 @@
 //! - **black hole**: a seeded-random fraction of connections is accepted and read but never
 //!   answered and never forwarded;
 //! - **corrupt**: flip one byte at offset N of the k-th connection's client → storage stream;
+//! - **link reset** ([`Faults::reset_every_bytes`]): every N bytes from all clients together
+//!   (counted from when the faults were set), the connection that carries the total across
+//!   the multiple forwards the bytes up to it and is reset (RST): a link that drops every N
+//!   bytes however the clients pool their connections; applies to open connections too;
 //! - **stall** ([`CountingProxy::set_stalled`]): every connection, open or new, stops
 //!   forwarding in both directions (a black hole for a while; what was read is delivered
 //!   once the stall ends, as TCP would after a partition heals).
@@ -62,6 +66,10 @@ pub struct Faults {
     /// Fraction (0.0–1.0) of connections to black-hole: read, never forwarded or answered.
     pub black_hole: f64,
     pub corrupt: Option<Corrupt>,
+    /// Reset (RST) the connection whose bytes carry the proxy's client → storage total
+    /// across each multiple of this many bytes, counted from [`CountingProxy::set_faults`],
+    /// on every connection, open or new (None: off).
+    pub reset_every_bytes: Option<u64>,
 }
 
 impl Faults {
@@ -74,6 +82,15 @@ impl Faults {
                 remaining: Some(1),
                 reset,
             }),
+            ..Faults::default()
+        }
+    }
+
+    /// Reset the connection carrying the total across every multiple of `bytes` (from all
+    /// clients together, counted from when the faults are set).
+    pub fn reset_every_bytes(bytes: u64) -> Faults {
+        Faults {
+            reset_every_bytes: Some(bytes.max(1)),
             ..Faults::default()
         }
     }
@@ -115,6 +132,8 @@ struct FaultState {
     faults: Faults,
     rng: rand::rngs::StdRng,
     counts: FaultCounts,
+    /// [`Faults::reset_every_bytes`] and the client → storage total when it was set.
+    link_reset: Option<(u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -164,6 +183,19 @@ impl Shared {
         plan
     }
 
+    /// With a link reset set: how many of the `n` bytes read at total `before` go through
+    /// before the total reaches the next multiple, if it does within them (that connection
+    /// is then reset).
+    fn link_reset_within(&self, before: u64, n: u64) -> Option<u64> {
+        let (every, base) = lock(&self.faults).link_reset?;
+        let from = before.saturating_sub(base);
+        let to = (before + n).saturating_sub(base);
+        if to / every == from / every {
+            return None;
+        }
+        Some(base + (from / every + 1) * every - before)
+    }
+
     fn count(&self, f: impl FnOnce(&mut FaultCounts)) {
         f(&mut lock(&self.faults).counts);
     }
@@ -197,6 +229,7 @@ impl CountingProxy {
                 faults: Faults::default(),
                 rng: rand::rngs::StdRng::seed_from_u64(0),
                 counts: FaultCounts::default(),
+                link_reset: None,
             }),
             generation: watch::channel(0).0,
             stalled: watch::channel(false).0,
@@ -241,9 +274,14 @@ impl CountingProxy {
             .store(bytes_per_sec.unwrap_or(0), Ordering::Relaxed);
     }
 
-    /// Applies `faults` to connections accepted from now on.
+    /// Applies `faults` to connections accepted from now on; a link reset
+    /// ([`Faults::reset_every_bytes`]) to open connections too, counting from now.
     pub fn set_faults(&self, faults: Faults) {
-        lock(&self.shared.faults).faults = faults;
+        let mut st = lock(&self.shared.faults);
+        st.link_reset = faults
+            .reset_every_bytes
+            .map(|every| (every.max(1), self.bytes_sent()));
+        st.faults = faults;
     }
 
     /// Seeds the random choice of black-holed connections.
@@ -362,13 +400,21 @@ async fn relay(client: TcpStream, shared: Arc<Shared>, plan: Plan) {
                 },
                 _ = gen.changed() => break UpEnd::Cut(true),
             };
-            up_shared.sent.fetch_add(n as u64, Ordering::Relaxed);
+            let total = up_shared.sent.fetch_add(n as u64, Ordering::Relaxed);
             let mut forward = n;
             let mut cut_now = None;
             if let Some((at, reset)) = plan.cut {
                 if pos + n as u64 >= at {
                     forward = at.saturating_sub(pos) as usize;
                     cut_now = Some(reset);
+                }
+            }
+            // The link reset: this connection carries the total across a multiple. (A cut
+            // that drops those bytes first leaves that multiple without a reset.)
+            if let Some(keep) = up_shared.link_reset_within(total, n as u64) {
+                if keep as usize <= forward {
+                    forward = keep as usize;
+                    cut_now = Some(true);
                 }
             }
             if let Some(at) = plan.corrupt_at {
@@ -543,6 +589,87 @@ mod tests {
         assert_eq!(reset, 2);
         assert_eq!(proxy.fault_counts().resets, 2);
         assert_eq!(proxy.connections(), 4);
+    }
+
+    /// Writes `n` bytes of `pattern` on an open connection and reads their echo back.
+    async fn echo_on(conn: &mut TcpStream, n: usize) -> std::io::Result<Vec<u8>> {
+        let data = pattern(n);
+        conn.write_all(&data).await?;
+        let mut back = vec![0u8; n];
+        conn.read_exact(&mut back).await?;
+        Ok(back)
+    }
+
+    /// The link reset counts every client's bytes together: neither connection alone sends
+    /// 100 kB, yet the one whose bytes cross each multiple of the total is reset there, and
+    /// only that one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn link_reset_hits_whichever_connection_crosses_each_multiple() {
+        let proxy = CountingProxy::start(&echo_server().await.to_string()).await;
+        // Bytes sent before the faults are set do not count.
+        let (back, err) = exchange(&proxy, &pattern(70_000)).await;
+        assert!(err.is_none() && back.len() == 70_000, "{err:?}");
+        proxy.set_faults(Faults::reset_every_bytes(100_000));
+        let base = proxy.bytes_sent();
+        let mut a = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+        assert_eq!(echo_on(&mut a, 60_000).await.unwrap(), pattern(60_000));
+        // B's 60 kB cross 100 kB of the total after 40 kB: B is reset, A is not.
+        let data = pattern(60_000);
+        let (back, err) = exchange(&proxy, &data).await;
+        let err = err.expect("the connection crossing 100 kB is reset");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err:?}");
+        assert!(back.len() <= 40_000, "{} bytes back", back.len());
+        assert_eq!(back[..], data[..back.len()]);
+        assert_eq!(proxy.fault_counts().resets, 1);
+        // A goes on up to just below 200 kB of the total, then crosses it.
+        let below = (base + 200_000 - proxy.bytes_sent() - 1) as usize;
+        assert_eq!(echo_on(&mut a, below).await.unwrap(), pattern(below));
+        assert_eq!(proxy.fault_counts().resets, 1);
+        let err = echo_on(&mut a, 10).await.expect_err("A crosses 200 kB");
+        assert!(
+            matches!(
+                err.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+            ),
+            "{err:?}"
+        );
+        assert_eq!(proxy.fault_counts().resets, 2);
+        // Off again.
+        proxy.clear_faults();
+        let (back, err) = exchange(&proxy, &pattern(250_000)).await;
+        assert!(err.is_none() && back.len() == 250_000, "{err:?}");
+        assert_eq!(proxy.fault_counts().resets, 2);
+    }
+
+    /// Two clients sending at once, each opening a new connection after a reset until ten
+    /// exchanges went through whole: one reset per multiple of the total crossed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn link_reset_counts_the_total_of_concurrent_clients() {
+        let proxy = CountingProxy::start(&echo_server().await.to_string()).await;
+        proxy.set_faults(Faults::reset_every_bytes(100_000));
+        let data = pattern(40_000);
+        let client = || async {
+            let (mut whole, mut reset) = (0, 0);
+            while whole < 10 {
+                match exchange(&proxy, &data).await {
+                    (back, None) => {
+                        assert!(back == data, "{} bytes back", back.len());
+                        whole += 1;
+                    }
+                    (back, Some(e)) => {
+                        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e:?}");
+                        assert_eq!(back[..], data[..back.len()]);
+                        reset += 1;
+                    }
+                }
+            }
+            reset
+        };
+        let (r1, r2) = tokio::join!(client(), client());
+        let sent = proxy.bytes_sent();
+        assert!(sent >= 800_000, "{sent}");
+        assert_eq!(r1 + r2, proxy.fault_counts().resets);
+        assert_eq!(proxy.fault_counts().resets, sent / 100_000);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,10 +1,13 @@
 //! The tools `uplink-bench` measures the agent against, each run as a user would run it
 //! against the same S3 server, file size, part size and concurrency: aws-cli (`aws s3 cp`),
 //! s5cmd (`s5cmd cp`), rclone (`rclone copyto`). Each run is timed by GNU time (wall, user +
-//! system CPU, peak RSS), and its object is downloaded and compared with the file.
+//! system CPU, peak RSS, blocks read), and its object is downloaded and compared with the
+//! file. On a link that resets connections each keeps its default retries (enough: see
+//! docs/performance.md, "A bad link").
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::Duration;
 
 use crate::env::TestEnv;
 use crate::files::{s3_download, sha256_file, SourceFile};
@@ -16,8 +19,25 @@ pub struct Measure {
     /// User + system CPU seconds.
     pub cpu_secs: f64,
     pub peak_rss_kib: u64,
-    /// The S3 server's CPU seconds over the run ([`server_cpu_secs`]; 0 when unknown).
+    /// Bytes read from storage (GNU time's file system inputs, 512-byte units, of the tool
+    /// and the children it waited for).
+    pub read_bytes: u64,
+    /// The S3 server's CPU seconds over the run ([`super::proc::server_cpu_secs`]).
     pub server_cpu_secs: f64,
+}
+
+/// Where and how a tool uploads.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// The S3 endpoint the tool talks to: storage itself or the fault proxy in front of it.
+    pub endpoint: &'a str,
+    pub part_mib: u64,
+    pub concurrency: usize,
+    /// Runs GNU time and the tool under this command prefix (e.g.
+    /// [`super::cgroup::MemoryCgroup::wrapper`]); empty: directly.
+    pub wrapper: &'a [String],
+    /// A run still going after this long is killed and counts as failed.
+    pub timeout: Duration,
 }
 
 /// A baseline tool.
@@ -59,20 +79,28 @@ fn program(tool: Tool) -> PathBuf {
     }
 }
 
-/// Uploads `file` to `key` of the stack's bucket with `tool`, `part_mib`-MiB parts and
-/// `concurrency` in flight; checks the stored object is byte-identical.
+/// Uploads `file` to `key` of the stack's bucket with `tool` as `target` says; checks the
+/// stored object is byte-identical (a mismatch panics: that is a broken bench, not a slow
+/// tool). `Err` carries the first line of the tool's error when it fails or times out.
 pub async fn upload(
     env: &TestEnv,
     scratch: &Path,
     tool: Tool,
     file: &SourceFile,
     key: &str,
-    part_mib: u64,
-    concurrency: usize,
-) -> Measure {
-    let target = format!("s3://{}/{key}", env.s3_bucket);
-    let mut cmd = tokio::process::Command::new("/usr/bin/time");
-    cmd.args(["-f", "uplink-bench-time %e %U %S %M", "--"]);
+    target: &Target<'_>,
+) -> Result<Measure, String> {
+    let (part_mib, concurrency, endpoint) = (target.part_mib, target.concurrency, target.endpoint);
+    let dest = format!("s3://{}/{key}", env.s3_bucket);
+    let mut cmd = match target.wrapper.split_first() {
+        Some((program, args)) => {
+            let mut cmd = tokio::process::Command::new(program);
+            cmd.args(args).arg("/usr/bin/time");
+            cmd
+        }
+        None => tokio::process::Command::new("/usr/bin/time"),
+    };
+    cmd.args(["-f", "uplink-bench-time %e %U %S %M %I", "--"]);
     cmd.arg(program(tool));
     cmd.env("AWS_ACCESS_KEY_ID", &env.s3_access_key)
         .env("AWS_SECRET_ACCESS_KEY", &env.s3_secret_key)
@@ -93,22 +121,16 @@ pub async fn upload(
             .expect("write aws config");
             cmd.env("AWS_CONFIG_FILE", &config)
                 .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-                .args([
-                    "--endpoint-url",
-                    &env.s3_endpoint,
-                    "s3",
-                    "cp",
-                    "--only-show-errors",
-                ])
+                .args(["--endpoint-url", endpoint, "s3", "cp", "--only-show-errors"])
                 .arg(&file.path)
-                .arg(&target);
+                .arg(&dest);
         }
         Tool::S5cmd => {
-            cmd.args(["--endpoint-url", &env.s3_endpoint, "cp"])
+            cmd.args(["--endpoint-url", endpoint, "cp"])
                 .args(["--concurrency", &concurrency.to_string()])
                 .args(["--part-size", &part_mib.to_string()])
                 .arg(&file.path)
-                .arg(&target);
+                .arg(&dest);
         }
         Tool::Rclone => {
             let remote = [
@@ -116,7 +138,7 @@ pub async fn upload(
                 ("PROVIDER", "Other"),
                 ("ACCESS_KEY_ID", env.s3_access_key.as_str()),
                 ("SECRET_ACCESS_KEY", env.s3_secret_key.as_str()),
-                ("ENDPOINT", env.s3_endpoint.as_str()),
+                ("ENDPOINT", endpoint),
                 ("REGION", env.s3_region.as_str()),
                 ("FORCE_PATH_STYLE", "true"),
             ];
@@ -133,42 +155,71 @@ pub async fn upload(
                 .args(["--s3-disable-checksum", "--no-check-dest"]);
         }
     }
-    let server_before = server_cpu_secs();
-    let out = cmd
+    let server_before = super::proc::server_cpu_secs();
+    // Its own process group, so a run that times out is killed with its children.
+    let child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .output()
-        .await
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
         .unwrap_or_else(|e| panic!("run {} under /usr/bin/time: {e}", tool.name()));
+    let group = child.id().expect("a spawned tool has a pid");
+    let out = match tokio::time::timeout(target.timeout, child.wait_with_output()).await {
+        Ok(out) => out.unwrap_or_else(|e| panic!("wait for {}: {e}", tool.name())),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{group}")])
+                .status();
+            return Err(format!("still running after {:?}", target.timeout));
+        }
+    };
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "{} failed ({}): {stderr}",
-        tool.name(),
-        out.status
-    );
+    if !out.status.success() {
+        let said: String = stderr
+            .lines()
+            .filter(|l| {
+                !l.starts_with("uplink-bench-time ")
+                    && !l.starts_with("Command exited with non-zero status")
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        return Err(format!("{}: {}", out.status, super::first_line(&said)));
+    }
     let measure = Measure {
-        server_cpu_secs: server_cpu_secs() - server_before,
+        server_cpu_secs: super::proc::server_cpu_secs() - server_before,
         ..parse_time(&stderr)
             .unwrap_or_else(|| panic!("no GNU time line in {}'s output: {stderr}", tool.name()))
     };
-    let dest = scratch.join(format!("check-{}", tool.name()));
-    let code = s3_download(env, &env.s3_bucket, key, &dest).await;
-    assert_eq!(code, 200, "download {key} after {}", tool.name());
-    let (sha, len) = sha256_file(&dest);
-    std::fs::remove_file(&dest).ok();
+    check_stored(env, &env.s3_bucket, key, file, scratch, tool.name()).await;
+    Ok(measure)
+}
+
+/// Downloads `bucket/key`, checks it is byte-identical to `file` (panics if not: `who`
+/// stored something else) and deletes it: a full run stores tens of GiB in turn, storage
+/// keeps only what is being measured.
+pub async fn check_stored(
+    env: &TestEnv,
+    bucket: &str,
+    key: &str,
+    file: &SourceFile,
+    scratch: &Path,
+    who: &str,
+) {
+    let check = scratch.join(format!("check-{}", crate::unique(who)));
+    let code = s3_download(env, bucket, key, &check).await;
+    assert_eq!(code, 200, "download {key} after {who}");
+    let (sha, len) = sha256_file(&check);
+    std::fs::remove_file(&check).ok();
     assert_eq!(
         (len, sha.as_str()),
         (file.size, file.sha256.as_str()),
-        "{}'s object is not byte-identical to the file",
-        tool.name()
+        "{who}'s object is not byte-identical to the file"
     );
-    // A full run stores tens of GiB: storage keeps only what is being measured.
-    crate::files::s3_delete(env, &env.s3_bucket, key).await;
-    measure
+    crate::files::s3_delete(env, bucket, key).await;
 }
 
-/// The `uplink-bench-time wall user sys maxrss_kib` line GNU time wrote last.
+/// The `uplink-bench-time wall user sys maxrss_kib inputs` line GNU time wrote last.
 pub fn parse_time(stderr: &str) -> Option<Measure> {
     let line = stderr
         .lines()
@@ -179,56 +230,13 @@ pub fn parse_time(stderr: &str) -> Option<Measure> {
         .skip(1)
         .filter_map(|v| v.parse().ok())
         .collect();
-    (f.len() == 4).then(|| Measure {
+    (f.len() == 5).then(|| Measure {
         secs: f[0],
         cpu_secs: f[1] + f[2],
         peak_rss_kib: f[3] as u64,
+        read_bytes: f[4] as u64 * 512,
         server_cpu_secs: 0.0,
     })
-}
-
-/// User + system CPU seconds a running process has used so far (`/proc/PID/stat`).
-pub fn cpu_secs_of(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    Some((ticks(11)? + ticks(12)?) / clock_ticks())
-}
-
-/// CPU seconds the S3 server (`UPLINK_BENCH_SERVER_PID`, set by scripts/bench) has used so
-/// far; 0 when it is not known. Differences show what each client costs the server.
-pub fn server_cpu_secs() -> f64 {
-    std::env::var("UPLINK_BENCH_SERVER_PID")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .and_then(cpu_secs_of)
-        .unwrap_or(0.0)
-}
-
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// The median of `xs` (the mean of the middle two for an even count); 0 when empty.
-pub fn median(mut xs: Vec<f64>) -> f64 {
-    if xs.is_empty() {
-        return 0.0;
-    }
-    xs.sort_by(|a, b| a.total_cmp(b));
-    let n = xs.len();
-    if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
-    }
 }
 
 #[cfg(test)]
@@ -236,13 +244,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_gnu_time_and_proc_stat() {
-        let m = parse_time("progress\nuplink-bench-time 12.50 3.25 1.25 20480\n").unwrap();
-        assert_eq!((m.secs, m.cpu_secs, m.peak_rss_kib), (12.5, 4.5, 20480));
-        assert!(parse_time("uplink-bench-time 1 2\n").is_none());
-        assert!(cpu_secs_of(std::process::id()).is_some());
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
-        assert_eq!(median(vec![]), 0.0);
+    fn reads_gnu_time() {
+        let m = parse_time("progress\nuplink-bench-time 12.50 3.25 1.25 20480 8\n").unwrap();
+        assert_eq!(
+            (m.secs, m.cpu_secs, m.peak_rss_kib, m.read_bytes),
+            (12.5, 4.5, 20480, 4096)
+        );
+        assert!(parse_time("uplink-bench-time 1 2 3 4\n").is_none());
     }
 }
