@@ -30,7 +30,11 @@ use crate::uploader::{
     MAX_SIGNATURE_REFUSALS, SHUTDOWN_DRAIN,
 };
 
-/// Parts hashed beside the upload that may wait for a PUT slot (besides those in flight).
+/// How far the hash pass may run ahead of the PUTs: parts hashed and waiting for a slot
+/// (besides those in flight). Close behind, each part is still in the page cache when its
+/// PUT reads it, so a file larger than the cache is read from disk about once (with 8 of
+/// them waiting, a 160 MiB cgroup read a 1 GiB file 1.9 times; with 2, 1.4 times:
+/// docs/performance.md).
 const HASHED_AHEAD: usize = 2;
 
 /// How an upload pass ended without error.
@@ -106,11 +110,10 @@ impl<'a> Presigner<'a> {
     /// Asks for URLs of the first `batch` parts in line that lack a fresh one, without
     /// waiting: the answer arrives in the pass's loop while parts keep uploading.
     fn ask(&self, pending: &VecDeque<PartRecord>, urls: &Urls) -> Option<BoxFuture<'a, Presigned>> {
-        let batch = self.batch;
         let wanted: Vec<PartDigest> = pending
             .iter()
             .filter(|p| urls.usable(p.number).is_none())
-            .take(batch)
+            .take(self.batch)
             .map(|p| PartDigest::new(p.number, self.checksum, p.digest.clone()))
             .collect();
         if wanted.is_empty() {
@@ -152,12 +155,6 @@ impl<'a> Pass<'a> {
         let mut hashed = self.hashed;
         let per_job = self.flow.per_job();
         let batch = (per_job * 2).clamp(4, 32).min(ops::MAX_PRESIGN_BATCH);
-        // How far the hash pass may run ahead of the PUTs: parts hashed and waiting for a
-        // slot. Close behind, each part is still in the page cache when its PUT reads it,
-        // so a file larger than the cache is read from disk about once (with 8 of them
-        // waiting, a 160 MiB cgroup read a 1 GiB file 1.9 times; with 2, 1.4 times:
-        // docs/performance.md).
-        let ahead = HASHED_AHEAD;
         let presigner = Presigner {
             link: self.link,
             session_id: self.session_id,
@@ -243,7 +240,7 @@ impl<'a> Pass<'a> {
                 }
             }
 
-            let want_hashed = hashed.is_some() && pending.len() < ahead && !ctl.pause;
+            let want_hashed = hashed.is_some() && pending.len() < HASHED_AHEAD && !ctl.pause;
             tokio::select! {
                 answer = async { presigning.as_mut().expect("checked").await }, if presigning.is_some() => {
                     presigning = None;
