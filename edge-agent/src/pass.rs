@@ -188,11 +188,16 @@ impl<'a> Pass<'a> {
             // Outside every upload window no part starts (those in flight finish); the
             // window opening wakes this loop.
             let open = *window.borrow_and_update();
+            // Ask when the next part has no URL, or fewer than a round of parts in line do
+            // (an older URL of a later part may still be good while the next one's lapsed).
+            let front_waits = pending
+                .front()
+                .is_some_and(|p| urls.usable(p.number).is_none());
             let ready = pending
                 .iter()
                 .filter(|p| urls.usable(p.number).is_some())
                 .count();
-            if presigning.is_none() && open && !ctl.pause && ready < per_job {
+            if presigning.is_none() && open && !ctl.pause && (front_waits || ready < per_job) {
                 presigning = presigner.ask(&pending, &urls);
             }
             // Parts start in order, each once its URL is there.
