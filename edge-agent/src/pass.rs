@@ -32,9 +32,9 @@ use crate::uploader::{
 
 /// How far the hash pass may run ahead of the PUTs: parts hashed and waiting for a slot
 /// (besides those in flight). Close behind, each part is still in the page cache when its
-/// PUT reads it, so a file larger than the cache is read from disk about once (with 8 of
-/// them waiting, a 160 MiB cgroup read a 1 GiB file 1.9 times; with 2, 1.4 times:
-/// docs/performance.md).
+/// PUT reads it, so a file larger than the cache is read from disk once (with the sent
+/// parts' pages dropped, [`crate::uploader`]: a 1 GiB file in a 160 MiB cgroup read 1.000
+/// times; docs/performance.md).
 const HASHED_AHEAD: usize = 2;
 
 /// How an upload pass ended without error.

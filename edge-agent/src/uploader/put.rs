@@ -46,6 +46,29 @@ fn stall_reason(handed_off: bool, idle: Duration, limit: Duration) -> String {
     }
 }
 
+/// Tells the kernel a sent part's bytes will not be read again (`posix_fadvise(DONTNEED)`).
+/// Its pages were read twice (hash pass, PUT), which makes them the ones the kernel keeps
+/// longest, while the parts hashed and about to be sent were read once and would be evicted
+/// first under memory pressure, to be read from disk again. Dropping what is sent keeps
+/// those, and leaves the gateway's own work its cache. Only advice: failures are ignored.
+async fn drop_cached(path: &Path, offset: u64, len: u64) {
+    let path = path.to_path_buf();
+    let dropped = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&path)?;
+        rustix::fs::fadvise(
+            &file,
+            offset,
+            std::num::NonZeroU64::new(len),
+            rustix::fs::Advice::DontNeed,
+        )
+        .map_err(std::io::Error::from)
+    })
+    .await;
+    if let Ok(Err(e)) = dropped {
+        debug!(error = %e, "posix_fadvise(DONTNEED) of a sent part failed");
+    }
+}
+
 /// HTTP side of the uploads, shared by all jobs.
 #[derive(Clone)]
 pub struct Uploader {
@@ -232,7 +255,10 @@ impl Uploader {
             }
             let fresh = life.left() >= FRESH_URL;
             match self.put_once(path, part, url, sent).await {
-                Ok(etag) => return Ok(etag),
+                Ok(etag) => {
+                    drop_cached(path, part.offset, part.size).await;
+                    return Ok(etag);
+                }
                 // A URL used close to its end may expire on the way: an expiry, not a
                 // refusal of a fresh signature.
                 Err(PutError::Expired(Some(answer))) if !fresh => {
