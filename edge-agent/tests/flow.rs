@@ -8,14 +8,11 @@
 
 use std::time::Duration;
 
-use rumqttc::QoS;
 use tokio_util::sync::CancellationToken;
 use uplink_protocol::command::{AckState, Action, Command};
-use uplink_protocol::envelope::CommandEnvelope;
 use uplink_protocol::ops::SessionState;
 use uplink_protocol::sign;
 use uplink_protocol::telemetry::Presence;
-use uplink_protocol::topics::{self, Channel};
 use uplink_protocol::{plan, unix_now};
 use uuid::Uuid;
 
@@ -162,17 +159,7 @@ async fn uploads_rejects_and_dedups_commands() {
         command_id: Uuid::new_v4(),
         ..cmd.clone()
     };
-    let env = CommandEnvelope::sign(&sign::generate(), &forged);
-    cloud
-        .client
-        .publish(
-            topics::topic(DEVICE, Channel::Cmd),
-            QoS::AtLeastOnce,
-            false,
-            serde_json::to_vec(&env).unwrap(),
-        )
-        .await
-        .unwrap();
+    cloud.send_signed_by(&sign::generate(), &forged).await;
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(20), agent)

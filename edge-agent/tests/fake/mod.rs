@@ -390,7 +390,12 @@ impl Cloud {
     }
 
     pub async fn send(&self, cmd: &Command) {
-        let env = CommandEnvelope::sign(&self.cmd_key, cmd);
+        self.send_signed_by(&self.cmd_key, cmd).await;
+    }
+
+    /// Publishes `cmd` signed by `key` (the command key, or a forger's).
+    pub async fn send_signed_by(&self, key: &PrivateKey, cmd: &Command) {
+        let env = CommandEnvelope::sign(key, cmd);
         self.client
             .publish(
                 topics::topic(DEVICE, Channel::Cmd),
