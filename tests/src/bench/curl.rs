@@ -31,13 +31,6 @@ pub async fn curl_run(
     part_size: u64,
     concurrency: usize,
 ) -> Result<(f64, f64), String> {
-    let parts_dir = stack.dir.path().join("curl-parts");
-    std::fs::create_dir_all(&parts_dir).expect("parts dir");
-    let (path, dir) = (file.path.clone(), parts_dir.clone());
-    // Split into part files and compute their digests (not timed).
-    let digests = tokio::task::spawn_blocking(move || split(&path, &dir, part_size))
-        .await
-        .expect("split");
     // A dataset of its own: the agent's upload of the same file must not be its dedupe
     // source (the baseline would then have nothing to upload).
     let dataset = format!(
@@ -62,6 +55,13 @@ pub async fn curl_run(
         .as_str()
         .unwrap_or("md5")
         .to_string();
+    let parts_dir = stack.dir.path().join("curl-parts");
+    std::fs::create_dir_all(&parts_dir).expect("parts dir");
+    let (path, dir, sha256) = (file.path.clone(), parts_dir.clone(), checksum == "sha256");
+    // Split into part files and compute the digests the session takes (not timed).
+    let digests = tokio::task::spawn_blocking(move || split(&path, &dir, part_size, sha256))
+        .await
+        .expect("split");
     let mut urls: Vec<Value> = Vec::new();
     for (i, chunk) in digests
         .chunks(uplink_protocol::ops::MAX_PRESIGN_BATCH)
@@ -70,8 +70,7 @@ pub async fn curl_run(
         let parts: Vec<Value> = chunk
             .iter()
             .enumerate()
-            .map(|(j, d)| {
-                let digest = if checksum == "sha256" { &d.sha256 } else { &d.md5 };
+            .map(|(j, digest)| {
                 json!({"number": i * uplink_protocol::ops::MAX_PRESIGN_BATCH + j + 1, checksum.as_str(): digest})
             })
             .collect();
@@ -166,14 +165,9 @@ pub async fn curl_run(
     Ok((secs, server_cpu))
 }
 
-/// A part's digests (base64).
-struct PartDigests {
-    md5: String,
-    sha256: String,
-}
-
-/// Writes `path` as part files of `part_size` into `dir`; returns their digests.
-fn split(path: &Path, dir: &Path, part_size: u64) -> Vec<PartDigests> {
+/// Writes `path` as part files of `part_size` into `dir`; returns their SHA-256s (with
+/// `sha256`) or MD5s, base64.
+fn split(path: &Path, dir: &Path, part_size: u64, sha256: bool) -> Vec<String> {
     use std::io::{Read, Write};
     let mut input = std::fs::File::open(path).expect("open source");
     let mut digests = Vec::new();
@@ -193,9 +187,11 @@ fn split(path: &Path, dir: &Path, part_size: u64) -> Vec<PartDigests> {
         let mut out = std::fs::File::create(dir.join(format!("part-{:05}", digests.len() + 1)))
             .expect("part file");
         out.write_all(&buf[..filled]).expect("write part");
-        digests.push(PartDigests {
-            md5: B64.encode(Md5::digest(&buf[..filled])),
-            sha256: B64.encode(Sha256::digest(&buf[..filled])),
+        let part = &buf[..filled];
+        digests.push(if sha256 {
+            B64.encode(Sha256::digest(part))
+        } else {
+            B64.encode(Md5::digest(part))
         });
         if filled < buf.len() {
             break;
