@@ -28,9 +28,9 @@ pub struct AgentOptions {
     /// Runs the agent under this command (program and its arguments, the agent's command
     /// line follows), e.g. `fiu-run -x -c …`.
     pub wrapper: Vec<String>,
-    /// Runs the agent with its wall clock this many seconds off (under `faketime`, Debian
-    /// package `faketime`; the monotonic clock is left alone, as on a gateway whose clock
-    /// is merely set wrong). Comes before `wrapper`.
+    /// Runs the agent with its wall clock this many seconds off (libfaketime preloaded,
+    /// Debian package `faketime`; the monotonic clock is left alone, as on a gateway whose
+    /// clock is merely set wrong).
     pub clock_offset_secs: Option<i64>,
 }
 
@@ -202,25 +202,7 @@ impl Stack {
         )
         .expect("write agent.toml");
         let bin = self.env.bin("uplink-agent");
-        let mut wrapper = Vec::new();
-        if let Some(offset) = opts.clock_offset_secs {
-            let faketime = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-                .map(|d| d.join("faketime"))
-                .chain([PathBuf::from("/usr/bin/faketime")])
-                .find(|p| p.is_file())
-                .unwrap_or_else(|| {
-                    panic!(
-                        "faketime not found: install the Debian package faketime \
-                         (apt-get install faketime; scripts/lib.sh ensure_deps installs it)"
-                    )
-                });
-            wrapper.extend([
-                path_str(&faketime).to_string(),
-                "-f".into(),
-                format!("{offset:+}"),
-            ]);
-        }
-        wrapper.extend(opts.wrapper.iter().cloned());
+        let wrapper = &opts.wrapper;
         let mut args: Vec<&str> = wrapper.iter().skip(1).map(String::as_str).collect();
         if !wrapper.is_empty() {
             args.push(path_str(&bin));
@@ -230,8 +212,15 @@ impl Stack {
         // As the packaged systemd unit runs it.
         let mut agent = Process::new("uplink-agent", &program, &args, dev.dir.join("agent.log"))
             .env("MALLOC_ARENA_MAX", "2");
-        if opts.clock_offset_secs.is_some() {
-            agent = agent.env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        if let Some(offset) = opts.clock_offset_secs {
+            // libfaketime preloaded, not its `faketime` wrapper: the wrapper names a
+            // semaphore and a shared-memory segment after its PID and leaves them behind
+            // when the test kills it, and a later wrapper that gets the same PID fails
+            // with "sem_open: File exists".
+            agent = agent
+                .env("LD_PRELOAD", path_str(&libfaketime()))
+                .env("FAKETIME", &format!("{offset:+}"))
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
         }
         for (k, v) in &opts.env {
             agent = agent.env(k, v);
@@ -316,4 +305,21 @@ impl Stack {
         agent.kill();
         agent.start();
     }
+}
+
+/// libfaketime's thread-safe build (the agent is multi-threaded), from the Debian package
+/// `faketime`.
+fn libfaketime() -> PathBuf {
+    let found = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|d| d.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.is_file());
+    found.unwrap_or_else(|| {
+        panic!(
+            "libfaketimeMT.so.1 not found under /usr/lib/*/faketime: install the Debian \
+             package faketime (apt-get install faketime; scripts/lib.sh ensure_deps installs it)"
+        )
+    })
 }
