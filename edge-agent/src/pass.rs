@@ -30,12 +30,15 @@ use crate::uploader::{
     MAX_SIGNATURE_REFUSALS, SHUTDOWN_DRAIN,
 };
 
-/// How far the hash pass may run ahead of the PUTs: parts hashed and waiting for a slot
-/// (besides those in flight). Close behind, each part is still in the page cache when its
-/// PUT reads it, so a file larger than the cache is read from disk once (with the sent
-/// parts' pages dropped, [`crate::uploader`]: a 1 GiB file in a 160 MiB cgroup read 1.000
-/// times; docs/performance.md).
-const HASHED_AHEAD: usize = 2;
+/// How far the hash pass may run ahead of the PUTs: bytes of parts hashed and waiting for
+/// a slot (besides those in flight), and at least [`HASHED_AHEAD_MIN`] parts. Close behind,
+/// each part is still in the page cache when its PUT reads it, so a file larger than the
+/// cache is read from disk once (with the sent parts' pages dropped, [`crate::uploader`]: a
+/// 1 GiB file in a 160 MiB cgroup read 1.000 times; docs/performance.md). Far enough
+/// ahead that one `parts.presign` request covers several parts: with two 8 MiB parts
+/// waiting the agent asked for URLs two parts at a time, 64 requests per GiB.
+const HASHED_AHEAD_BYTES: u64 = 64 << 20;
+const HASHED_AHEAD_MIN: usize = 2;
 
 /// How an upload pass ended without error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,7 +248,10 @@ impl<'a> Pass<'a> {
                 }
             }
 
-            let want_hashed = hashed.is_some() && pending.len() < HASHED_AHEAD && !ctl.pause;
+            let want_hashed = hashed.is_some()
+                && !ctl.pause
+                && (pending.len() < HASHED_AHEAD_MIN
+                    || pending.iter().map(|p| p.size).sum::<u64>() < HASHED_AHEAD_BYTES);
             tokio::select! {
                 answer = async { presigning.as_mut().expect("checked").await }, if presigning.is_some() => {
                     presigning = None;
