@@ -14,14 +14,6 @@ fn sha256_b64(data: &[u8]) -> String {
     B64.encode(Sha256::digest(data))
 }
 
-fn parts_of(data: &[u8]) -> Vec<&[u8]> {
-    if data.is_empty() {
-        vec![&[][..]]
-    } else {
-        data.chunks(5 * MIB as usize).collect()
-    }
-}
-
 /// `session.create` asking for SHA-256 parts, with the whole file's SHA-256 or without.
 fn create(data: &[u8], claim: bool) -> Value {
     let mut b = json!({"job_id": Uuid::new_v4(), "file_name": "cam.mp4", "size": data.len(),
@@ -54,17 +46,7 @@ async fn presign(app: &TestApp, key: &PrivateKey, device: &str, sid: &str, data:
         .enumerate()
         .map(|(i, p)| json!({"number": i + 1, "sha256": sha256_b64(p)}))
         .collect();
-    let (status, presigned) = app
-        .device(
-            key,
-            device,
-            "parts.presign",
-            &rid(),
-            &json!({"session_id": sid, "parts": parts}),
-        )
-        .await;
-    assert_eq!(status, 200, "{presigned}");
-    presigned
+    presign_parts(app, key, device, sid, parts).await
 }
 
 #[tokio::test]

@@ -101,3 +101,30 @@ pub fn json_line(v: &Value) {
         serde_json::to_string(v).unwrap_or_else(|_| "null".into())
     );
 }
+
+/// Prints one object: `--json` as it came, else `key  value` lines.
+pub fn show(v: &Value, json: bool) {
+    if json {
+        json_line(v);
+    } else {
+        fields(v);
+    }
+}
+
+/// Prints a list: `--json` as it came (one array), else a table.
+pub fn list(v: &Value, json: bool, cols: &[Col]) {
+    if json {
+        json_line(v);
+    } else {
+        table(v.as_array().map(Vec::as_slice).unwrap_or(&[]), cols);
+    }
+}
+
+/// A `key: value` confirmation, or the object with `--json`.
+pub fn said(v: &Value, json: bool, line: String) {
+    if json {
+        json_line(v);
+    } else {
+        println!("{line}");
+    }
+}

@@ -302,26 +302,24 @@ pub async fn put(http: &reqwest::Client, part: &Value, bytes: Vec<u8>) -> reqwes
     req.send().await.expect("PUT")
 }
 
-/// Presigns and PUTs every 5 MiB part of `data` (one empty part for an empty file) into
-/// session `sid`, checking each answer and ETag; returns the parts' base64 MD5s.
-pub async fn put_parts(
+/// `data`'s 5 MiB parts (one empty part for an empty file).
+pub fn parts_of(data: &[u8]) -> Vec<&[u8]> {
+    if data.is_empty() {
+        vec![&[][..]]
+    } else {
+        data.chunks(5 * MIB).collect()
+    }
+}
+
+/// `parts.presign` for `parts` (`{"number", "md5"|"sha256"}`) of session `sid`, checking
+/// that it answers 200; returns the answer.
+pub async fn presign_parts(
     app: &TestApp,
     key: &PrivateKey,
     device: &str,
     sid: &str,
-    data: &[u8],
-) -> Vec<String> {
-    let chunks: Vec<&[u8]> = if data.is_empty() {
-        vec![&[][..]]
-    } else {
-        data.chunks(5 * MIB).collect()
-    };
-    let md5s: Vec<String> = chunks.iter().map(|c| md5_b64(c)).collect();
-    let parts: Vec<Value> = md5s
-        .iter()
-        .enumerate()
-        .map(|(i, md5)| json!({"number": i + 1, "md5": md5}))
-        .collect();
+    parts: Vec<Value>,
+) -> Value {
     let (status, presigned) = app
         .device(
             key,
@@ -332,6 +330,26 @@ pub async fn put_parts(
         )
         .await;
     assert_eq!(status, 200, "{presigned}");
+    presigned
+}
+
+/// Presigns and PUTs every 5 MiB part of `data` (one empty part for an empty file) into
+/// session `sid`, checking each answer and ETag; returns the parts' base64 MD5s.
+pub async fn put_parts(
+    app: &TestApp,
+    key: &PrivateKey,
+    device: &str,
+    sid: &str,
+    data: &[u8],
+) -> Vec<String> {
+    let chunks = parts_of(data);
+    let md5s: Vec<String> = chunks.iter().map(|c| md5_b64(c)).collect();
+    let parts: Vec<Value> = md5s
+        .iter()
+        .enumerate()
+        .map(|(i, md5)| json!({"number": i + 1, "md5": md5}))
+        .collect();
+    let presigned = presign_parts(app, key, device, sid, parts).await;
     for (i, chunk) in chunks.iter().enumerate() {
         let resp = put(&app.http, &presigned["parts"][i], chunk.to_vec()).await;
         assert_eq!(
