@@ -106,19 +106,19 @@ pub async fn memory_run(stack: &Stack, size: u64, uploads: usize) {
         after.push(rss_kib(pid).expect("read /proc/PID/status of the agent"));
     }
     let mib = |kib: u64| kib as f64 / 1024.0;
-    let at = |n: usize| {
-        after
-            .get(n - 1)
-            .map_or("-".to_string(), |k| format!("{:.1}", mib(*k)))
-    };
+    let mut marks: Vec<usize> = [1, 10, 25, 50, uploads]
+        .into_iter()
+        .filter(|&n| n <= uploads)
+        .collect();
+    marks.dedup();
+    let rss: Vec<String> = marks
+        .iter()
+        .map(|&n| format!("{n}: {:.1}", mib(after[n - 1])))
+        .collect();
     println!(
-        "memory: {uploads} uploads of {} MiB through one agent; RSS (MiB) after upload 1: {}, 10: {}, 25: {}, 50: {}, {uploads}: {}; peak {:.1} MiB",
+        "memory: {uploads} upload(s) of {} MiB through one agent; RSS (MiB) after upload {}; peak {:.1} MiB",
         size / MIB,
-        at(1),
-        at(10),
-        at(25),
-        at(50),
-        at(uploads),
+        rss.join(", "),
         mib(peak_rss_kib(pid).unwrap_or(0))
     );
 }
