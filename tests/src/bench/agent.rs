@@ -11,6 +11,21 @@ use crate::files::SourceFile;
 use crate::stack::{AgentOptions, Device, Stack};
 use crate::MIB;
 
+/// An agent upload's time, in seconds between the API's own timestamps.
+#[derive(Debug, Clone, Copy)]
+pub struct Split {
+    /// Command accepted → session created: delivery, planning, and the whole-file hash of
+    /// a file hashed first.
+    pub to_session: f64,
+    /// Session created → completion asked for (`completing`): the presigns, the hash pass
+    /// beside the upload, the PUTs.
+    pub parts: f64,
+    /// `completing` → `completed`: the API's ListParts, CompleteMultipartUpload and checks.
+    pub completion: f64,
+    /// Session completed → the command's `done` recorded: the agent's ack.
+    pub ack: f64,
+}
+
 /// One agent upload.
 #[derive(Debug, Clone, Copy)]
 pub struct AgentMeasure {
@@ -18,8 +33,8 @@ pub struct AgentMeasure {
     pub end_to_end: f64,
     /// Session created → completed (the API's timestamps).
     pub upload_phase: f64,
-    /// Command issued → session created (delivery and the hash pass).
-    pub before_session: f64,
+    /// Where the time went, from the API's timestamps.
+    pub split: Split,
     pub cpu_secs: f64,
     pub peak_rss_kib: u64,
     /// Bytes the agent read from storage between the command and `done` (`/proc/PID/io`).
@@ -76,10 +91,35 @@ pub async fn agent_upload(stack: &Stack, dev: &Device, file: &SourceFile) -> Age
         end_to_end > 0.0 && end_to_end <= waited,
         "command → done from the API's stamps ({end_to_end:.3} s) must lie within the wait ({waited:.3} s): {cmd}"
     );
+    // The session's move to `completing` is in the audit log, with its time.
+    let sid = session["session_id"].as_str().expect("session_id");
+    let audit = stack
+        .get_json(&format!("/v1/audit?subject={sid}&limit=1000"))
+        .await;
+    assert_eq!(audit.status, 200, "GET /v1/audit: {}", audit.text);
+    let completing = audit
+        .body
+        .as_array()
+        .expect("audit entries")
+        .iter()
+        .find(|e| e["action"] == "session.transition" && e["detail"]["to"] == "completing")
+        .unwrap_or_else(|| {
+            panic!(
+                "no transition to completing audited for {sid}: {}",
+                audit.text
+            )
+        });
+    let completing = at(completing, "at");
+    let (created, completed) = (at(&session, "created_at"), at(&session, "completed_at"));
     AgentMeasure {
         end_to_end,
-        upload_phase: at(&session, "completed_at") - at(&session, "created_at"),
-        before_session: at(&session, "created_at") - at(&cmd, "created_at"),
+        upload_phase: completed - created,
+        split: Split {
+            to_session: created - at(&cmd, "created_at"),
+            parts: completing - created,
+            completion: completed - completing,
+            ack: at(&cmd, "updated_at") - completed,
+        },
         cpu_secs,
         peak_rss_kib,
         read_bytes,

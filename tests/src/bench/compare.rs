@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use super::agent::{agent_once, options};
+use super::agent::{agent_once, options, Split};
 use super::curl::curl_run;
 use super::{median, mib_per_s, Config, Target, Tool};
 use crate::stack::Stack;
@@ -86,7 +86,7 @@ pub async fn run(stack: &Stack, cfg: &Config) {
         };
         let (mut agent, mut phase, mut curl) = (Row::default(), Row::default(), Row::default());
         let mut tools: Vec<Row> = Tool::ALL.iter().map(|_| Row::default()).collect();
-        let mut before_session = Vec::new();
+        let mut splits: Vec<Split> = Vec::new();
         // 0 = agent, 1..=3 = the tools, 4 = curl; each repetition starts one later.
         for rep in 0..reps {
             for k in 0..5 {
@@ -102,7 +102,7 @@ pub async fn run(stack: &Stack, cfg: &Config) {
                             m.server_cpu_secs,
                         );
                         phase.add(size, m.upload_phase, 0.0, 0, 0.0);
-                        before_session.push(m.before_session);
+                        splits.push(m.split);
                     }
                     i @ 1..=3 => {
                         let tool = Tool::ALL[i - 1];
@@ -152,12 +152,19 @@ pub async fn run(stack: &Stack, cfg: &Config) {
             curl.cell()
         );
         let best = tools.iter().map(Row::median).fold(0.0, f64::max);
+        let split = |f: fn(&Split) -> f64| median(splits.iter().map(f).collect());
         verdicts.push(format!(
-            "{part_mib} MiB × {concurrency}: agent end to end / best of aws, s5cmd, rclone = {:.2} (goal ≥ 1.10); upload phase / curl = {:.2} (goal ≥ 0.95); agent CPU {:.2} s/GiB (goal ≤ 1.5); command → session (delivery + hash pass) {:.1} s",
+            "{part_mib} MiB × {concurrency}: agent end to end / best of aws, s5cmd, rclone = {:.2} (goal ≥ 1.10); upload phase / curl = {:.2} (goal ≥ 0.95); agent CPU {:.2} s/GiB (goal ≤ 1.5)",
             agent.median() / best,
             phase.median() / curl.median(),
             median(agent.cpu_per_gib.clone()),
-            median(before_session)
+        ));
+        verdicts.push(format!(
+            "{part_mib} MiB × {concurrency}: agent's time, medians: command → session {:.2} s (delivery, planning, the hash of a file hashed first); parts {:.2} s (presigns, the hash pass beside the PUTs, the PUTs); completion {:.2} s (ListParts, CompleteMultipartUpload, checks); completed → done {:.2} s (the ack)",
+            split(|s| s.to_session),
+            split(|s| s.parts),
+            split(|s| s.completion),
+            split(|s| s.ack),
         ));
         verdicts.push(format!(
             "{part_mib} MiB × {concurrency}: S3 server CPU s/GiB while each uploads: agent {:.1}, aws-cli {:.1}, s5cmd {:.1}, rclone {:.1}, curl {:.1}",
