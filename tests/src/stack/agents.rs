@@ -213,10 +213,10 @@ impl Stack {
         let mut agent = Process::new("uplink-agent", &program, &args, dev.dir.join("agent.log"))
             .env("MALLOC_ARENA_MAX", "2");
         if let Some(offset) = opts.clock_offset_secs {
-            // libfaketime preloaded, not its `faketime` wrapper: the wrapper names a
-            // semaphore and a shared-memory segment after its PID and leaves them behind
-            // when the test kills it, and a later wrapper that gets the same PID fails
-            // with "sem_open: File exists".
+            // libfaketime preloaded, not its `faketime` wrapper. Both name a semaphore in
+            // /dev/shm after their PID and leave it behind when the test kills them; a
+            // later wrapper given the same PID exits ("sem_open: File exists"), while the
+            // library carries on without it.
             agent = agent
                 .env("LD_PRELOAD", path_str(&libfaketime()))
                 .env("FAKETIME", &format!("{offset:+}"))
