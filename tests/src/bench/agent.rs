@@ -93,22 +93,11 @@ pub async fn agent_upload(stack: &Stack, dev: &Device, file: &SourceFile) -> Age
     );
     // The session's move to `completing` is in the audit log, with its time.
     let sid = session["session_id"].as_str().expect("session_id");
-    let audit = stack
-        .get_json(&format!("/v1/audit?subject={sid}&limit=1000"))
-        .await;
-    assert_eq!(audit.status, 200, "GET /v1/audit: {}", audit.text);
+    let audit = stack.audit(sid).await;
     let completing = audit
-        .body
-        .as_array()
-        .expect("audit entries")
         .iter()
         .find(|e| e["action"] == "session.transition" && e["detail"]["to"] == "completing")
-        .unwrap_or_else(|| {
-            panic!(
-                "no transition to completing audited for {sid}: {}",
-                audit.text
-            )
-        });
+        .unwrap_or_else(|| panic!("no transition to completing audited for {sid}: {audit:?}"));
     let completing = at(completing, "at");
     let (created, completed) = (at(&session, "created_at"), at(&session, "completed_at"));
     AgentMeasure {
